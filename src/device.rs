@@ -1,0 +1,73 @@
+//! Choosing the compute device at run time: `cpu`, `vulkan:N` or `cuda:N`.
+
+use std::str::FromStr;
+
+use burn::tensor::Device;
+
+/// A device named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// burn's Flex backend (pure Rust, multi-threaded).
+    Cpu,
+    /// The N-th discrete GPU through Vulkan (cargo feature `vulkan`).
+    Vulkan(usize),
+    /// The N-th CUDA GPU (cargo feature `cuda`).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, index) = match s.split_once(':') {
+            Some((k, i)) => {
+                let index = i
+                    .parse::<usize>()
+                    .map_err(|_| format!("bad device index `{i}` in `{s}`"))?;
+                (k, index)
+            }
+            None => (s, 0),
+        };
+        match kind {
+            "cpu" | "flex" => Ok(Self::Cpu),
+            "vulkan" => Ok(Self::Vulkan(index)),
+            "cuda" => Ok(Self::Cuda(index)),
+            _ => Err(format!(
+                "unknown device `{s}`: expected cpu, vulkan:N or cuda:N"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Vulkan(i) => write!(f, "vulkan:{i}"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The burn device, or an error naming the cargo feature this binary lacks.
+    pub fn device(&self) -> Result<Device, String> {
+        match *self {
+            Self::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "vulkan")]
+            Self::Vulkan(i) => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(i))),
+            #[cfg(not(feature = "vulkan"))]
+            Self::Vulkan(_) => Err(
+                "this binary was built without Vulkan support: rebuild with `--features vulkan`"
+                    .into(),
+            ),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(i) => Ok(Device::cuda(i)),
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda(_) => Err(
+                "this binary was built without CUDA support: rebuild with `--features cuda`"
+                    .into(),
+            ),
+        }
+    }
+}

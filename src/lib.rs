@@ -1,0 +1,21 @@
+//! GCA-HNG: Globally Correlation-aware Hard Negative Generation for deep metric learning
+//! (Peng et al., IJCV 2025), on burn.
+//!
+//! The data flows one way: backbone -> [`embedding`] -> [`graph`] -> [`gnn`] -> [`synthesis`]
+//! -> [`losses`] -> [`optim`], put together by [`train_step`]. [`reference`] checks the whole
+//! chain against dumps of the authors' release.
+
+pub mod backbone;
+pub mod bench;
+pub mod device;
+pub mod embedding;
+pub mod gnn;
+pub mod graph;
+pub mod losses;
+pub mod model;
+pub mod norm;
+pub mod optim;
+pub mod reference;
+pub mod state_dict;
+pub mod synthesis;
+pub mod train_step;

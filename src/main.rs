@@ -1,0 +1,178 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use gca_hng::bench::{StepBench, bench_step, median};
+use gca_hng::device::DeviceSpec;
+use gca_hng::reference::verify_reference;
+
+/// GCA-HNG: globally correlation-aware hard negative generation for deep metric learning.
+#[derive(Parser)]
+#[command(name = "gca-hng", version, about)]
+struct Cli {
+    /// Compute device: cpu, vulkan:N or cuda:N.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: DeviceSpec,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check this implementation against recorded outputs.
+    Verify {
+        #[command(subcommand)]
+        what: VerifyCommand,
+    },
+    /// Time parts of the method.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VerifyCommand {
+    /// Replay a dump of the authors' release and compare every stage, gradient, loss and
+    /// parameter it records.
+    Reference {
+        /// The dump (`.safetensors`).
+        dump: PathBuf,
+        /// Print only failures and the summary.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// One full training step without the backbone (embedding head, graph, GNN twice,
+    /// synthesis, all losses, three optimiser steps); prints the median.
+    Step {
+        #[arg(long, default_value_t = 27)]
+        classes: usize,
+        #[arg(long, default_value_t = 3)]
+        per_class: usize,
+        #[arg(long, default_value_t = 512)]
+        dim: usize,
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Width of the backbone features entering the embedding head.
+        #[arg(long, default_value_t = 1024)]
+        feature_width: usize,
+        /// Number of training classes.
+        #[arg(long, default_value_t = 100)]
+        num_classes: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Print `{"median_s": ...}` only.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    let device = cli.device.device().map_err(anyhow::Error::msg)?;
+    match cli.command {
+        Command::Verify {
+            what: VerifyCommand::Reference { dump, quiet },
+        } => {
+            let report = verify_reference(&dump, &device)?;
+            println!(
+                "{:<72} {:>11} {:>11} {:>16} {:>4}",
+                "tensor", "max abs err", "rel err", "tolerance", "ok"
+            );
+            for row in &report.rows {
+                if quiet && row.ok {
+                    continue;
+                }
+                println!(
+                    "{:<72} {:>11.3e} {:>11.3e} {:>16} {:>4}{}",
+                    row.name,
+                    row.max_abs,
+                    row.relative,
+                    row.tolerance,
+                    if row.ok { "ok" } else { "FAIL" },
+                    row.note
+                        .as_ref()
+                        .map(|n| format!("  ({n})"))
+                        .unwrap_or_default()
+                );
+            }
+            for name in &report.unchecked {
+                println!("{name:<72} not compared: FAIL");
+            }
+            println!(
+                "verify reference {}: {} compared, {} failed, {} not compared on {} -> {}",
+                dump.display(),
+                report.rows.len(),
+                report.failures(),
+                report.unchecked.len(),
+                cli.device,
+                if report.passed() { "PASS" } else { "FAIL" }
+            );
+            Ok(report.passed())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Step {
+                    classes,
+                    per_class,
+                    dim,
+                    layers,
+                    heads,
+                    feature_width,
+                    num_classes,
+                    warmup,
+                    iters,
+                    json,
+                },
+        } => {
+            anyhow::ensure!(classes >= 2 && per_class >= 2, "--classes and --per-class must be at least 2");
+            anyhow::ensure!(heads > 0 && dim % heads == 0, "--heads ({heads}) must divide --dim ({dim})");
+            anyhow::ensure!(iters > 0, "--iters must be at least 1");
+            let cfg = StepBench {
+                classes,
+                per_class,
+                dim,
+                layers,
+                heads,
+                feature_width,
+                num_classes,
+                warmup,
+                iters,
+            };
+            let times = bench_step(&cfg, &device);
+            let m = median(&times);
+            if json {
+                println!("{{\"median_s\": {m}}}");
+            } else {
+                println!(
+                    "bench step {classes}x{per_class} d={dim} L={layers} H={heads} on {}: median {m:.3} s over {iters} steps (min {:.3}, max {:.3})",
+                    cli.device,
+                    times.iter().cloned().fold(f64::INFINITY, f64::min),
+                    times.iter().cloned().fold(0.0, f64::max),
+                );
+            }
+            Ok(true)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

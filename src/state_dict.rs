@@ -1,0 +1,409 @@
+//! Named tensors in PyTorch's naming and layout.
+//!
+//! A [`StateDict`] holds host-side tensors under their PyTorch state-dict names. Modules say
+//! which of their parameters carries which PyTorch name through [`TorchNamed`]; the loader and
+//! the exporter here are the only places where a layout differs between the two worlds (burn
+//! stores a Linear weight as `[in, out]`, PyTorch as `[out, in]`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
+
+/// A tensor on the host, in PyTorch layout. Values are kept as f64 so that integer buffers and
+/// float64 records survive a round trip exactly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self { shape, data }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.data.iter().map(|&v| v as f32).collect()
+    }
+
+    fn from_tensor_data(data: TensorData) -> Self {
+        let shape = data.shape().to_vec();
+        let values: Vec<f32> = data
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("converted tensor data is f32");
+        Self::new(shape, values.into_iter().map(f64::from).collect())
+    }
+
+    /// Swaps the two axes of a matrix.
+    pub fn transposed(&self) -> Self {
+        assert_eq!(self.shape.len(), 2, "only matrices can be transposed");
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let mut out = vec![0.0; self.data.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                out[c * rows + r] = self.data[r * cols + c];
+            }
+        }
+        Self::new(vec![cols, rows], out)
+    }
+}
+
+/// A set of named host tensors, the in-memory form of a safetensors file or a state dict.
+#[derive(Clone, Debug, Default)]
+pub struct StateDict {
+    pub tensors: BTreeMap<String, HostTensor>,
+    /// The `__metadata__` block of a safetensors file.
+    pub metadata: HashMap<String, String>,
+}
+
+impl StateDict {
+    pub fn get(&self, name: &str) -> Option<&HostTensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, tensor: HostTensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Reads a safetensors file; every float and integer dtype is widened to f64.
+    pub fn read_safetensors(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_safetensors_bytes(&bytes)
+            .with_context(|| format!("{} is not a valid safetensors file", path.display()))
+    }
+
+    pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Self> {
+        use safetensors::{Dtype, SafeTensors};
+        let (_, meta) = SafeTensors::read_metadata(bytes)?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let st = SafeTensors::deserialize(bytes)?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let raw = view.data();
+            let data: Vec<f64> = match view.dtype() {
+                Dtype::F32 => raw
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::F64 => raw
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                Dtype::F16 => raw
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+                    .collect(),
+                Dtype::BF16 => raw
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+                    .collect(),
+                Dtype::I64 => raw
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I32 => raw
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::U8 => raw.iter().map(|&b| b as f64).collect(),
+                Dtype::BOOL => raw.iter().map(|&b| (b != 0) as u8 as f64).collect(),
+                other => bail!("tensor `{name}` has unsupported dtype {other:?}"),
+            };
+            let shape = view.shape().to_vec();
+            if shape.iter().product::<usize>() != data.len() {
+                bail!("tensor `{name}` has a shape that does not match its data");
+            }
+            tensors.insert(name, HostTensor::new(shape, data));
+        }
+        Ok(Self { tensors, metadata })
+    }
+
+    /// Writes every tensor as float32 to a safetensors file.
+    pub fn write_safetensors(&self, path: &Path) -> Result<()> {
+        let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| {
+                let bytes = t
+                    .data
+                    .iter()
+                    .flat_map(|&v| (v as f32).to_le_bytes())
+                    .collect::<Vec<u8>>();
+                (k.clone(), t.shape.clone(), bytes)
+            })
+            .collect();
+        let views = bufs
+            .iter()
+            .map(|(k, shape, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (k.clone(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let meta = if self.metadata.is_empty() {
+            None
+        } else {
+            Some(self.metadata.clone())
+        };
+        safetensors::serialize_to_file(views, meta, path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// How a parameter's PyTorch tensor relates to burn's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Same shape and order.
+    Plain,
+    /// A Linear weight: PyTorch `[out, in]`, burn `[in, out]`.
+    LinearWeight,
+    /// A scalar counter (PyTorch's `num_batches_tracked`), kept by us as a `[1]` float.
+    Counter,
+}
+
+/// One parameter or buffer and its PyTorch name.
+#[derive(Clone, Debug)]
+pub struct TorchParam {
+    pub name: String,
+    pub id: ParamId,
+    pub layout: Layout,
+}
+
+/// Modules that know the PyTorch names of their parameters.
+pub trait TorchNamed {
+    fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>);
+
+    fn torch_param_list(&self, prefix: &str) -> Vec<TorchParam> {
+        let mut out = Vec::new();
+        self.torch_names(prefix, &mut out);
+        out
+    }
+}
+
+/// `prefix.name`, or `name` when the prefix is empty.
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+pub fn push<const D: usize>(
+    out: &mut Vec<TorchParam>,
+    prefix: &str,
+    name: &str,
+    param: &Param<Tensor<D>>,
+    layout: Layout,
+) {
+    out.push(TorchParam {
+        name: join(prefix, name),
+        id: param.id,
+        layout,
+    });
+}
+
+impl TorchNamed for Linear {
+    fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>) {
+        push(out, prefix, "weight", &self.weight, Layout::LinearWeight);
+        if let Some(bias) = &self.bias {
+            push(out, prefix, "bias", bias, Layout::Plain);
+        }
+    }
+}
+
+impl TorchNamed for LayerNorm {
+    fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>) {
+        push(out, prefix, "weight", &self.gamma, Layout::Plain);
+        if let Some(beta) = &self.beta {
+            push(out, prefix, "bias", beta, Layout::Plain);
+        }
+    }
+}
+
+impl<T: TorchNamed> TorchNamed for Vec<T> {
+    fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>) {
+        for (i, m) in self.iter().enumerate() {
+            m.torch_names(&join(prefix, &i.to_string()), out);
+        }
+    }
+}
+
+/// Converts a PyTorch-layout tensor to burn's layout for a parameter of `layout`.
+fn to_burn_layout(t: &HostTensor, layout: Layout) -> HostTensor {
+    match layout {
+        Layout::Plain => t.clone(),
+        Layout::LinearWeight => t.transposed(),
+        Layout::Counter => HostTensor::new(vec![1], t.data.clone()),
+    }
+}
+
+fn to_torch_layout(t: &HostTensor, layout: Layout) -> HostTensor {
+    match layout {
+        Layout::Plain => t.clone(),
+        Layout::LinearWeight => t.transposed(),
+        Layout::Counter => HostTensor::new(vec![], t.data.clone()),
+    }
+}
+
+struct Loader<'a> {
+    values: HashMap<ParamId, (String, HostTensor)>,
+    device: &'a Device,
+    errors: Vec<String>,
+}
+
+impl ModuleMapper for Loader<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some((name, host)) = self.values.remove(&param.id) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let expected = tensor.dims().to_vec();
+        if expected != host.shape {
+            self.errors.push(format!(
+                "`{name}`: expected shape {:?} (burn layout), found {:?}",
+                expected, host.shape
+            ));
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let require_grad = tensor.is_require_grad();
+        let data = TensorData::new(host.to_f32(), host.shape.clone());
+        let mut loaded = Tensor::<D>::from_data(data, self.device);
+        if require_grad {
+            loaded = loaded.require_grad();
+        }
+        Param::from_mapped_value(id, loaded, mapper)
+    }
+}
+
+/// Loads every named parameter of `module` from `dict[prefix + name]`, strictly: a missing
+/// tensor, a shape mismatch or a tensor under `prefix` that the module does not have is an
+/// error listing all offending names.
+pub fn load_torch<M: Module + TorchNamed>(
+    module: M,
+    dict: &StateDict,
+    prefix: &str,
+    device: &Device,
+) -> Result<M> {
+    let names = module.torch_param_list("");
+    let mut values = HashMap::new();
+    let mut missing = Vec::new();
+    let mut used = BTreeSet::new();
+    for p in &names {
+        let key = format!("{prefix}{}", p.name);
+        match dict.get(&key) {
+            Some(t) => {
+                values.insert(p.id, (key.clone(), to_burn_layout(t, p.layout)));
+                used.insert(key);
+            }
+            None => missing.push(key),
+        }
+    }
+    let unexpected: Vec<&String> = dict
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with(prefix) && !used.contains(*k))
+        .collect();
+    let mut loader = Loader {
+        values,
+        device,
+        errors: Vec::new(),
+    };
+    let module = module.map(&mut loader);
+    let mut problems = loader.errors;
+    if !loader.values.is_empty() {
+        problems.extend(
+            loader
+                .values
+                .values()
+                .map(|(n, _)| format!("`{n}`: the module has no such parameter")),
+        );
+    }
+    if !missing.is_empty() {
+        problems.push(format!("missing tensors: {}", missing.join(", ")));
+    }
+    if !unexpected.is_empty() {
+        problems.push(format!(
+            "unexpected tensors: {}",
+            unexpected
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !problems.is_empty() {
+        bail!("cannot load weights:\n  {}", problems.join("\n  "));
+    }
+    Ok(module)
+}
+
+struct Collector<'a> {
+    wanted: &'a HashMap<ParamId, usize>,
+    grads: Option<&'a Gradients>,
+    found: HashMap<ParamId, HostTensor>,
+}
+
+impl ModuleVisitor for Collector<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !self.wanted.contains_key(&param.id) {
+            return;
+        }
+        let value = match self.grads {
+            None => Some(param.val()),
+            Some(grads) => param.val().grad(grads),
+        };
+        if let Some(t) = value {
+            self.found
+                .insert(param.id, HostTensor::from_tensor_data(t.into_data()));
+        }
+    }
+}
+
+fn collect<M: Module + TorchNamed>(
+    module: &M,
+    prefix: &str,
+    grads: Option<&Gradients>,
+) -> StateDict {
+    let names = module.torch_param_list(prefix);
+    let wanted: HashMap<ParamId, usize> =
+        names.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
+    let mut collector = Collector {
+        wanted: &wanted,
+        grads,
+        found: HashMap::new(),
+    };
+    module.visit(&mut collector);
+    let mut dict = StateDict::default();
+    for p in &names {
+        if let Some(t) = collector.found.get(&p.id) {
+            dict.insert(p.name.clone(), to_torch_layout(t, p.layout));
+        }
+    }
+    dict
+}
+
+/// Every parameter and buffer of `module` under its PyTorch name, in PyTorch layout.
+pub fn export_torch<M: Module + TorchNamed>(module: &M, prefix: &str) -> StateDict {
+    collect(module, prefix, None)
+}
+
+/// The gradient of every parameter that has one in `grads`, under its PyTorch name.
+pub fn export_grads<M: Module + TorchNamed>(
+    module: &M,
+    prefix: &str,
+    grads: &Gradients,
+) -> StateDict {
+    collect(module, prefix, Some(grads))
+}
