@@ -54,6 +54,18 @@ fn xavier_linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
     linear
 }
 
+/// Attention weights over the last axis with masked entries removed and an extra zero logit:
+/// `a_r = exp(s_r) / (1 + sum_{r' unmasked} exp(s_r'))`. The zero logit lets a node attend to
+/// nothing when all its negatives score low. Computed with the shift `m = max(0, max_r s_r)`,
+/// which cancels exactly and so needs no gradient.
+pub fn softmax_with_zero_logit(scores: Tensor<3>, masked: Tensor<3, Bool>) -> Tensor<3> {
+    let scores = scores.mask_fill(masked, MASKED);
+    let m = scores.clone().max_dim(2).clamp_min(0.0).detach();
+    let weights = (scores - m.clone()).exp();
+    let denom = weights.clone().sum_dim(2) + m.neg().exp();
+    weights / denom
+}
+
 /// Node update: multi-head attention over negatives only, edge-to-node messages, feed-forward.
 #[derive(Module, Debug)]
 pub struct NodeUpdate {
@@ -102,12 +114,10 @@ impl NodeUpdate {
         // scores[h, c, r] = q_c · k_r: target c attends to source r.
         let scores = q.matmul(k.swap_dims(1, 2)).div_scalar((hd as f64).sqrt());
         let mask = same_class.unsqueeze_dim::<3>(0).expand([heads, n, n]);
-        let scores = scores.mask_fill(mask, MASKED);
-        // Softmax with an extra zero logit. The shift m cancels exactly, so it needs no gradient.
-        let m = scores.clone().max_dim(2).clamp_min(0.0).detach();
-        let weights = (scores - m.clone()).exp();
-        let denom = weights.clone().sum_dim(2) + m.neg().exp();
-        let att = (weights / denom).matmul(v).swap_dims(0, 1).reshape([n, d]);
+        let att = softmax_with_zero_logit(scores, mask)
+            .matmul(v)
+            .swap_dims(0, 1)
+            .reshape([n, d]);
         let h1 = gelu_norm(&self.norm, h + self.out.forward(att));
 
         // Messages summed over the edges whose source is the node.
@@ -311,5 +321,39 @@ impl TorchNamed for Gnn {
         self.node_norm.torch_names(&join(prefix, "bottleneck2.0"), out);
         self.coeff.torch_names(&join(prefix, "fc.0"), out);
         self.classifier.torch_names(&join(prefix, "cls.0"), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn zero_logit_softmax_skips_masked_entries() {
+        let device = Device::flex();
+        let scores = Tensor::<3>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0], [1, 1, 3]), &device);
+        let mask = Tensor::<3, Bool>::from_data(TensorData::new(vec![false, true, false], [1, 1, 3]), &device);
+        let w: Vec<f32> = softmax_with_zero_logit(scores, mask).into_data().try_to_vec().unwrap();
+        let e1 = 1f64.exp();
+        let e3 = 3f64.exp();
+        let denom = 1.0 + e1 + e3;
+        let expected = [e1 / denom, 0.0, e3 / denom];
+        for (a, b) in w.iter().zip(expected) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{w:?} vs {expected:?}");
+        }
+        // The extra zero logit keeps the weights below one in total.
+        assert!((w.iter().sum::<f32>() as f64 - (e1 + e3) / denom).abs() < 1e-6);
+    }
+
+    #[test]
+    fn zero_logit_softmax_is_stable_for_large_scores() {
+        let device = Device::flex();
+        let scores = Tensor::<3>::from_data(TensorData::new(vec![1000.0f32, 999.0], [1, 1, 2]), &device);
+        let mask = Tensor::<3, Bool>::from_data(TensorData::new(vec![false, false], [1, 1, 2]), &device);
+        let w: Vec<f32> = softmax_with_zero_logit(scores, mask).into_data().try_to_vec().unwrap();
+        let e = (-1f64).exp();
+        assert!((w[0] as f64 - 1.0 / (1.0 + e)).abs() < 1e-6, "{w:?}");
+        assert!((w[1] as f64 - e / (1.0 + e)).abs() < 1e-6, "{w:?}");
     }
 }

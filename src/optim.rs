@@ -109,10 +109,92 @@ impl ModuleMapper for StepMapper<'_> {
         if let Some(state) = state {
             self.optim.states.insert(id, state);
         }
-        let mut updated: Tensor<D> = Tensor::from_inner(updated.reshape(shape));
+        let updated = updated.reshape(shape);
+        let mut updated: Tensor<D> = if tensor.is_autodiff() {
+            Tensor::from_inner(updated)
+        } else {
+            updated
+        };
         if tensor.is_require_grad() {
             updated = updated.require_grad();
         }
         Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::{Device, TensorData};
+
+    /// PyTorch's AdamW for one scalar, step by step.
+    struct Reference {
+        p: f64,
+        m: f64,
+        v: f64,
+        t: i32,
+    }
+
+    impl Reference {
+        fn step(&mut self, g: f64, lr: f64, wd: f64) {
+            self.t += 1;
+            self.p *= 1.0 - lr * wd;
+            self.m = 0.9 * self.m + 0.1 * g;
+            self.v = 0.999 * self.v + 0.001 * g * g;
+            let mh = self.m / (1.0 - 0.9f64.powi(self.t));
+            let denom = self.v.sqrt() / (1.0 - 0.999f64.powi(self.t)).sqrt() + 1e-8;
+            self.p -= lr * mh / denom;
+        }
+    }
+
+    fn linear(device: &Device) -> Linear {
+        let mut l = LinearConfig::new(1, 1).init(device);
+        l.weight = Param::from_data(TensorData::new(vec![1.0f32], [1, 1]), device);
+        l.bias = Some(Param::from_data(TensorData::new(vec![-0.5f32], [1]), device));
+        l
+    }
+
+    fn grads_for(l: &Linear, weight: Option<f32>, device: &Device) -> GradientsParams {
+        let mut g = GradientsParams::new();
+        if let Some(w) = weight {
+            g.register::<2>(l.weight.id, Tensor::from_data(TensorData::new(vec![w], [1, 1]), device));
+        }
+        g
+    }
+
+    fn value(p: &Param<Tensor<2>>) -> f64 {
+        p.val().into_data().try_to_vec::<f32>().unwrap()[0] as f64
+    }
+
+    #[test]
+    fn matches_pytorch_with_zero_grad_bookkeeping_and_value_clipping() {
+        let device = Device::flex();
+        let mut l = linear(&device);
+        let (lr, wd) = (0.1, 0.01);
+        let mut opt = TorchAdamW::new(AdamWSettings::with_weight_decay(wd as f32), Some(0.5));
+        let mut reference = Reference { p: 1.0, m: 0.0, v: 0.0, t: 0 };
+        // Before any gradient nothing moves, weight decay included.
+        let mut g = grads_for(&l, None, &device);
+        l = opt.step(lr, l, &mut g);
+        assert_eq!(value(&l.weight), 1.0);
+        assert_eq!(opt.steps_of(l.weight.id), 0);
+        // A gradient of 2.0 is clipped to 0.5; then a step without a gradient still moves the
+        // parameter (zero gradient, as after PyTorch's zero_grad); then a small gradient.
+        for (g, clipped) in [(Some(2.0f32), 0.5), (None, 0.0), (Some(-0.2f32), -0.2)] {
+            let mut g = grads_for(&l, g, &device);
+            l = opt.step(lr, l, &mut g);
+            reference.step(clipped, lr, wd);
+            assert!(
+                (value(&l.weight) - reference.p).abs() < 1e-6,
+                "{} vs {}",
+                value(&l.weight),
+                reference.p
+            );
+        }
+        assert_eq!(opt.steps_of(l.weight.id), 3);
+        // The bias never had a gradient: untouched.
+        let bias = l.bias.as_ref().unwrap().val().into_data().try_to_vec::<f32>().unwrap()[0];
+        assert_eq!(bias, -0.5);
     }
 }

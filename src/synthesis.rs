@@ -154,3 +154,68 @@ pub fn synthesize(
 pub fn host_matrix(values: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(t: Tensor<2>) -> Vec<Vec<f32>> {
+        let [_, d] = t.dims();
+        let v: Vec<f32> = t.into_data().try_to_vec().unwrap();
+        v.chunks(d).map(|c| c.to_vec()).collect()
+    }
+
+    struct Fixed(f64);
+    impl MixSource for Fixed {
+        fn next_rho(&mut self) -> f64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn pulls_easy_negatives_and_keeps_hard_ones() {
+        let device = Device::flex();
+        let layout = BatchLayout::new(2, 2);
+        // View 0: slots at (0,0) and (4,0); view 1: (1,0) and (0.5,0).
+        // Anchor (v0, a0) = (0,0), positive (1,0): d+ ~ 1.
+        // Anchor (v1, a1) = (0.5,0), positive (4,0): d+ ~ 3.5, and the negative (1,0) of
+        // view 1 slot 0 is closer (d- ~ 0.5): already hard, kept as it is.
+        let z = host_matrix(vec![0.0, 0.0, 4.0, 0.0, 1.0, 0.0, 0.5, 0.0], 4, 2, &device);
+        let coeff = Tensor::<2>::full([16, 2], 0.5, &device);
+        // ρ = 1: the mix keeps the first negative view only.
+        let out = synthesize(z, coeff, layout, 1.0, &mut Fixed(1.0));
+        let neg = rows(out.negatives);
+        // (v0, a0, n1): A=(0,0), N=(4,0): d+=1+, d-=4+; r=(d+ + (d- - d+)/2)/d- = 2.5/4.
+        let dp = ((1.0f64 - 0.0) - 1e-6).abs();
+        let dn = (4.0f64 - 1e-6).abs();
+        let dp = ((1e-6f64).powi(2) + dp.powi(2)).sqrt();
+        let dn = ((1e-6f64).powi(2) + dn.powi(2)).sqrt();
+        let r = (dp + (dn - dp) * 0.5) / dn;
+        assert!((neg[1][0] as f64 - 4.0 * r).abs() < 1e-5, "{neg:?}");
+        // (v1, a1, n0) from negative view 0 (slot 0 at (0,0)): d- = 0.5 < d+ = 3.5: kept.
+        assert!((neg[2 * 2 + 1 * 2][0] - 0.0).abs() < 1e-6, "{neg:?}");
+    }
+
+    #[test]
+    fn mixes_views_with_rho() {
+        let device = Device::flex();
+        let layout = BatchLayout::new(2, 2);
+        let z = host_matrix(vec![0.0, 0.0, 4.0, 0.0, 10.0, 0.0, 8.0, 0.0], 4, 2, &device);
+        let coeff = Tensor::<2>::full([16, 2], 1.0, &device);
+        let a = synthesize(z.clone(), coeff.clone(), layout, 1.0, &mut Fixed(0.0));
+        let b = synthesize(z.clone(), coeff.clone(), layout, 1.0, &mut Fixed(1.0));
+        let h = synthesize(z, coeff, layout, 1.0, &mut Fixed(0.25));
+        let (a, b, h) = (rows(a.negatives), rows(b.negatives), rows(h.negatives));
+        for i in 0..a.len() {
+            let expected = a[i][0] + 0.25 * (b[i][0] - a[i][0]);
+            assert!((h[i][0] - expected).abs() < 1e-4, "row {i}");
+        }
+        assert_eq!(draws_per_call(layout), 2);
+    }
+
+    #[test]
+    fn hardness_grows_as_the_loss_falls() {
+        assert!(hardness(5.0, 1e6) > 0.99999);
+        assert!((hardness(5.0, 2.5) - (-2f64).exp()).abs() < 1e-12);
+    }
+}

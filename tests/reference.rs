@@ -1,0 +1,108 @@
+//! Parity with the authors' release, on the `tiny` dump copied into the repository and on every
+//! dump in `../shared/fixtures/reference` when that folder exists.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use gca_hng::reference::verify_reference;
+use gca_hng::state_dict::StateDict;
+
+fn repo_dump() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.safetensors")
+}
+
+fn assert_passes(path: &Path) {
+    let report = verify_reference(path, &Device::flex()).expect("the dump is readable");
+    let failures: Vec<String> = report
+        .rows
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| format!("{} (max abs err {:.3e}) {:?}", r.name, r.max_abs, r.note))
+        .collect();
+    assert!(failures.is_empty(), "{}: {failures:#?}", path.display());
+    assert!(report.unchecked.is_empty(), "not compared: {:?}", report.unchecked);
+    assert!(report.rows.len() > 250, "only {} tensors compared", report.rows.len());
+}
+
+#[test]
+fn tiny_dump_matches_the_release() {
+    assert_passes(&repo_dump());
+}
+
+#[test]
+fn shared_dumps_match_the_release() {
+    let dir = std::env::var_os("GCA_HNG_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/reference"));
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!(
+            "skipping: {} is absent (set GCA_HNG_REFERENCE_DIR to check other dumps)",
+            dir.display()
+        );
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            assert_passes(&path);
+        }
+    }
+}
+
+/// A wrong initial weight must show as failures, not pass silently.
+#[test]
+fn a_corrupted_dump_fails() {
+    let mut dict = StateDict::read_safetensors(&repo_dump()).unwrap();
+    let t = dict
+        .tensors
+        .get_mut("init.gnn.gnn.1.edge_model.linear.3.weight")
+        .unwrap();
+    t.data[0] += 0.05;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corrupt.safetensors");
+    dict.write_safetensors(&path).unwrap();
+    let report = verify_reference(&path, &Device::flex()).unwrap();
+    let failed: Vec<&str> = report.rows.iter().filter(|r| !r.ok).map(|r| r.name.as_str()).collect();
+    assert!(failed.contains(&"fwd.gnn.edge_coeff"), "{failed:?}");
+    assert!(!report.passed());
+}
+
+/// A dump with an extra tensor nobody compares must not pass.
+#[test]
+fn an_unknown_tensor_is_reported() {
+    let mut dict = StateDict::read_safetensors(&repo_dump()).unwrap();
+    dict.insert(
+        "fwd.something_new",
+        gca_hng::state_dict::HostTensor::new(vec![1], vec![1.0]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("extra.safetensors");
+    dict.write_safetensors(&path).unwrap();
+    let report = verify_reference(&path, &Device::flex()).unwrap();
+    assert_eq!(report.unchecked, vec!["fwd.something_new".to_string()]);
+    assert!(!report.passed());
+}
+
+/// Strict loading names the offending keys.
+#[test]
+fn missing_and_unexpected_weights_are_named() {
+    let mut dict = StateDict::read_safetensors(&repo_dump()).unwrap();
+    dict.tensors.remove("init.gnn.dim_red.bias");
+    dict.insert("init.gnn.extra", gca_hng::state_dict::HostTensor::new(vec![1], vec![0.0]));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.safetensors");
+    dict.write_safetensors(&path).unwrap();
+    let err = verify_reference(&path, &Device::flex()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("init.gnn.dim_red.bias"), "{msg}");
+    assert!(msg.contains("init.gnn.extra"), "{msg}");
+}
+
+#[test]
+fn a_file_that_is_not_a_dump_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.safetensors");
+    std::fs::write(&path, b"not a safetensors file").unwrap();
+    let err = verify_reference(&path, &Device::flex()).unwrap_err();
+    assert!(format!("{err:#}").contains("junk.safetensors"));
+}
