@@ -11,9 +11,7 @@ use crate::graph::BatchLayout;
 use crate::losses::HardnessMasking;
 use crate::model::GcaHngConfig;
 use crate::synthesis::SeededMix;
-use crate::train_step::{
-    Batch, LearningRates, LossHistory, Optimisers, StepConfig, WeightDecays, train_step,
-};
+use crate::train_step::{Batch, LearningRates, LossHistory, StepConfig, Trainer, WeightDecays};
 
 /// The problem a step benchmark times.
 #[derive(Clone, Debug)]
@@ -58,13 +56,14 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
         masking: HardnessMasking::SameClass,
         generation: true,
     };
-    let mut optim = Optimisers::new(
+    let mut trainer = Trainer::new(
+        step_cfg,
         WeightDecays {
             metric: 1e-4,
             gnn: 1e-4,
             classifier: 0.01,
         },
-        step_cfg.grad_clip,
+        layout,
     );
     let lr = LearningRates {
         backbone: 1e-4,
@@ -77,7 +76,9 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
         generator: 30.0,
     };
     let n = layout.nodes();
-    let labels: Vec<usize> = (0..n).map(|i| (i % cfg.classes) % cfg.num_classes).collect();
+    let labels: Vec<usize> = (0..n)
+        .map(|i| (i % cfg.classes) % cfg.num_classes)
+        .collect();
     let mut mix = SeededMix::new(0);
     let mut times = Vec::with_capacity(cfg.iters);
     for i in 0..cfg.warmup + cfg.iters {
@@ -92,9 +93,7 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
         };
         // The step reads its losses back, which waits for the device to finish.
         let start = Instant::now();
-        let (next, _) = train_step(
-            model, &mut optim, &step_cfg, layout, &batch, lr, history, &mut mix,
-        );
+        let (next, _) = trainer.step(model, &batch, lr, history, &mut mix);
         model = next;
         let elapsed = start.elapsed().as_secs_f64();
         if i >= cfg.warmup {

@@ -65,8 +65,7 @@ impl DeviceSpec {
             Self::Cuda(i) => Ok(Device::cuda(i)),
             #[cfg(not(feature = "cuda"))]
             Self::Cuda(_) => Err(
-                "this binary was built without CUDA support: rebuild with `--features cuda`"
-                    .into(),
+                "this binary was built without CUDA support: rebuild with `--features cuda`".into(),
             ),
         }
     }

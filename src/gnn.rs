@@ -102,7 +102,12 @@ impl NodeUpdate {
     }
 
     /// `h`: `[N, d]`; `edges`: `[N*N, d]`; `same_class`: `[N, N]`.
-    pub fn forward(&self, h: Tensor<2>, edges: Tensor<2>, same_class: Tensor<2, Bool>) -> Tensor<2> {
+    pub fn forward(
+        &self,
+        h: Tensor<2>,
+        edges: Tensor<2>,
+        same_class: Tensor<2, Bool>,
+    ) -> Tensor<2> {
         let [n, d] = h.dims();
         let heads = self.num_heads;
         let hd = d / heads;
@@ -138,7 +143,8 @@ impl TorchNamed for NodeUpdate {
         self.key.torch_names(&join(&p, "att.k_linear"), out);
         self.value.torch_names(&join(&p, "att.v_linear"), out);
         self.out.torch_names(&join(&p, "att.out"), out);
-        self.edge_to_node.torch_names(&join(&p, "edge_to_node"), out);
+        self.edge_to_node
+            .torch_names(&join(&p, "edge_to_node"), out);
         self.update_node.torch_names(&join(&p, "update_node"), out);
         self.ff_in.torch_names(&join(&p, "linear1"), out);
         self.ff_out.torch_names(&join(&p, "linear2"), out);
@@ -198,10 +204,15 @@ impl EdgeUpdate {
         let e3 = edges.clone().reshape([n, n, d]);
         let scale = 1.0 / (d as f64).sqrt();
         // Source token r: batched over r, e[r] [N, d] x folded[r] [d, 1].
-        let s_src = e3.clone().matmul(folded.clone().unsqueeze_dim::<3>(2)).reshape([n, n])
+        let s_src = e3
+            .clone()
+            .matmul(folded.clone().unsqueeze_dim::<3>(2))
+            .reshape([n, n])
             + shift.clone();
         // Target token c.
-        let s_dst = (e3.clone() * folded.unsqueeze_dim::<3>(0)).sum_dim(2).reshape([n, n])
+        let s_dst = (e3.clone() * folded.unsqueeze_dim::<3>(0))
+            .sum_dim(2)
+            .reshape([n, n])
             + shift.reshape([1, n]);
         // A softmax over two logits is a sigmoid of their difference.
         let w_src = sigmoid((s_src - s_dst).mul_scalar(scale));
@@ -229,7 +240,8 @@ impl EdgeUpdate {
 
 impl TorchNamed for EdgeUpdate {
     fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>) {
-        self.node_to_edge.torch_names(&join(prefix, "node_to_edge"), out);
+        self.node_to_edge
+            .torch_names(&join(prefix, "node_to_edge"), out);
         self.query.torch_names(&join(prefix, "att.q_linear"), out);
         self.key.torch_names(&join(prefix, "att.k_linear"), out);
         self.value.torch_names(&join(prefix, "att.v_linear"), out);
@@ -268,7 +280,7 @@ pub struct Gnn {
 impl GnnConfig {
     pub fn init(&self, device: &Device) -> Gnn {
         assert!(
-            self.num_heads > 0 && self.d_model % self.num_heads == 0,
+            self.num_heads > 0 && self.d_model.is_multiple_of(self.num_heads),
             "num_heads ({}) must divide d_model ({})",
             self.num_heads,
             self.d_model
@@ -317,8 +329,10 @@ impl TorchNamed for Gnn {
     fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>) {
         self.reduce.torch_names(&join(prefix, "dim_red"), out);
         self.layers.torch_names(&join(prefix, "gnn"), out);
-        self.edge_norm.torch_names(&join(prefix, "bottleneck1.0"), out);
-        self.node_norm.torch_names(&join(prefix, "bottleneck2.0"), out);
+        self.edge_norm
+            .torch_names(&join(prefix, "bottleneck1.0"), out);
+        self.node_norm
+            .torch_names(&join(prefix, "bottleneck2.0"), out);
         self.coeff.torch_names(&join(prefix, "fc.0"), out);
         self.classifier.torch_names(&join(prefix, "cls.0"), out);
     }
@@ -332,9 +346,16 @@ mod tests {
     #[test]
     fn zero_logit_softmax_skips_masked_entries() {
         let device = Device::flex();
-        let scores = Tensor::<3>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0], [1, 1, 3]), &device);
-        let mask = Tensor::<3, Bool>::from_data(TensorData::new(vec![false, true, false], [1, 1, 3]), &device);
-        let w: Vec<f32> = softmax_with_zero_logit(scores, mask).into_data().try_to_vec().unwrap();
+        let scores =
+            Tensor::<3>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0], [1, 1, 3]), &device);
+        let mask = Tensor::<3, Bool>::from_data(
+            TensorData::new(vec![false, true, false], [1, 1, 3]),
+            &device,
+        );
+        let w: Vec<f32> = softmax_with_zero_logit(scores, mask)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
         let e1 = 1f64.exp();
         let e3 = 3f64.exp();
         let denom = 1.0 + e1 + e3;
@@ -349,9 +370,14 @@ mod tests {
     #[test]
     fn zero_logit_softmax_is_stable_for_large_scores() {
         let device = Device::flex();
-        let scores = Tensor::<3>::from_data(TensorData::new(vec![1000.0f32, 999.0], [1, 1, 2]), &device);
-        let mask = Tensor::<3, Bool>::from_data(TensorData::new(vec![false, false], [1, 1, 2]), &device);
-        let w: Vec<f32> = softmax_with_zero_logit(scores, mask).into_data().try_to_vec().unwrap();
+        let scores =
+            Tensor::<3>::from_data(TensorData::new(vec![1000.0f32, 999.0], [1, 1, 2]), &device);
+        let mask =
+            Tensor::<3, Bool>::from_data(TensorData::new(vec![false, false], [1, 1, 2]), &device);
+        let w: Vec<f32> = softmax_with_zero_logit(scores, mask)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
         let e = (-1f64).exp();
         assert!((w[0] as f64 - 1.0 / (1.0 + e)).abs() < 1e-6, "{w:?}");
         assert!((w[1] as f64 - e / (1.0 + e)).abs() < 1e-6, "{w:?}");

@@ -61,8 +61,8 @@ impl CorrelationGraph {
         let centred = z.clone() - z.clone().mean_dim(1);
         let norm = centred.clone().square().sum_dim(1).sqrt();
         let unit = centred / norm;
-        let edges = (unit.clone().unsqueeze_dim::<3>(1) * unit.unsqueeze_dim::<3>(0))
-            .reshape([n * n, d]);
+        let edges =
+            (unit.clone().unsqueeze_dim::<3>(1) * unit.unsqueeze_dim::<3>(0)).reshape([n * n, d]);
         let same_class = layout.same_class_mask(&z.device());
         Self {
             layout,

@@ -56,7 +56,9 @@ pub fn npair_loss(z: Tensor<2>, labels: &[usize], layout: BatchLayout) -> Tensor
     let anchor_labels = &labels[..c];
     let mut target = vec![0.0f32; c * c];
     for i in 0..c {
-        let same: Vec<usize> = (0..c).filter(|&j| anchor_labels[j] == anchor_labels[i]).collect();
+        let same: Vec<usize> = (0..c)
+            .filter(|&j| anchor_labels[j] == anchor_labels[i])
+            .collect();
         for &j in &same {
             target[i * c + j] = 1.0 / same.len() as f32;
         }
@@ -111,7 +113,11 @@ pub fn diversity_loss(coeff: Tensor<2>, nodes: usize) -> Tensor<1> {
     let [e, d] = coeff.dims();
     let per_source = coeff.reshape([nodes, nodes, d]);
     let mean = per_source.clone().mean_dim(1);
-    let spread = (per_source - mean).square().sum().div_scalar(e as f64).sqrt();
+    let spread = (per_source - mean)
+        .square()
+        .sum()
+        .div_scalar(e as f64)
+        .sqrt();
     spread.neg().add_scalar(1.0)
 }
 
@@ -191,7 +197,10 @@ mod tests {
         let layout = BatchLayout::new(4, 3);
         let z = zeroed(&hardness_row_mask(layout, HardnessMasking::Release), 4);
         // METHOD.md's example for C=4, P=3.
-        assert_eq!(&z[..5], &[(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 1), (1, 0, 1)]);
+        assert_eq!(
+            &z[..5],
+            &[(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 1), (1, 0, 1)]
+        );
         assert_eq!(z.len(), 12);
     }
 
@@ -199,7 +208,9 @@ mod tests {
     fn same_class_masking_zeroes_the_positives() {
         let layout = BatchLayout::new(4, 3);
         let z = zeroed(&hardness_row_mask(layout, HardnessMasking::SameClass), 4);
-        let expected: Vec<_> = (0..3).flat_map(|v| (0..4).map(move |a| (v, a, a))).collect();
+        let expected: Vec<_> = (0..3)
+            .flat_map(|v| (0..4).map(move |a| (v, a, a)))
+            .collect();
         assert_eq!(z, expected);
     }
 
@@ -217,9 +228,15 @@ mod tests {
         let device = Device::flex();
         let layout = BatchLayout::new(2, 2);
         // Anchors along x; every negative along y: 1 - cos = 1 on every row.
-        let z = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 0.0, 2.0, 0.0, 3.0, 0.0, 4.0, 0.0], [4, 2]), &device);
+        let z = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 2.0, 0.0, 3.0, 0.0, 4.0, 0.0], [4, 2]),
+            &device,
+        );
         let negatives = Tensor::<2>::from_data(
-            TensorData::new((0..8).flat_map(|_| [0.0f32, 1.0]).collect::<Vec<_>>(), [8, 2]),
+            TensorData::new(
+                (0..8).flat_map(|_| [0.0f32, 1.0]).collect::<Vec<_>>(),
+                [8, 2],
+            ),
             &device,
         );
         let loss = hardness_loss(z, negatives, layout, HardnessMasking::SameClass);
@@ -232,7 +249,10 @@ mod tests {
     fn cross_entropy_of_uniform_logits_is_log_k() {
         let device = Device::flex();
         let logits = Tensor::<2>::zeros([3, 4], &device);
-        let v: Vec<f32> = cross_entropy(logits, &[0, 1, 3]).into_data().try_to_vec().unwrap();
+        let v: Vec<f32> = cross_entropy(logits, &[0, 1, 3])
+            .into_data()
+            .try_to_vec()
+            .unwrap();
         assert!((v[0] as f64 - 4f64.ln()).abs() < 1e-6);
     }
 }

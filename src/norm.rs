@@ -85,7 +85,12 @@ impl BatchNorm1d {
 
     fn forward_train<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let dims = input.dims();
-        let count: usize = dims.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, d)| d).product();
+        let count: usize = dims
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, d)| d)
+            .product();
         let result = burn::tensor::module::batch_norm_train(
             input,
             self.weight.val(),
@@ -104,13 +109,19 @@ impl BatchNorm1d {
         let batch_var = result.variance.detach().inner();
         self.running_mean
             .update(mean.mul_scalar(1.0 - m).add(batch_mean.mul_scalar(m)));
-        self.running_var
-            .update(var.mul_scalar(1.0 - m).add(batch_var.mul_scalar(m * unbiased)));
+        self.running_var.update(
+            var.mul_scalar(1.0 - m)
+                .add(batch_var.mul_scalar(m * unbiased)),
+        );
         let tracked = self.num_batches_tracked.value_sync().inner();
         self.num_batches_tracked.update(tracked.add_scalar(1.0));
         // A running state keeps updates per thread until it is read with `value_sync`; fold
         // them in now so that exports and checkpoints see them.
-        for state in [&self.running_mean, &self.running_var, &self.num_batches_tracked] {
+        for state in [
+            &self.running_mean,
+            &self.running_var,
+            &self.num_batches_tracked,
+        ] {
             let _ = state.value_sync();
         }
         result.output
@@ -130,7 +141,11 @@ impl TorchNamed for BatchNorm1d {
         for (name, state, layout) in [
             ("running_mean", &self.running_mean, Layout::Plain),
             ("running_var", &self.running_var, Layout::Plain),
-            ("num_batches_tracked", &self.num_batches_tracked, Layout::Counter),
+            (
+                "num_batches_tracked",
+                &self.num_batches_tracked,
+                Layout::Counter,
+            ),
         ] {
             out.push(TorchParam {
                 name: crate::state_dict::join(prefix, name),

@@ -72,10 +72,7 @@ impl TorchAdamW {
 
     /// Number of AdamW steps taken by a parameter (0 if it never had a gradient).
     pub fn steps_of(&self, id: ParamId) -> usize {
-        self.states
-            .get(&id)
-            .map(|s| s.momentum.time)
-            .unwrap_or(0)
+        self.states.get(&id).map(|s| s.momentum.time).unwrap_or(0)
     }
 }
 
@@ -102,10 +99,12 @@ impl ModuleMapper for StepMapper<'_> {
         };
         let shape = value.shape();
         let numel = shape.num_elements();
-        let (updated, state) =
-            self.optim
-                .inner
-                .step::<1>(self.lr, value.reshape([numel]), grad.reshape([numel]), state);
+        let (updated, state) = self.optim.inner.step::<1>(
+            self.lr,
+            value.reshape([numel]),
+            grad.reshape([numel]),
+            state,
+        );
         if let Some(state) = state {
             self.optim.states.insert(id, state);
         }
@@ -151,14 +150,20 @@ mod tests {
     fn linear(device: &Device) -> Linear {
         let mut l = LinearConfig::new(1, 1).init(device);
         l.weight = Param::from_data(TensorData::new(vec![1.0f32], [1, 1]), device);
-        l.bias = Some(Param::from_data(TensorData::new(vec![-0.5f32], [1]), device));
+        l.bias = Some(Param::from_data(
+            TensorData::new(vec![-0.5f32], [1]),
+            device,
+        ));
         l
     }
 
     fn grads_for(l: &Linear, weight: Option<f32>, device: &Device) -> GradientsParams {
         let mut g = GradientsParams::new();
         if let Some(w) = weight {
-            g.register::<2>(l.weight.id, Tensor::from_data(TensorData::new(vec![w], [1, 1]), device));
+            g.register::<2>(
+                l.weight.id,
+                Tensor::from_data(TensorData::new(vec![w], [1, 1]), device),
+            );
         }
         g
     }
@@ -173,7 +178,12 @@ mod tests {
         let mut l = linear(&device);
         let (lr, wd) = (0.1, 0.01);
         let mut opt = TorchAdamW::new(AdamWSettings::with_weight_decay(wd as f32), Some(0.5));
-        let mut reference = Reference { p: 1.0, m: 0.0, v: 0.0, t: 0 };
+        let mut reference = Reference {
+            p: 1.0,
+            m: 0.0,
+            v: 0.0,
+            t: 0,
+        };
         // Before any gradient nothing moves, weight decay included.
         let mut g = grads_for(&l, None, &device);
         l = opt.step(lr, l, &mut g);
@@ -194,7 +204,14 @@ mod tests {
         }
         assert_eq!(opt.steps_of(l.weight.id), 3);
         // The bias never had a gradient: untouched.
-        let bias = l.bias.as_ref().unwrap().val().into_data().try_to_vec::<f32>().unwrap()[0];
+        let bias = l
+            .bias
+            .as_ref()
+            .unwrap()
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()[0];
         assert_eq!(bias, -0.5);
     }
 }

@@ -17,8 +17,7 @@ use crate::model::{GcaHng, GcaHngConfig};
 use crate::state_dict::{HostTensor, StateDict, export_grads, export_torch, load_torch};
 use crate::synthesis::{ReplayMix, draws_per_call, hardness, synthesize};
 use crate::train_step::{
-    Batch, LearningRates, LossHistory, Optimisers, StepConfig, WeightDecays, logsumexp_rows,
-    train_step,
+    Batch, LearningRates, LossHistory, StepConfig, Trainer, WeightDecays, logsumexp_rows,
 };
 
 /// Learning rates recorded in a dump.
@@ -190,7 +189,11 @@ pub fn compare(name: &str, ours: &HostTensor, reference: &HostTensor, tolerance:
         max_abs = max_abs.max((a - b).abs());
         max_ref = max_ref.max(b.abs());
     }
-    let relative = if max_ref > 0.0 { max_abs / max_ref } else { max_abs };
+    let relative = if max_ref > 0.0 {
+        max_abs / max_ref
+    } else {
+        max_abs
+    };
     let ok = !nan
         && match tolerance {
             Tolerance::Relative(r) => relative <= r,
@@ -240,13 +243,13 @@ impl Dump {
     fn images(&mut self, name: &str, device: &Device) -> Result<Tensor<4>> {
         let t = self.get(name)?.clone();
         if t.shape.len() != 4 {
-            bail!(
-                "`{name}` has shape {:?}; expected [N, C, H, W]",
-                t.shape
-            );
+            bail!("`{name}` has shape {:?}; expected [N, C, H, W]", t.shape);
         }
         let shape = [t.shape[0], t.shape[1], t.shape[2], t.shape[3]];
-        Ok(Tensor::from_data(TensorData::new(t.to_f32(), shape), device))
+        Ok(Tensor::from_data(
+            TensorData::new(t.to_f32(), shape),
+            device,
+        ))
     }
 
     fn labels(&mut self, name: &str, classes: usize) -> Result<Vec<usize>> {
@@ -311,7 +314,11 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     let meta = read_meta(&dict, path)?;
     let layout = meta.layout();
     if layout.per_class < 2 || layout.classes < 2 {
-        bail!("the dump's batch has {}x{}; at least 2x2 is needed", layout.classes, layout.per_class);
+        bail!(
+            "the dump's batch has {}x{}; at least 2x2 is needed",
+            layout.classes,
+            layout.per_class
+        );
     }
     let device = device.clone().autodiff();
     let mut dump = Dump {
@@ -330,8 +337,16 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     let j_npair = npair_loss(z.clone(), &labels, layout);
     dump.check("fwd.j_npair", host_of(j_npair.clone()), Tolerance::STAGE)?;
     let graph = CorrelationGraph::build(z.clone(), layout);
-    dump.check("fwd.graph.edge_attr", host_of(graph.edges.clone()), Tolerance::STAGE)?;
-    dump.check("fwd.graph.nodes", host_of(graph.nodes.clone()), Tolerance::STAGE)?;
+    dump.check(
+        "fwd.graph.edge_attr",
+        host_of(graph.edges.clone()),
+        Tolerance::STAGE,
+    )?;
+    dump.check(
+        "fwd.graph.nodes",
+        host_of(graph.nodes.clone()),
+        Tolerance::STAGE,
+    )?;
     let edge_index = layout.edge_index();
     let index = HostTensor::new(
         vec![edge_index.len(), 2],
@@ -342,8 +357,16 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     );
     dump.check("fwd.graph.edge_index", index, Tolerance::Exact)?;
     let out = model.gnn.forward(&graph);
-    dump.check("fwd.gnn.node_logits", host_of(out.node_logits.clone()), Tolerance::STAGE)?;
-    dump.check("fwd.gnn.edge_coeff", host_of(out.edge_coeff.clone()), Tolerance::STAGE)?;
+    dump.check(
+        "fwd.gnn.node_logits",
+        host_of(out.node_logits.clone()),
+        Tolerance::STAGE,
+    )?;
+    dump.check(
+        "fwd.gnn.edge_coeff",
+        host_of(out.edge_coeff.clone()),
+        Tolerance::STAGE,
+    )?;
     let mut mix = ReplayMix::new(dump.draws("fwd.gen.mix_draws")?);
     if mix.remaining() < draws_per_call(layout) {
         bail!("`fwd.gen.mix_draws` holds too few draws for one synthesis");
@@ -351,8 +374,16 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     let lambda = hardness(meta.alpha, meta.j_avg);
     let syn = synthesize(z.clone(), out.edge_coeff.clone(), layout, lambda, &mut mix);
     dump.draw_row("fwd.gen.mix_draws", &mix);
-    dump.check("fwd.gen.negatives", host_of(syn.negatives.clone()), Tolerance::STAGE)?;
-    dump.check("fwd.gen.all_negatives", host_of(syn.all_negatives.clone()), Tolerance::STAGE)?;
+    dump.check(
+        "fwd.gen.negatives",
+        host_of(syn.negatives.clone()),
+        Tolerance::STAGE,
+    )?;
+    dump.check(
+        "fwd.gen.all_negatives",
+        host_of(syn.all_negatives.clone()),
+        Tolerance::STAGE,
+    )?;
     let j_syn = synthetic_npair_loss(z.clone(), syn.negatives.clone(), layout);
     dump.check("fwd.j_syn_npair", host_of(j_syn.clone()), Tolerance::STAGE)?;
     let j_div = diversity_loss(out.edge_coeff.clone(), layout.nodes());
@@ -403,13 +434,14 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
 
     // Full training steps from `init`.
     let mut model = fresh_model(&mut dump, &meta, &device)?;
-    let mut optim = Optimisers::new(
+    let mut trainer = Trainer::new(
+        step_config,
         WeightDecays {
             metric: meta.weight_decay.metric,
             gnn: meta.weight_decay.gnn,
             classifier: meta.weight_decay.classifier,
         },
-        meta.grad_clip_value,
+        layout,
     );
     let lr = LearningRates {
         backbone: meta.lr.backbone,
@@ -430,16 +462,7 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
             bail!("`{draws_key}` holds too few draws for the two syntheses of a step");
         }
         let batch = Batch { images, labels };
-        let (next, metrics) = train_step(
-            model,
-            &mut optim,
-            &step_config,
-            layout,
-            &batch,
-            lr,
-            history,
-            &mut mix,
-        );
+        let (next, metrics) = trainer.step(model, &batch, lr, history, &mut mix);
         model = next;
         dump.draw_row(&draws_key, &mix);
         for (name, value) in metrics.named() {

@@ -193,7 +193,8 @@ mod tests {
         let r = (dp + (dn - dp) * 0.5) / dn;
         assert!((neg[1][0] as f64 - 4.0 * r).abs() < 1e-5, "{neg:?}");
         // (v1, a1, n0) from negative view 0 (slot 0 at (0,0)): d- = 0.5 < d+ = 3.5: kept.
-        assert!((neg[2 * 2 + 1 * 2][0] - 0.0).abs() < 1e-6, "{neg:?}");
+        // Row v*C*C + a*C + n = 4 + 2 + 0.
+        assert!(neg[6][0].abs() < 1e-6, "{neg:?}");
     }
 
     #[test]

@@ -7,8 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::graph::{BatchLayout, CorrelationGraph};
 use crate::losses::{
-    HardnessMasking, cross_entropy, diversity_loss, hardness_loss, npair_loss,
-    synthetic_npair_loss,
+    HardnessMasking, cross_entropy, diversity_loss, hardness_loss, npair_loss, synthetic_npair_loss,
 };
 use crate::model::GcaHng;
 use crate::optim::{AdamWSettings, TorchAdamW};
@@ -140,7 +139,10 @@ impl Optimisers {
                 AdamWSettings::with_weight_decay(decays.metric as f32),
                 grad_clip,
             ),
-            gnn: TorchAdamW::new(AdamWSettings::with_weight_decay(decays.gnn as f32), grad_clip),
+            gnn: TorchAdamW::new(
+                AdamWSettings::with_weight_decay(decays.gnn as f32),
+                grad_clip,
+            ),
             classifier: TorchAdamW::new(
                 AdamWSettings::with_weight_decay(decays.classifier as f32),
                 None,
@@ -158,17 +160,62 @@ pub fn scalar(t: &Tensor<1>) -> f64 {
         .expect("f32 data")[0] as f64
 }
 
-/// Runs one training step on `batch` and returns the updated model with the step's losses.
-pub fn train_step(
+/// The training procedure of one batch: the three optimisers, the loss settings and the batch
+/// layout they apply to.
+#[derive(Clone)]
+pub struct Trainer {
+    pub optim: Optimisers,
+    pub config: StepConfig,
+    pub layout: BatchLayout,
+}
+
+impl Trainer {
+    pub fn new(config: StepConfig, decays: WeightDecays, layout: BatchLayout) -> Self {
+        Self {
+            optim: Optimisers::new(decays, config.grad_clip),
+            config,
+            layout,
+        }
+    }
+
+    /// Runs one training step on `batch` and returns the updated model with the step's losses.
+    pub fn step(
+        &mut self,
+        model: GcaHng,
+        batch: &Batch,
+        lr: LearningRates,
+        history: LossHistory,
+        mix: &mut dyn MixSource,
+    ) -> (GcaHng, StepMetrics) {
+        train_step(
+            model,
+            &mut self.optim,
+            &self.config,
+            self.layout,
+            batch,
+            StepInputs { lr, history },
+            mix,
+        )
+    }
+}
+
+/// Per-step inputs that change over training.
+#[derive(Clone, Copy, Debug)]
+struct StepInputs {
+    lr: LearningRates,
+    history: LossHistory,
+}
+
+fn train_step(
     mut model: GcaHng,
     optim: &mut Optimisers,
     config: &StepConfig,
     layout: BatchLayout,
     batch: &Batch,
-    lr: LearningRates,
-    history: LossHistory,
+    inputs: StepInputs,
     mix: &mut dyn MixSource,
 ) -> (GcaHng, StepMetrics) {
+    let StepInputs { lr, history } = inputs;
     let labels = &batch.labels;
     let lambda = hardness(config.alpha, history.metric);
     let syn_weight = 1.0 - (-config.beta / history.generator).exp();
@@ -196,10 +243,13 @@ pub fn train_step(
     let mut g_head = GradientsParams::from_module(&mut grads, &model.embedder.head);
     let mut g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
     drop(grads);
-    model.embedder.backbone = optim
+    model.embedder.backbone =
+        optim
+            .embedder
+            .step(lr.backbone, model.embedder.backbone, &mut g_backbone);
+    model.embedder.head = optim
         .embedder
-        .step(lr.backbone, model.embedder.backbone, &mut g_backbone);
-    model.embedder.head = optim.embedder.step(lr.head, model.embedder.head, &mut g_head);
+        .step(lr.head, model.embedder.head, &mut g_head);
     if config.generation {
         model.gnn = optim.gnn.step(lr.gnn, model.gnn, &mut g_gnn);
     }

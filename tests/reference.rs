@@ -20,8 +20,16 @@ fn assert_passes(path: &Path) {
         .map(|r| format!("{} (max abs err {:.3e}) {:?}", r.name, r.max_abs, r.note))
         .collect();
     assert!(failures.is_empty(), "{}: {failures:#?}", path.display());
-    assert!(report.unchecked.is_empty(), "not compared: {:?}", report.unchecked);
-    assert!(report.rows.len() > 250, "only {} tensors compared", report.rows.len());
+    assert!(
+        report.unchecked.is_empty(),
+        "not compared: {:?}",
+        report.unchecked
+    );
+    assert!(
+        report.rows.len() > 250,
+        "only {} tensors compared",
+        report.rows.len()
+    );
 }
 
 #[test]
@@ -33,7 +41,9 @@ fn tiny_dump_matches_the_release() {
 fn shared_dumps_match_the_release() {
     let dir = std::env::var_os("GCA_HNG_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/reference"));
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/reference")
+        });
     let Ok(entries) = std::fs::read_dir(&dir) else {
         eprintln!(
             "skipping: {} is absent (set GCA_HNG_REFERENCE_DIR to check other dumps)",
@@ -62,7 +72,12 @@ fn a_corrupted_dump_fails() {
     let path = dir.path().join("corrupt.safetensors");
     dict.write_safetensors(&path).unwrap();
     let report = verify_reference(&path, &Device::flex()).unwrap();
-    let failed: Vec<&str> = report.rows.iter().filter(|r| !r.ok).map(|r| r.name.as_str()).collect();
+    let failed: Vec<&str> = report
+        .rows
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.name.as_str())
+        .collect();
     assert!(failed.contains(&"fwd.gnn.edge_coeff"), "{failed:?}");
     assert!(!report.passed());
 }
@@ -88,7 +103,10 @@ fn an_unknown_tensor_is_reported() {
 fn missing_and_unexpected_weights_are_named() {
     let mut dict = StateDict::read_safetensors(&repo_dump()).unwrap();
     dict.tensors.remove("init.gnn.dim_red.bias");
-    dict.insert("init.gnn.extra", gca_hng::state_dict::HostTensor::new(vec![1], vec![0.0]));
+    dict.insert(
+        "init.gnn.extra",
+        gca_hng::state_dict::HostTensor::new(vec![1], vec![0.0]),
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.safetensors");
     dict.write_safetensors(&path).unwrap();
