@@ -6,7 +6,9 @@
 //! chain against dumps of the authors' release.
 
 pub mod backbone;
+pub mod backbone_check;
 pub mod bench;
+pub mod checkpoint;
 pub mod device;
 pub mod embedding;
 pub mod gnn;
