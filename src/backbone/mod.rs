@@ -59,6 +59,9 @@ impl LinearBackbone {
 pub struct IdentityBackbone;
 
 /// The feature extractor of an embedder.
+// One backbone lives per model and is moved only when a training step hands the model back,
+// so the few kilobytes of the largest variant cost nothing worth a `Box`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone {
     Linear(LinearBackbone),
