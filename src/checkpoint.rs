@@ -31,13 +31,15 @@ pub fn sniff_format(path: &Path) -> Result<WeightFormat> {
         .read(&mut head)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let head = &head[..n];
+    // safetensors: an 8-byte little-endian header length, then a JSON object. Checked first:
+    // the length's first byte may well be 0x80. (Byte 8 of a legacy stream is inside torch's
+    // magic number, never `{`.)
+    if n >= 9 && head[8] == b'{' {
+        return Ok(WeightFormat::Safetensors);
+    }
     // Zip local header, or a pickle PROTO opcode (0x80) opening the legacy stream.
     if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
         return Ok(WeightFormat::Torch);
-    }
-    // safetensors: an 8-byte little-endian header length, then a JSON object.
-    if n >= 9 && head[8] == b'{' {
-        return Ok(WeightFormat::Safetensors);
     }
     bail!(
         "{} is neither a PyTorch checkpoint (zip or legacy pickle) nor a safetensors file",
@@ -365,5 +367,33 @@ mod tests {
         write_zip_checkpoint(&zip, b"\x80\x02garbage");
         let err = format!("{:#}", read_weights(&zip).unwrap_err());
         assert!(err.contains("bad.pth"), "{err}");
+    }
+
+    #[test]
+    fn converts_to_f16_safetensors_rounding_to_nearest() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("w.pth");
+        write_zip_checkpoint(&src, &state_dict_pickle());
+        let out = dir.path().join("w16.safetensors");
+        read_weights(&src)
+            .unwrap()
+            .write_safetensors_as(&out, crate::state_dict::StoredDtype::F16)
+            .unwrap();
+        assert_eq!(sniff_format(&out).unwrap(), WeightFormat::Safetensors);
+        assert!(
+            inspect_weights(&out)
+                .unwrap()
+                .iter()
+                .all(|t| t.dtype == "f16")
+        );
+        let back = read_weights(&out).unwrap();
+        assert_eq!(
+            back.get("a.weight").unwrap().data,
+            vec![0.5, -1.0, 2.0, 0.25, 3.0, -0.125]
+        );
+        // 0.1 is not a float16 value: it comes back as the nearest one.
+        let bias = &back.get("a.bias").unwrap().data;
+        assert_eq!(bias[2], half::f16::from_f32(0.1).to_f64());
+        assert_ne!(bias[2], 0.1f32 as f64);
     }
 }
