@@ -7,6 +7,7 @@
 
 pub mod backbone;
 pub mod bench;
+pub mod config;
 pub mod device;
 pub mod embedding;
 pub mod evaluation;

@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use gca_hng::bench::{StepBench, bench_step, median};
+use gca_hng::config::{ExperimentConfig, PRESETS};
 use gca_hng::device::DeviceSpec;
 use gca_hng::evaluation::{Embeddings, RetrievalMetrics, evaluate, evaluate_query_gallery};
 use gca_hng::npy;
@@ -28,6 +29,11 @@ enum Command {
         #[command(subcommand)]
         what: VerifyCommand,
     },
+    /// Experiment configurations: the release's presets and the demo.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
     /// Retrieval metrics of saved embeddings (`.npy`): Recall@k, MAP@R, R-Precision, NMI,
     /// printed as JSON with values x100.
     Metrics(MetricsArgs),
@@ -35,6 +41,24 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// List the presets.
+    List,
+    /// Print the full resolved TOML of a preset or a config file, with overrides applied.
+    Show {
+        /// A preset name (see `config list`).
+        #[arg(required_unless_present = "config", conflicts_with = "config")]
+        preset: Option<String>,
+        /// A TOML config file instead of a preset.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a setting, e.g. `--set optim.lr=3e-4` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
 }
 
@@ -203,6 +227,30 @@ fn run(cli: Cli) -> Result<bool> {
                 if report.passed() { "PASS" } else { "FAIL" }
             );
             Ok(report.passed())
+        }
+        Command::Config {
+            what: ConfigCommand::List,
+        } => {
+            for name in PRESETS {
+                println!("{name}");
+            }
+            Ok(true)
+        }
+        Command::Config {
+            what:
+                ConfigCommand::Show {
+                    preset,
+                    config,
+                    overrides,
+                },
+        } => {
+            let base = match (&preset, &config) {
+                (Some(p), _) => ExperimentConfig::preset(p)?,
+                (None, Some(file)) => ExperimentConfig::from_file(file)?,
+                (None, None) => anyhow::bail!("give a preset name or --config FILE"),
+            };
+            print!("{}", base.with_overrides(&overrides)?.to_toml());
+            Ok(true)
         }
         Command::Metrics(args) => {
             let metrics = run_metrics(&args, &device)?;
