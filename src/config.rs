@@ -209,22 +209,19 @@ fn release_row(name: &str) -> Option<Row> {
     use BackboneKind::*;
     use BatchNormMode::*;
     use DatasetKind::*;
-    let (kind, backbone) = match name.split_once('-')? {
-        (k, b) => (
-            match k {
-                "cub" => Cub,
-                "cars" => Cars,
-                "sop" => Sop,
-                "inshop" => Inshop,
-                _ => return None,
-            },
-            match b {
-                "googlenet" => Googlenet,
-                "resnet50" => Resnet50,
-                "dino" => VitS16,
-                _ => return None,
-            },
-        ),
+    let (k, b) = name.split_once('-')?;
+    let kind = match k {
+        "cub" => Cub,
+        "cars" => Cars,
+        "sop" => Sop,
+        "inshop" => Inshop,
+        _ => return None,
+    };
+    let backbone = match b {
+        "googlenet" => Googlenet,
+        "resnet50" => Resnet50,
+        "dino" => VitS16,
+        _ => return None,
     };
     let small = matches!(kind, Cub | Cars);
     let (c, p, layers, heads) = if small { (27, 3, 2, 4) } else { (40, 2, 1, 2) };

@@ -40,7 +40,7 @@ pub struct Embeddings<'a> {
 
 impl Embeddings<'_> {
     fn check(&self, what: &str) -> Result<usize> {
-        if self.dim == 0 || self.values.len() % self.dim != 0 {
+        if self.dim == 0 || !self.values.len().is_multiple_of(self.dim) {
             bail!(
                 "{what}: {} values do not form rows of width {}",
                 self.values.len(),
@@ -139,16 +139,23 @@ fn rank_row(
     }
 }
 
+/// Normalised rows and their labels.
+struct Side<'a> {
+    values: &'a [f32],
+    labels: &'a [i64],
+}
+
+/// Ranks every query against the gallery; `same_set` excludes each query from its own ranking.
 fn outcomes(
-    queries: &[f32],
-    query_labels: &[i64],
-    gallery: &[f32],
-    gallery_labels: &[i64],
+    queries: Side,
+    gallery: Side,
     dim: usize,
     same_set: bool,
     top: usize,
     device: &Device,
 ) -> Vec<QueryOutcome> {
+    let (query_labels, gallery_labels) = (queries.labels, gallery.labels);
+    let (queries, gallery) = (queries.values, gallery.values);
     let nq = query_labels.len();
     let ng = gallery_labels.len();
     let mut counts: HashMap<i64, usize> = HashMap::new();
@@ -236,16 +243,11 @@ pub fn evaluate(
     }
     let x = set.normalized();
     let top = *ks.iter().max().expect("non-empty");
-    let outcomes = outcomes(
-        &x,
-        set.labels,
-        &x,
-        set.labels,
-        set.dim,
-        true,
-        top.min(n - 1),
-        device,
-    );
+    let side = || Side {
+        values: &x,
+        labels: set.labels,
+    };
+    let outcomes = outcomes(side(), side(), set.dim, true, top.min(n - 1), device);
     let mut metrics = summarize(&outcomes, ks, false);
     if let Some(seed) = nmi_seed {
         metrics.nmi = Some(100.0 * nmi_of_kmeans(&x, set.labels, set.dim, seed, device));
@@ -277,10 +279,14 @@ pub fn evaluate_query_gallery(
     let g = gallery.normalized();
     let top = *ks.iter().max().expect("non-empty");
     let outcomes = outcomes(
-        &q,
-        queries.labels,
-        &g,
-        gallery.labels,
+        Side {
+            values: &q,
+            labels: queries.labels,
+        },
+        Side {
+            values: &g,
+            labels: gallery.labels,
+        },
         queries.dim,
         false,
         top,
