@@ -226,7 +226,23 @@ mod mat5 {
         }
     }
 
+    /// The variable wrapped in a miCOMPRESSED element, as MATLAB's default `-v7` saves.
+    pub fn compressed(name: &str, v: &Value) -> Vec<u8> {
+        use std::io::Write;
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&encode(name, v)).unwrap();
+        let data = z.finish().unwrap();
+        let mut out = 15u32.to_le_bytes().to_vec();
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend(data);
+        out
+    }
+
     pub fn file(vars: &[(&str, Value)]) -> Vec<u8> {
+        file_with(vars, false)
+    }
+
+    pub fn file_with(vars: &[(&str, Value)], compress: bool) -> Vec<u8> {
         let mut text =
             b"MATLAB 5.0 MAT-file, Platform: GLNXA64, Created on: Thu Jan  1 00:00:00 2015"
                 .to_vec();
@@ -235,13 +251,17 @@ mod mat5 {
         text.extend_from_slice(&0x0100u16.to_le_bytes());
         text.extend_from_slice(b"IM");
         for (n, v) in vars {
-            text.extend(encode(n, v));
+            text.extend(if compress {
+                compressed(n, v)
+            } else {
+                encode(n, v)
+            });
         }
         text
     }
 }
 
-fn cars_tree(dir: &Path, class_as_double: bool) -> PathBuf {
+fn cars_tree(dir: &Path, class_as_double: bool, compress: bool) -> PathBuf {
     use mat5::Value;
     let root = dir.join("cars");
     let rows: Vec<(String, u8)> = vec![
@@ -285,19 +305,22 @@ fn cars_tree(dir: &Path, class_as_double: bool) -> PathBuf {
     let names = (1..=196)
         .map(|i| Value::Char(format!("Maker Model {i}")))
         .collect();
-    let bytes = mat5::file(&[
-        ("annotations", Value::Struct(fields, structs)),
-        ("class_names", Value::Cell(names)),
-    ]);
+    let bytes = mat5::file_with(
+        &[
+            ("annotations", Value::Struct(fields, structs)),
+            ("class_names", Value::Cell(names)),
+        ],
+        compress,
+    );
     std::fs::write(root.join("cars_annos.mat"), bytes).unwrap();
     root
 }
 
 #[test]
 fn cars_reads_a_v5_mat_file() {
-    for as_double in [false, true] {
+    for (as_double, compress) in [(false, false), (true, false), (false, true)] {
         let dir = tempfile::tempdir().unwrap();
-        let root = cars_tree(dir.path(), as_double);
+        let root = cars_tree(dir.path(), as_double, compress);
         let ds = Dataset::open(DatasetKind::Cars, &root).unwrap();
         assert_eq!(
             counts(&ds),
@@ -317,7 +340,7 @@ fn cars_reads_a_v5_mat_file() {
 #[test]
 fn cars_bad_mat_files() {
     let dir = tempfile::tempdir().unwrap();
-    let root = cars_tree(dir.path(), false);
+    let root = cars_tree(dir.path(), false, true);
     let mat = root.join("cars_annos.mat");
     let good = std::fs::read(&mat).unwrap();
 

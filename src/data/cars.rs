@@ -4,9 +4,8 @@
 
 use std::path::Path;
 
-use matrw::{MatFile, MatVariable};
-
 use super::labels::{Entry, labelled_split};
+use super::mat5::{self, MatValue};
 use super::{DataError, ImageSource, Split};
 
 /// The last training class (1-based, inclusive) of the standard split.
@@ -16,41 +15,44 @@ pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
     let mat_path = root.join("cars_annos.mat");
     let bytes = std::fs::read(&mat_path)
         .map_err(|e| DataError::file(&mat_path, format!("cannot read: {e}")))?;
-    let mat = parse_mat(&bytes).map_err(|m| DataError::file(&mat_path, m))?;
+    let vars = mat5::parse(&bytes).map_err(|m| DataError::file(&mat_path, m))?;
+    let var = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v);
 
-    let annotations = match &mat["annotations"] {
-        MatVariable::StructureArray(a) => &a.value,
-        MatVariable::Null => {
-            return Err(DataError::file(&mat_path, "no variable `annotations`"));
-        }
-        _ => {
-            return Err(DataError::file(
-                &mat_path,
-                "`annotations` is not a struct array",
-            ));
-        }
+    let annotations = var("annotations")
+        .ok_or_else(|| DataError::file(&mat_path, "no variable `annotations`"))?;
+    let MatValue::Struct { elements, .. } = annotations else {
+        return Err(DataError::file(
+            &mat_path,
+            "`annotations` is not a struct array",
+        ));
     };
-    let class_names: Vec<Option<String>> = match &mat["class_names"] {
-        MatVariable::CellArray(c) => c.value.iter().map(char_string).collect(),
+    let class_names: Vec<Option<String>> = match var("class_names") {
+        Some(MatValue::Cell { items, .. }) => items
+            .iter()
+            .map(|v| v.as_text().map(str::to_string))
+            .collect(),
         _ => Vec::new(),
     };
 
     let (mut train, mut test) = (Vec::new(), Vec::new());
-    for (i, a) in annotations.iter().enumerate() {
+    for i in 0..elements.len() {
         // Errors name the annotation as MATLAB would index it (1-based).
         let at = |m: &str| DataError::file(&mat_path, format!("annotations({}): {m}", i + 1));
-        let rel = char_string(&a["relative_im_path"])
+        let rel = annotations
+            .field(i, "relative_im_path")
+            .and_then(MatValue::as_text)
             .ok_or_else(|| at("field `relative_im_path` missing or not a char array"))?;
-        let class = integer(&a["class"])
-            .ok_or_else(|| at("field `class` missing or not a positive integer scalar"))?;
-        if class == 0 {
-            return Err(at("class ids start at 1"));
-        }
+        let class = annotations
+            .field(i, "class")
+            .and_then(MatValue::as_scalar)
+            .filter(|c| *c >= 1.0 && c.fract() == 0.0 && *c < 1e9)
+            .ok_or_else(|| at("field `class` missing or not a positive integer"))?
+            as u64;
         let entry = Entry {
             key: class,
             original_id: class.to_string(),
             name: class_names.get(class as usize - 1).cloned().flatten(),
-            source: ImageSource::File(root.join(&rel)),
+            source: ImageSource::File(root.join(rel)),
         };
         if class <= LAST_TRAIN_CLASS {
             train.push(entry);
@@ -62,41 +64,4 @@ pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
         labelled_split("train", train),
         labelled_split("test", test),
     ])
-}
-
-/// Parses a MAT-file with `matrw`. Its parser can panic on some malformed input instead of
-/// returning an error; a corrupt annotation file must not take the program down, so the
-/// panic is caught and reported as an error about the file.
-fn parse_mat(bytes: &[u8]) -> Result<MatFile, String> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let parsed = std::panic::catch_unwind(|| matrw::load_matfile_from_u8(bytes));
-    std::panic::set_hook(hook);
-    match parsed {
-        Ok(Ok(mat)) => Ok(mat),
-        Ok(Err(e)) => Err(format!("not a readable MAT-file (v5/v7): {e}")),
-        Err(_) => Err("not a readable MAT-file (v5/v7): the parser gave up".to_string()),
-    }
-}
-
-/// A char array as a string (MATLAB stores a row of UTF-16 code units).
-fn char_string(v: &MatVariable) -> Option<String> {
-    let chars = v.to_vec_char()?;
-    Some(chars.into_iter().collect())
-}
-
-/// A numeric scalar holding a non-negative integer, whatever its MATLAB class.
-fn integer(v: &MatVariable) -> Option<u64> {
-    let as_f64 = v
-        .to_f64()
-        .or_else(|| v.to_f32().map(f64::from))
-        .or_else(|| v.to_u8().map(f64::from))
-        .or_else(|| v.to_u16().map(f64::from))
-        .or_else(|| v.to_u32().map(f64::from))
-        .or_else(|| v.to_i8().map(f64::from))
-        .or_else(|| v.to_i16().map(f64::from))
-        .or_else(|| v.to_i32().map(f64::from))
-        .or_else(|| v.to_u64().map(|x| x as f64))
-        .or_else(|| v.to_i64().map(|x| x as f64))?;
-    (as_f64 >= 0.0 && as_f64.fract() == 0.0 && as_f64 < 1e15).then_some(as_f64 as u64)
 }

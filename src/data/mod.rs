@@ -17,6 +17,7 @@ pub mod inshop;
 pub mod inspect;
 pub mod labels;
 pub mod loader;
+pub mod mat5;
 pub mod sampler;
 pub mod sop;
 pub mod tensor;

@@ -35,6 +35,7 @@ pub struct SamplerConfig {
     pub short_class: ShortClass,
 }
 
+#[derive(Debug)]
 pub struct BalancedSampler {
     cfg: SamplerConfig,
     /// Labels that have images, ascending.
