@@ -3,11 +3,12 @@
 //!
 //! The data flows one way: backbone -> [`embedding`] -> [`graph`] -> [`gnn`] -> [`synthesis`]
 //! -> [`losses`] -> [`optim`], put together by [`train_step`]. [`reference`] checks the whole
-//! chain against dumps of the authors' release.
+//! chain against dumps of the authors' release. [`data`] reads the datasets and feeds batches.
 
 pub mod backbone;
 pub mod bench;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod embedding;
 pub mod evaluation;
