@@ -1,0 +1,24 @@
+//! Decodes image files to 8-bit RGB, whatever their mode, as PIL's `convert("RGB")` does
+//! for the release: grey is replicated, palettes are expanded, alpha is dropped (not
+//! composited), CMYK JPEGs are converted, 16-bit channels are scaled to 8 bits.
+
+use std::path::Path;
+
+use image::{ImageReader, RgbImage};
+
+use super::DataError;
+
+pub fn load_rgb(path: &Path) -> Result<RgbImage, DataError> {
+    let reader = ImageReader::open(path)
+        .map_err(|e| DataError::file(path, format!("cannot open image: {e}")))?
+        // The extension can lie (a PNG named .jpg is common in scraped data); trust the bytes.
+        .with_guessed_format()
+        .map_err(|e| DataError::file(path, format!("cannot read image: {e}")))?;
+    let img = reader
+        .decode()
+        .map_err(|e| DataError::file(path, format!("cannot decode image: {e}")))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(DataError::file(path, "image has no pixels"));
+    }
+    Ok(img.into_rgb8())
+}

@@ -1,0 +1,90 @@
+//! `data inspect`: checks that every listed image exists and counts classes and images.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+use super::{DataError, Dataset, ImageSource};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitCounts {
+    pub name: String,
+    /// Distinct labels with at least one image in this split.
+    pub classes: usize,
+    pub images: usize,
+}
+
+/// Counts per split; an error lists the missing files (the first 20 and how many).
+pub fn inspect(dataset: &Dataset) -> Result<Vec<SplitCounts>, DataError> {
+    let mut missing = Vec::new();
+    let mut counts = Vec::new();
+    for split in &dataset.splits {
+        for s in &split.samples {
+            if let ImageSource::File(p) = &s.source
+                && !p.is_file()
+            {
+                missing.push(p.clone());
+            }
+        }
+        counts.push(SplitCounts {
+            name: split.name.clone(),
+            classes: split
+                .samples
+                .iter()
+                .map(|s| s.label)
+                .collect::<BTreeSet<_>>()
+                .len(),
+            images: split.samples.len(),
+        });
+    }
+    if let Some(first) = missing.first() {
+        let mut msg = format!("{} listed image files do not exist:", missing.len());
+        for p in missing.iter().take(20) {
+            let _ = write!(msg, "\n  {}", p.display());
+        }
+        if missing.len() > 20 {
+            let _ = write!(msg, "\n  ... and {} more", missing.len() - 20);
+        }
+        return Err(DataError::file(first, msg));
+    }
+    Ok(counts)
+}
+
+/// `{"splits": {"train": {"classes": N, "images": M}, ...}}`, splits in dataset order.
+pub fn counts_json(counts: &[SplitCounts]) -> String {
+    let body: Vec<String> = counts
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: {{\"classes\": {}, \"images\": {}}}",
+                serde_json::Value::String(c.name.clone()),
+                c.classes,
+                c.images
+            )
+        })
+        .collect();
+    format!("{{\"splits\": {{{}}}}}", body.join(", "))
+}
+
+/// Decodes every image file of the dataset in parallel. Stops at the first unreadable one,
+/// or with `skip_bad` returns all of them (sorted by path).
+pub fn decode_all(dataset: &Dataset, skip_bad: bool) -> Result<Vec<DataError>, DataError> {
+    use rayon::prelude::*;
+    let files: Vec<&std::path::Path> = dataset
+        .splits
+        .iter()
+        .flat_map(|s| &s.samples)
+        .filter_map(|s| match &s.source {
+            ImageSource::File(p) => Some(p.as_path()),
+            ImageSource::Emoji { .. } => None,
+        })
+        .collect();
+    let mut bad: Vec<DataError> = files
+        .par_iter()
+        .filter_map(|p| super::image_io::load_rgb(p).err())
+        .collect();
+    bad.sort_by(|a, b| a.path.cmp(&b.path));
+    match bad.first() {
+        Some(first) if !skip_bad => Err(first.clone()),
+        _ => Ok(bad),
+    }
+}

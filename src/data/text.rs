@@ -1,0 +1,43 @@
+//! Whitespace-separated annotation files, read line by line with line numbers for errors.
+
+use std::path::Path;
+
+use super::DataError;
+
+/// The non-blank lines of `text` as `(1-based line number, fields)`.
+pub fn rows(text: &str) -> impl Iterator<Item = (usize, Vec<&str>)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.split_whitespace().collect::<Vec<_>>()))
+        .filter(|(_, f)| !f.is_empty())
+}
+
+/// Checks that a row has exactly `n` fields.
+pub fn expect_fields(
+    path: &Path,
+    line: usize,
+    fields: &[&str],
+    n: usize,
+    what: &str,
+) -> Result<(), DataError> {
+    if fields.len() == n {
+        Ok(())
+    } else {
+        Err(DataError::at(
+            path,
+            line,
+            format!("expected {n} fields ({what}), found {}", fields.len()),
+        ))
+    }
+}
+
+/// Parses a non-negative integer field.
+pub fn parse_id(path: &Path, line: usize, field: &str, what: &str) -> Result<u64, DataError> {
+    field.parse::<u64>().map_err(|_| {
+        DataError::at(
+            path,
+            line,
+            format!("{what} `{field}` is not a non-negative integer"),
+        )
+    })
+}
