@@ -6,7 +6,9 @@
 //! chain against dumps of the authors' release. [`data`] reads the datasets and feeds batches.
 
 pub mod backbone;
+pub mod backbone_check;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;

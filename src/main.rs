@@ -4,7 +4,13 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use gca_hng::bench::{StepBench, bench_step, median};
+use gca_hng::backbone::{
+    BackboneConfig, BatchNormMode, EfficientNetLiteConfig, GoogLeNetConfig, ResNet50Config,
+    VitConfig,
+};
+use gca_hng::backbone_check::{Arch, verify_backbone};
+use gca_hng::bench::{StepBench, bench_backbone, bench_step, median};
+use gca_hng::checkpoint::{inspect_weights, read_weights};
 use gca_hng::config::{ExperimentConfig, PRESETS};
 use gca_hng::data::bench::{DataBench, bench_data};
 use gca_hng::data::loader::LoaderConfig;
@@ -13,6 +19,7 @@ use gca_hng::device::DeviceSpec;
 use gca_hng::evaluation::{Embeddings, RetrievalMetrics, evaluate, evaluate_query_gallery};
 use gca_hng::npy;
 use gca_hng::reference::verify_reference;
+use gca_hng::state_dict::StoredDtype;
 
 /// GCA-HNG: globally correlation-aware hard negative generation for deep metric learning.
 #[derive(Parser)]
@@ -44,6 +51,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+    /// Read and convert weight files (PyTorch `.pth`/`.pt`, safetensors).
+    Weights {
+        #[command(subcommand)]
+        what: WeightsCommand,
     },
     /// Look at datasets.
     Data {
@@ -138,6 +150,20 @@ struct MetricsArgs {
 }
 
 #[derive(Subcommand)]
+enum WeightsCommand {
+    /// List every tensor: name, shape, stored dtype.
+    Inspect { file: PathBuf },
+    /// Convert a checkpoint (or safetensors file) to safetensors.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// f32 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: StoredDtype,
+    },
+}
+
+#[derive(Subcommand)]
 enum VerifyCommand {
     /// Replay a dump of the authors' release and compare every stage, gradient, loss and
     /// parameter it records.
@@ -147,6 +173,19 @@ enum VerifyCommand {
         /// Print only failures and the summary.
         #[arg(long)]
         quiet: bool,
+    },
+    /// Run a pretrained backbone on the inputs stored in an expected-outputs file and compare
+    /// every output recorded for the architecture.
+    Backbone {
+        /// resnet50, googlenet, vit-s16 or efficientnet-lite0.
+        #[arg(long)]
+        arch: Arch,
+        /// Weights: PyTorch `.pth` or safetensors.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Expected outputs (`.safetensors` with `input*` tensors).
+        #[arg(long)]
+        expected: PathBuf,
     },
 }
 
@@ -174,6 +213,23 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         warmup: usize,
         #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Print `{"median_s": ...}` only.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward + backward pass of a backbone (BatchNorm on batch statistics) on random
+    /// images; prints the median.
+    Backbone {
+        #[arg(long, default_value = "resnet50")]
+        arch: Arch,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
         iters: usize,
         /// Print `{"median_s": ...}` only.
         #[arg(long)]
@@ -352,6 +408,121 @@ fn run(cli: Cli) -> Result<bool> {
         | Command::Bench {
             what: BenchCommand::Data { .. },
         } => unreachable!("handled above"),
+        Command::Verify {
+            what:
+                VerifyCommand::Backbone {
+                    arch,
+                    weights,
+                    expected,
+                },
+        } => {
+            let report = verify_backbone(arch, &weights, &expected, &device)?;
+            println!(
+                "{:<24} {:>11} {:>11} {:>10} {:>4}",
+                "output", "max abs err", "rel err", "tolerance", "ok"
+            );
+            for row in &report.rows {
+                println!(
+                    "{:<24} {:>11.3e} {:>11.3e} {:>10.0e} {:>4}{}",
+                    row.name,
+                    row.max_abs,
+                    row.relative,
+                    report.tolerance,
+                    if row.ok { "ok" } else { "FAIL" },
+                    row.problem
+                        .as_ref()
+                        .map(|p| format!("  ({p})"))
+                        .unwrap_or_default()
+                );
+            }
+            let failed = report.rows.iter().filter(|r| !r.ok).count();
+            println!(
+                "verify backbone {arch} {}: {} compared, {failed} failed on {} -> {}",
+                weights.display(),
+                report.rows.len(),
+                cli.device,
+                if report.passed() { "PASS" } else { "FAIL" }
+            );
+            Ok(report.passed())
+        }
+        Command::Weights {
+            what: WeightsCommand::Inspect { file },
+        } => {
+            let infos = inspect_weights(&file)?;
+            for t in &infos {
+                println!("{:<60} {:<6} {:?}", t.name, t.dtype, t.shape);
+            }
+            let values: usize = infos
+                .iter()
+                .map(|t| t.shape.iter().product::<usize>())
+                .sum();
+            println!(
+                "{}: {} tensors, {values} values",
+                file.display(),
+                infos.len()
+            );
+            Ok(true)
+        }
+        Command::Weights {
+            what:
+                WeightsCommand::Convert {
+                    input,
+                    output,
+                    dtype,
+                },
+        } => {
+            let dict = read_weights(&input)?;
+            dict.write_safetensors_as(&output, dtype)?;
+            println!(
+                "{} -> {} ({} tensors, {dtype:?})",
+                input.display(),
+                output.display(),
+                dict.tensors.len()
+            );
+            Ok(true)
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Backbone {
+                    arch,
+                    batch,
+                    size,
+                    warmup,
+                    iters,
+                    json,
+                },
+        } => {
+            anyhow::ensure!(
+                iters > 0 && batch > 0,
+                "--iters and --batch must be at least 1"
+            );
+            let train = BatchNormMode::Train;
+            let cfg = match arch {
+                Arch::ResNet50 => {
+                    BackboneConfig::ResNet50(ResNet50Config::new().with_batch_norm(train))
+                }
+                Arch::GoogLeNet => {
+                    BackboneConfig::GoogLeNet(GoogLeNetConfig::new().with_batch_norm(train))
+                }
+                Arch::VitS16 => BackboneConfig::Vit(VitConfig::new()),
+                Arch::EfficientNetLite0 => BackboneConfig::EfficientNetLite0(
+                    EfficientNetLiteConfig::new().with_batch_norm(train),
+                ),
+            };
+            let times = bench_backbone(&cfg, batch, size, warmup, iters, &device);
+            let m = median(&times);
+            if json {
+                println!("{{\"median_s\": {m}}}");
+            } else {
+                println!(
+                    "bench backbone {arch} batch {batch} {size}px forward+backward on {}: median {m:.3} s over {iters} (min {:.3}, max {:.3})",
+                    cli.device,
+                    times.iter().cloned().fold(f64::INFINITY, f64::min),
+                    times.iter().cloned().fold(0.0, f64::max),
+                );
+            }
+            Ok(true)
+        }
         Command::Verify {
             what: VerifyCommand::Reference { dump, quiet },
         } => {
