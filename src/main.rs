@@ -65,20 +65,6 @@ enum Command {
 }
 
 #[derive(Subcommand)]
-enum WeightsCommand {
-    /// List every tensor: name, shape, stored dtype.
-    Inspect { file: PathBuf },
-    /// Convert a checkpoint (or safetensors file) to safetensors.
-    Convert {
-        input: PathBuf,
-        output: PathBuf,
-        /// f32 or f16.
-        #[arg(long, default_value = "f32")]
-        dtype: StoredDtype,
-    },
-}
-
-#[derive(Subcommand)]
 enum DataCommand {
     /// Read a dataset's annotations, check that every listed image exists, and print the
     /// number of classes and images of each split.
@@ -161,6 +147,20 @@ struct MetricsArgs {
     /// Skip NMI (k-means is the slow part on large sets).
     #[arg(long)]
     no_nmi: bool,
+}
+
+#[derive(Subcommand)]
+enum WeightsCommand {
+    /// List every tensor: name, shape, stored dtype.
+    Inspect { file: PathBuf },
+    /// Convert a checkpoint (or safetensors file) to safetensors.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// f32 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: StoredDtype,
+    },
 }
 
 #[derive(Subcommand)]
