@@ -15,7 +15,19 @@ gunzip -c .gl/gca-hng-vulkan.gz > "$bin" && chmod +x "$bin"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 
 echo "== verify reference on vulkan:0"
-timeout 300 "$bin" --device vulkan:0 verify reference tests/fixtures/tiny.safetensors --quiet 2>&1 | tee "$out/verify.txt"
+timeout 300 "$bin" --device vulkan:0 verify reference tests/fixtures/tiny.safetensors > "$out/verify.txt" 2>&1
+grep -E "FAIL|PASS" "$out/verify.txt" | tail -50
+sort -g -k2 "$out/verify.txt" | grep "^fwd\.[a-z_.]* " | tail -5
+
+if [ -f .gl/efficientnet_lite0_f16_expected.safetensors ]; then
+  echo "== verify backbone efficientnet-lite0 (embedded f16 weights) on vulkan:0"
+  timeout 300 "$bin" --device vulkan:0 verify backbone --arch efficientnet-lite0 \
+    --weights assets/efficientnet-lite0/efficientnet-lite0-f16.safetensors \
+    --expected .gl/efficientnet_lite0_f16_expected.safetensors 2>&1 | tee "$out/verify-effnet.txt"
+fi
+
+echo "== bench backbone resnet50 batch 81 on vulkan:0"
+timeout 300 "$bin" --device vulkan:0 bench backbone --arch resnet50 --batch 81 --size 224 --warmup 3 --iters 10 2>&1 | tee "$out/bench-resnet50-b81.txt"
 
 echo "== bench step on vulkan:0"
 timeout 300 "$bin" --device vulkan:0 bench step --classes 27 --per-class 3 --dim 512 --layers 2 --heads 4 --warmup 3 --iters 10 2>&1 | tee "$out/bench-27x3.txt"
