@@ -114,3 +114,38 @@ pub fn median(values: &[f64]) -> f64 {
         0.5 * (v[m - 1] + v[m])
     }
 }
+
+/// Seconds of each timed forward + backward pass of a backbone (BatchNorm on batch
+/// statistics), on `[batch, 3, size, size]` random images; the backward pass starts from the
+/// sum of the features; the clock stops when the device has finished.
+pub fn bench_backbone(
+    backbone: &crate::backbone::BackboneConfig,
+    batch: usize,
+    size: usize,
+    warmup: usize,
+    iters: usize,
+    device: &Device,
+) -> Vec<f64> {
+    let device = device.clone().autodiff();
+    device.seed(0);
+    let model = backbone.init(&device);
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..warmup + iters {
+        let images = Tensor::<4>::random(
+            [batch, 3, size, size],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let start = Instant::now();
+        let features = model.forward(images);
+        let grads = features.sum().backward();
+        // GPU backends queue the work; wait for it before stopping the clock.
+        let _ = device.sync();
+        drop(grads);
+        let elapsed = start.elapsed().as_secs_f64();
+        if i >= warmup {
+            times.push(elapsed);
+        }
+    }
+    times
+}

@@ -50,6 +50,33 @@ impl std::fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// The burn device after a small computation on it succeeded, so that a missing GPU or
+    /// driver is a clear error here rather than a panic deep inside the backend later.
+    pub fn open(&self) -> Result<Device, String> {
+        let device = self.device()?;
+        let probe = device.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let outcome = std::panic::catch_unwind(move || {
+            let t = burn::tensor::Tensor::<1>::ones([4], &probe).sum();
+            t.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .map(|v| v[0])
+                .ok()
+        });
+        std::panic::set_hook(previous);
+        match outcome {
+            Ok(Some(4.0)) => Ok(device),
+            Ok(_) => Err(format!(
+                "device {self} computed a wrong result in a self-test"
+            )),
+            Err(_) => Err(format!(
+                "device {self} is not available (no such GPU, or its driver or loader is missing)"
+            )),
+        }
+    }
+
     /// The burn device, or an error naming the cargo feature this binary lacks.
     pub fn device(&self) -> Result<Device, String> {
         match *self {

@@ -6,15 +6,20 @@
 //! chain against dumps of the authors' release. [`data`] reads the datasets and feeds batches.
 
 pub mod backbone;
+pub mod backbone_check;
 pub mod bench;
+pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod embedding;
+pub mod evaluation;
 pub mod gnn;
 pub mod graph;
 pub mod losses;
 pub mod model;
 pub mod norm;
+pub mod npy;
 pub mod optim;
 pub mod reference;
 pub mod state_dict;

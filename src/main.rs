@@ -1,15 +1,25 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use gca_hng::bench::{StepBench, bench_step, median};
+use gca_hng::backbone::{
+    BackboneConfig, BatchNormMode, EfficientNetLiteConfig, GoogLeNetConfig, ResNet50Config,
+    VitConfig,
+};
+use gca_hng::backbone_check::{Arch, verify_backbone};
+use gca_hng::bench::{StepBench, bench_backbone, bench_step, median};
+use gca_hng::checkpoint::{inspect_weights, read_weights};
+use gca_hng::config::{ExperimentConfig, PRESETS};
 use gca_hng::data::bench::{DataBench, bench_data};
 use gca_hng::data::loader::LoaderConfig;
 use gca_hng::data::{Dataset, DatasetKind, emoji, inspect};
 use gca_hng::device::DeviceSpec;
+use gca_hng::evaluation::{Embeddings, RetrievalMetrics, evaluate, evaluate_query_gallery};
+use gca_hng::npy;
 use gca_hng::reference::verify_reference;
+use gca_hng::state_dict::StoredDtype;
 
 /// GCA-HNG: globally correlation-aware hard negative generation for deep metric learning.
 #[derive(Parser)]
@@ -29,10 +39,23 @@ enum Command {
         #[command(subcommand)]
         what: VerifyCommand,
     },
+    /// Experiment configurations: the release's presets and the demo.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
+    /// Retrieval metrics of saved embeddings (`.npy`): Recall@k, MAP@R, R-Precision, NMI,
+    /// printed as JSON with values x100.
+    Metrics(MetricsArgs),
     /// Time parts of the method.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+    /// Read and convert weight files (PyTorch `.pth`/`.pt`, safetensors).
+    Weights {
+        #[command(subcommand)]
+        what: WeightsCommand,
     },
     /// Look at datasets.
     Data {
@@ -82,6 +105,66 @@ enum DataCommand {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// List the presets.
+    List,
+    /// Print the full resolved TOML of a preset or a config file, with overrides applied.
+    Show {
+        /// A preset name (see `config list`).
+        #[arg(required_unless_present = "config", conflicts_with = "config")]
+        preset: Option<String>,
+        /// A TOML config file instead of a preset.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a setting, e.g. `--set optim.lr=3e-4` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct MetricsArgs {
+    /// `[n, d]` embeddings (float32 or float64); every item queries all the others.
+    #[arg(long, requires = "labels", conflicts_with_all = ["query_embeddings", "gallery_embeddings"])]
+    embeddings: Option<PathBuf>,
+    /// `[n]` integer labels of `--embeddings`.
+    #[arg(long, requires = "embeddings")]
+    labels: Option<PathBuf>,
+    /// Query embeddings of a query/gallery protocol (In-Shop).
+    #[arg(long, requires_all = ["query_labels", "gallery_embeddings", "gallery_labels"])]
+    query_embeddings: Option<PathBuf>,
+    #[arg(long)]
+    query_labels: Option<PathBuf>,
+    #[arg(long)]
+    gallery_embeddings: Option<PathBuf>,
+    #[arg(long)]
+    gallery_labels: Option<PathBuf>,
+    /// The k of Recall@k.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    ks: Vec<usize>,
+    /// Seed of the k-means behind NMI.
+    #[arg(long, default_value_t = 0)]
+    nmi_seed: u64,
+    /// Skip NMI (k-means is the slow part on large sets).
+    #[arg(long)]
+    no_nmi: bool,
+}
+
+#[derive(Subcommand)]
+enum WeightsCommand {
+    /// List every tensor: name, shape, stored dtype.
+    Inspect { file: PathBuf },
+    /// Convert a checkpoint (or safetensors file) to safetensors.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// f32 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: StoredDtype,
+    },
+}
+
+#[derive(Subcommand)]
 enum VerifyCommand {
     /// Replay a dump of the authors' release and compare every stage, gradient, loss and
     /// parameter it records.
@@ -91,6 +174,19 @@ enum VerifyCommand {
         /// Print only failures and the summary.
         #[arg(long)]
         quiet: bool,
+    },
+    /// Run a pretrained backbone on the inputs stored in an expected-outputs file and compare
+    /// every output recorded for the architecture.
+    Backbone {
+        /// resnet50, googlenet, vit-s16 or efficientnet-lite0.
+        #[arg(long)]
+        arch: Arch,
+        /// Weights: PyTorch `.pth` or safetensors.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Expected outputs (`.safetensors` with `input*` tensors).
+        #[arg(long)]
+        expected: PathBuf,
     },
 }
 
@@ -118,6 +214,23 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         warmup: usize,
         #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Print `{"median_s": ...}` only.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward + backward pass of a backbone (BatchNorm on batch statistics) on random
+    /// images; prints the median.
+    Backbone {
+        #[arg(long, default_value = "resnet50")]
+        arch: Arch,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
         iters: usize,
         /// Print `{"median_s": ...}` only.
         #[arg(long)]
@@ -152,6 +265,81 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn read_set(embeddings: &Path, labels: &Path) -> Result<(npy::Matrix, Vec<i64>)> {
+    let matrix = npy::read_matrix(embeddings)?;
+    let labels_v = npy::read_labels(labels)?;
+    anyhow::ensure!(
+        matrix.rows == labels_v.len(),
+        "{} has {} rows but {} has {} labels",
+        embeddings.display(),
+        matrix.rows,
+        labels.display(),
+        labels_v.len()
+    );
+    Ok((matrix, labels_v))
+}
+
+fn run_metrics(args: &MetricsArgs, device: &burn::tensor::Device) -> Result<RetrievalMetrics> {
+    if let (Some(e), Some(l)) = (&args.embeddings, &args.labels) {
+        let (m, labels) = read_set(e, l)?;
+        let set = Embeddings {
+            values: &m.values,
+            labels: &labels,
+            dim: m.cols,
+        };
+        let seed = (!args.no_nmi).then_some(args.nmi_seed);
+        return evaluate(&set, &args.ks, seed, device);
+    }
+    match (
+        &args.query_embeddings,
+        &args.query_labels,
+        &args.gallery_embeddings,
+        &args.gallery_labels,
+    ) {
+        (Some(qe), Some(ql), Some(ge), Some(gl)) => {
+            let (q, q_labels) = read_set(qe, ql)?;
+            let (g, g_labels) = read_set(ge, gl)?;
+            let queries = Embeddings {
+                values: &q.values,
+                labels: &q_labels,
+                dim: q.cols,
+            };
+            let gallery = Embeddings {
+                values: &g.values,
+                labels: &g_labels,
+                dim: g.cols,
+            };
+            evaluate_query_gallery(&queries, &gallery, &args.ks, device)
+        }
+        _ => anyhow::bail!(
+            "give --embeddings and --labels, or all of --query-embeddings, --query-labels, --gallery-embeddings and --gallery-labels"
+        ),
+    }
+}
+
+fn run_config(what: ConfigCommand) -> Result<bool> {
+    match what {
+        ConfigCommand::List => {
+            for name in PRESETS {
+                println!("{name}");
+            }
+        }
+        ConfigCommand::Show {
+            preset,
+            config,
+            overrides,
+        } => {
+            let base = match (&preset, &config) {
+                (Some(p), _) => ExperimentConfig::preset(p)?,
+                (None, Some(file)) => ExperimentConfig::from_file(file)?,
+                (None, None) => anyhow::bail!("give a preset name or --config FILE"),
+            };
+            print!("{}", base.with_overrides(&overrides)?.to_toml());
+        }
+    }
+    Ok(true)
 }
 
 fn run(cli: Cli) -> Result<bool> {
@@ -212,12 +400,131 @@ fn run(cli: Cli) -> Result<bool> {
         }
         return Ok(true);
     }
-    let device = cli.device.device().map_err(anyhow::Error::msg)?;
+    if let Command::Config { what } = cli.command {
+        return run_config(what);
+    }
+    let device = cli.device.open().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Data { .. }
+        | Command::Config { .. }
         | Command::Bench {
             what: BenchCommand::Data { .. },
         } => unreachable!("handled above"),
+        Command::Verify {
+            what:
+                VerifyCommand::Backbone {
+                    arch,
+                    weights,
+                    expected,
+                },
+        } => {
+            let report = verify_backbone(arch, &weights, &expected, &device)?;
+            println!(
+                "{:<24} {:>11} {:>11} {:>10} {:>4}",
+                "output", "max abs err", "rel err", "tolerance", "ok"
+            );
+            for row in &report.rows {
+                println!(
+                    "{:<24} {:>11.3e} {:>11.3e} {:>10.0e} {:>4}{}",
+                    row.name,
+                    row.max_abs,
+                    row.relative,
+                    report.tolerance,
+                    if row.ok { "ok" } else { "FAIL" },
+                    row.problem
+                        .as_ref()
+                        .map(|p| format!("  ({p})"))
+                        .unwrap_or_default()
+                );
+            }
+            let failed = report.rows.iter().filter(|r| !r.ok).count();
+            println!(
+                "verify backbone {arch} {}: {} compared, {failed} failed on {} -> {}",
+                weights.display(),
+                report.rows.len(),
+                cli.device,
+                if report.passed() { "PASS" } else { "FAIL" }
+            );
+            Ok(report.passed())
+        }
+        Command::Weights {
+            what: WeightsCommand::Inspect { file },
+        } => {
+            let infos = inspect_weights(&file)?;
+            for t in &infos {
+                println!("{:<60} {:<6} {:?}", t.name, t.dtype, t.shape);
+            }
+            let values: usize = infos
+                .iter()
+                .map(|t| t.shape.iter().product::<usize>())
+                .sum();
+            println!(
+                "{}: {} tensors, {values} values",
+                file.display(),
+                infos.len()
+            );
+            Ok(true)
+        }
+        Command::Weights {
+            what:
+                WeightsCommand::Convert {
+                    input,
+                    output,
+                    dtype,
+                },
+        } => {
+            let dict = read_weights(&input)?;
+            dict.write_safetensors_as(&output, dtype)?;
+            println!(
+                "{} -> {} ({} tensors, {dtype:?})",
+                input.display(),
+                output.display(),
+                dict.tensors.len()
+            );
+            Ok(true)
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Backbone {
+                    arch,
+                    batch,
+                    size,
+                    warmup,
+                    iters,
+                    json,
+                },
+        } => {
+            anyhow::ensure!(
+                iters > 0 && batch > 0,
+                "--iters and --batch must be at least 1"
+            );
+            let train = BatchNormMode::Train;
+            let cfg = match arch {
+                Arch::ResNet50 => {
+                    BackboneConfig::ResNet50(ResNet50Config::new().with_batch_norm(train))
+                }
+                Arch::GoogLeNet => {
+                    BackboneConfig::GoogLeNet(GoogLeNetConfig::new().with_batch_norm(train))
+                }
+                Arch::VitS16 => BackboneConfig::Vit(VitConfig::new()),
+                Arch::EfficientNetLite0 => BackboneConfig::EfficientNetLite0(
+                    EfficientNetLiteConfig::new().with_batch_norm(train),
+                ),
+            };
+            let times = bench_backbone(&cfg, batch, size, warmup, iters, &device);
+            let m = median(&times);
+            if json {
+                println!("{{\"median_s\": {m}}}");
+            } else {
+                println!(
+                    "bench backbone {arch} batch {batch} {size}px forward+backward on {}: median {m:.3} s over {iters} (min {:.3}, max {:.3})",
+                    cli.device,
+                    times.iter().cloned().fold(f64::INFINITY, f64::min),
+                    times.iter().cloned().fold(0.0, f64::max),
+                );
+            }
+            Ok(true)
+        }
         Command::Verify {
             what: VerifyCommand::Reference { dump, quiet },
         } => {
@@ -256,6 +563,11 @@ fn run(cli: Cli) -> Result<bool> {
                 if report.passed() { "PASS" } else { "FAIL" }
             );
             Ok(report.passed())
+        }
+        Command::Metrics(args) => {
+            let metrics = run_metrics(&args, &device)?;
+            println!("{}", serde_json::to_string_pretty(&metrics)?);
+            Ok(true)
         }
         Command::Bench {
             what:

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::nn::conv::Conv2d;
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
@@ -35,7 +36,7 @@ impl HostTensor {
         self.data.iter().map(|&v| v as f32).collect()
     }
 
-    fn from_tensor_data(data: TensorData) -> Self {
+    pub fn from_tensor_data(data: TensorData) -> Self {
         let shape = data.shape().to_vec();
         let values: Vec<f32> = data
             .convert::<f32>()
@@ -131,22 +132,38 @@ impl StateDict {
 
     /// Writes every tensor as float32 to a safetensors file.
     pub fn write_safetensors(&self, path: &Path) -> Result<()> {
+        self.write_safetensors_as(path, StoredDtype::F32)
+    }
+
+    /// Writes every tensor to a safetensors file in `dtype` (f16 rounds to nearest even).
+    pub fn write_safetensors_as(&self, path: &Path, dtype: StoredDtype) -> Result<()> {
         let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()
             .map(|(k, t)| {
-                let bytes = t
-                    .data
-                    .iter()
-                    .flat_map(|&v| (v as f32).to_le_bytes())
-                    .collect::<Vec<u8>>();
+                let bytes = match dtype {
+                    StoredDtype::F32 => t
+                        .data
+                        .iter()
+                        .flat_map(|&v| (v as f32).to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                    StoredDtype::F16 => t
+                        .data
+                        .iter()
+                        .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                };
                 (k.clone(), t.shape.clone(), bytes)
             })
             .collect();
+        let st_dtype = match dtype {
+            StoredDtype::F32 => safetensors::Dtype::F32,
+            StoredDtype::F16 => safetensors::Dtype::F16,
+        };
         let views = bufs
             .iter()
             .map(|(k, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
                     .map(|v| (k.clone(), v))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -158,6 +175,25 @@ impl StateDict {
         safetensors::serialize_to_file(views, meta, path)
             .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
+    }
+}
+
+/// The element type a safetensors file is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for StoredDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            _ => Err(format!("unknown dtype `{s}`: expected f16 or f32")),
+        }
     }
 }
 
@@ -217,6 +253,16 @@ pub fn push<const D: usize>(
 impl TorchNamed for Linear {
     fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>) {
         push(out, prefix, "weight", &self.weight, Layout::LinearWeight);
+        if let Some(bias) = &self.bias {
+            push(out, prefix, "bias", bias, Layout::Plain);
+        }
+    }
+}
+
+impl TorchNamed for Conv2d {
+    fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>) {
+        // Same `[out, in / groups, kh, kw]` layout in both worlds.
+        push(out, prefix, "weight", &self.weight, Layout::Plain);
         if let Some(bias) = &self.bias {
             push(out, prefix, "bias", bias, Layout::Plain);
         }

@@ -1,0 +1,162 @@
+//! Pretrained backbones against PyTorch's outputs: the dumps in `../shared/fixtures/backbones`
+//! (or `GCA_HNG_BACKBONE_DIR`) when present, and the committed EfficientNet-Lite0 asset.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use gca_hng::backbone::EfficientNetLiteConfig;
+use gca_hng::backbone_check::{Arch, verify_backbone};
+use gca_hng::checkpoint::read_weights;
+use gca_hng::state_dict::{HostTensor, load_torch};
+
+fn fixtures() -> Option<PathBuf> {
+    let dir = std::env::var_os("GCA_HNG_BACKBONE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/backbones")
+        });
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipping: {} is absent (set GCA_HNG_BACKBONE_DIR to point elsewhere)",
+            dir.display()
+        );
+        None
+    }
+}
+
+fn asset() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/efficientnet-lite0/efficientnet-lite0-f16.safetensors")
+}
+
+fn assert_verifies(arch: Arch, weights: &Path, expected: &Path, outputs: usize) {
+    let report = verify_backbone(arch, weights, expected, &Device::flex())
+        .unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+    for row in &report.rows {
+        eprintln!(
+            "{arch} {:<20} rel {:.3e} {:?}",
+            row.name, row.relative, row.problem
+        );
+    }
+    assert_eq!(report.rows.len(), outputs, "{arch}: outputs compared");
+    assert!(report.passed(), "{arch}: {:#?}", report.rows);
+}
+
+#[test]
+fn resnet50_matches_torchvision() {
+    let Some(dir) = fixtures() else { return };
+    assert_verifies(
+        Arch::ResNet50,
+        &dir.join("resnet50.pth"),
+        &dir.join("resnet50_expected.safetensors"),
+        6,
+    );
+}
+
+#[test]
+fn googlenet_matches_torchvision_in_eval_and_train_mode() {
+    let Some(dir) = fixtures() else { return };
+    assert_verifies(
+        Arch::GoogLeNet,
+        &dir.join("googlenet.pth"),
+        &dir.join("googlenet_expected.safetensors"),
+        2,
+    );
+}
+
+#[test]
+fn vit_s16_matches_dino_at_224_and_160_px() {
+    let Some(dir) = fixtures() else { return };
+    assert_verifies(
+        Arch::VitS16,
+        &dir.join("vit_s16_dino.pth"),
+        &dir.join("vit_s16_expected.safetensors"),
+        2,
+    );
+}
+
+#[test]
+fn committed_efficientnet_lite0_asset_matches_the_f16_reference() {
+    let Some(dir) = fixtures() else { return };
+    assert_verifies(
+        Arch::EfficientNetLite0,
+        &asset(),
+        &dir.join("efficientnet_lite0_f16_expected.safetensors"),
+        6,
+    );
+}
+
+#[test]
+fn efficientnet_asset_loads_strictly_and_wrong_shapes_are_named() {
+    let device = Device::flex();
+    let mut dict = read_weights(&asset()).expect("the committed asset is readable");
+    assert_eq!(dict.get("_fc.weight").unwrap().shape, vec![1000, 1280]);
+    let model = || {
+        EfficientNetLiteConfig::new()
+            .with_num_classes(Some(1000))
+            .init(&device)
+    };
+    load_torch(model(), &dict, "", &device).expect("asset matches the architecture");
+
+    dict.insert(
+        "_blocks.3._bn1.weight",
+        HostTensor::new(vec![2], vec![1.0, 2.0]),
+    );
+    dict.tensors.remove("_conv_head.weight");
+    dict.insert("_blocks.99._bn1.bias", HostTensor::new(vec![1], vec![0.0]));
+    let err = format!("{:#}", load_torch(model(), &dict, "", &device).unwrap_err());
+    for key in [
+        "_blocks.3._bn1.weight",
+        "_conv_head.weight",
+        "_blocks.99._bn1.bias",
+    ] {
+        assert!(err.contains(key), "`{key}` not named in: {err}");
+    }
+}
+
+#[test]
+fn weights_of_another_architecture_are_rejected_with_their_keys() {
+    let Some(dir) = fixtures() else { return };
+    let err = verify_backbone(
+        Arch::GoogLeNet,
+        &dir.join("resnet50.pth"),
+        &dir.join("googlenet_expected.safetensors"),
+        &Device::flex(),
+    )
+    .unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("resnet50.pth"), "{err}");
+    assert!(
+        err.contains("conv1.conv.weight") && err.contains("layer1.0.conv1.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_expected_output_is_a_failure() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut expected = gca_hng::state_dict::StateDict::read_safetensors(
+        &dir.join("googlenet_expected.safetensors"),
+    )
+    .unwrap();
+    expected.tensors.remove("pooled_train");
+    let path = tmp.path().join("partial.safetensors");
+    expected.write_safetensors(&path).unwrap();
+    let report = verify_backbone(
+        Arch::GoogLeNet,
+        &dir.join("googlenet.pth"),
+        &path,
+        &Device::flex(),
+    )
+    .unwrap();
+    assert!(!report.passed());
+    let row = report
+        .rows
+        .iter()
+        .find(|r| r.name == "pooled_train")
+        .unwrap();
+    assert!(!row.ok && row.problem.is_some());
+}
