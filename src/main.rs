@@ -69,7 +69,8 @@ enum DataCommand {
     /// Read a dataset's annotations, check that every listed image exists, and print the
     /// number of classes and images of each split.
     Inspect {
-        #[arg(long, value_enum)]
+        /// cub, cars, sop, inshop, folder or emoji.
+        #[arg(long)]
         kind: DatasetKind,
         /// The dataset's folder (not needed for `emoji`).
         #[arg(long)]
@@ -238,7 +239,8 @@ enum BenchCommand {
     /// Training batches through the input pipeline (sampler, decode, RandomResizedCrop, flip,
     /// normalisation); prints images per second.
     Data {
-        #[arg(long, value_enum)]
+        /// cub, cars, sop, inshop, folder or emoji.
+        #[arg(long)]
         kind: DatasetKind,
         #[arg(long)]
         root: Option<PathBuf>,
@@ -384,7 +386,7 @@ fn run(cli: Cli) -> Result<bool> {
             println!("{{\"images_per_s\": {}}}", r.images_per_second());
         } else {
             println!(
-                "bench data {kind:?} {classes}x{per_class} at {size} px, {} threads: {:.1} images/s ({} images in {:.2} s{})",
+                "bench data {kind} {classes}x{per_class} at {size} px, {} threads: {:.1} images/s ({} images in {:.2} s{})",
                 loader.threads,
                 r.images_per_second(),
                 r.images,
@@ -623,7 +625,7 @@ fn open_dataset(kind: DatasetKind, root: Option<PathBuf>) -> Result<Dataset> {
     let root = match (kind, root) {
         (_, Some(r)) => r,
         (DatasetKind::Emoji, None) => PathBuf::new(),
-        (_, None) => anyhow::bail!("--root is required for --kind {kind:?}"),
+        (_, None) => anyhow::bail!("--root is required for --kind {kind}"),
     };
     Ok(Dataset::open(kind, &root)?)
 }

@@ -172,7 +172,7 @@ impl Transform {
             Transform::Train { crop, flip_p } => {
                 let b = crop.crop_box(w, h, rng);
                 let flip = rng.random::<f64>() < flip_p;
-                let mut square = resize_region(img, b, crop.size, crop.size)?;
+                let mut square = crop_and_resize(img, b, crop.size, crop.size)?;
                 if flip {
                     image::imageops::flip_horizontal_in_place(&mut square);
                 }
@@ -186,7 +186,7 @@ impl Transform {
                     width: w,
                     height: h,
                 };
-                let resized = resize_region(img, full, rw, rh)?;
+                let resized = crop_and_resize(img, full, rw, rh)?;
                 center_crop(&resized, crop)
             }
         };
@@ -229,7 +229,7 @@ thread_local! {
 
 /// Cuts `region` out of `img` and resizes it to `out_w` x `out_h`. The region is copied first
 /// so that, as with PIL's `crop` then `resize`, the filter sees no pixels outside it.
-fn resize_region(
+pub fn crop_and_resize(
     img: &RgbImage,
     region: CropBox,
     out_w: u32,
