@@ -8,19 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::losses::HardnessMasking;
 
-/// Which benchmark layout the data comes in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DatasetKind {
-    Cub,
-    Cars,
-    Sop,
-    Inshop,
-    /// `train/<class>/*`, `test/<class>/*` (the release's converted tree).
-    Folder,
-    /// The emoji cross-style set embedded in the binary.
-    Emoji,
-}
+pub use crate::data::DatasetKind;
 
 /// Backbone architectures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

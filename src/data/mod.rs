@@ -77,7 +77,8 @@ impl Split {
 }
 
 /// The dataset layouts this crate reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DatasetKind {
     /// CUB-200-2011: `images.txt`, `image_class_labels.txt`, `images/`.
     Cub,
