@@ -319,6 +319,21 @@ fn run_metrics(args: &MetricsArgs, device: &burn::tensor::Device) -> Result<Retr
     }
 }
 
+/// Prints the median of benchmark times, or `{"median_s": ...}` with `json`.
+fn report_times(what: &str, device: &DeviceSpec, times: &[f64], json: bool) {
+    let m = median(times);
+    if json {
+        println!("{{\"median_s\": {m}}}");
+    } else {
+        println!(
+            "{what} on {device}: median {m:.3} s over {} runs (min {:.3}, max {:.3})",
+            times.len(),
+            times.iter().cloned().fold(f64::INFINITY, f64::min),
+            times.iter().cloned().fold(0.0, f64::max),
+        );
+    }
+}
+
 fn run_config(what: ConfigCommand) -> Result<bool> {
     match what {
         ConfigCommand::List => {
@@ -512,17 +527,12 @@ fn run(cli: Cli) -> Result<bool> {
                 ),
             };
             let times = bench_backbone(&cfg, batch, size, warmup, iters, &device);
-            let m = median(&times);
-            if json {
-                println!("{{\"median_s\": {m}}}");
-            } else {
-                println!(
-                    "bench backbone {arch} batch {batch} {size}px forward+backward on {}: median {m:.3} s over {iters} (min {:.3}, max {:.3})",
-                    cli.device,
-                    times.iter().cloned().fold(f64::INFINITY, f64::min),
-                    times.iter().cloned().fold(0.0, f64::max),
-                );
-            }
+            report_times(
+                &format!("bench backbone {arch} batch {batch} {size}px forward+backward"),
+                &cli.device,
+                &times,
+                json,
+            );
             Ok(true)
         }
         Command::Verify {
@@ -605,17 +615,12 @@ fn run(cli: Cli) -> Result<bool> {
                 iters,
             };
             let times = bench_step(&cfg, &device);
-            let m = median(&times);
-            if json {
-                println!("{{\"median_s\": {m}}}");
-            } else {
-                println!(
-                    "bench step {classes}x{per_class} d={dim} L={layers} H={heads} on {}: median {m:.3} s over {iters} steps (min {:.3}, max {:.3})",
-                    cli.device,
-                    times.iter().cloned().fold(f64::INFINITY, f64::min),
-                    times.iter().cloned().fold(0.0, f64::max),
-                );
-            }
+            report_times(
+                &format!("bench step {classes}x{per_class} d={dim} L={layers} H={heads}"),
+                &cli.device,
+                &times,
+                json,
+            );
             Ok(true)
         }
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::error::read_text;
 use super::labels::{Entry, labelled_split, labelled_splits};
-use super::text::{expect_fields, parse_id, rows};
+use super::text::{expect_fields, expect_header, parse_id, rows};
 use super::{DataError, ImageSource, Split};
 
 const HEADER: [&str; 3] = ["image_name", "item_id", "evaluation_status"];
@@ -28,17 +28,7 @@ pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
         }
         None => return Err(DataError::file(&path, "empty file")),
     };
-    match rows.next() {
-        Some((_, f)) if f == HEADER => {}
-        Some((line, _)) => {
-            return Err(DataError::at(
-                &path,
-                line,
-                format!("expected the header `{}`", HEADER.join(" ")),
-            ));
-        }
-        None => return Err(DataError::file(&path, "no header line")),
-    }
+    expect_header(&mut rows, &path, &HEADER, "no header line")?;
     let (mut train, mut query, mut gallery) = (Vec::new(), Vec::new(), Vec::new());
     let mut count = 0u64;
     for (line, f) in rows {

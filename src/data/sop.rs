@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::error::read_text;
 use super::labels::{Entry, labelled_split};
-use super::text::{expect_fields, parse_id, rows};
+use super::text::{expect_fields, expect_header, parse_id, rows};
 use super::{DataError, ImageSource, Split};
 
 const HEADER: [&str; 4] = ["image_id", "class_id", "super_class_id", "path"];
@@ -27,17 +27,7 @@ fn read_list(root: &Path, file: &str, split: &str) -> Result<Split, DataError> {
     let path = root.join(file);
     let text = read_text(&path)?;
     let mut rows = rows(&text);
-    match rows.next() {
-        Some((_, f)) if f == HEADER => {}
-        Some((line, _)) => {
-            return Err(DataError::at(
-                &path,
-                line,
-                format!("expected the header `{}`", HEADER.join(" ")),
-            ));
-        }
-        None => return Err(DataError::file(&path, "empty file")),
-    }
+    expect_header(&mut rows, &path, &HEADER, "empty file")?;
     let mut entries = Vec::new();
     for (line, f) in rows {
         expect_fields(&path, line, &f, 4, "image_id class_id super_class_id path")?;

@@ -12,6 +12,25 @@ pub fn rows(text: &str) -> impl Iterator<Item = (usize, Vec<&str>)> {
         .filter(|(_, f)| !f.is_empty())
 }
 
+/// Checks that the next row is the header `header`; `missing` says what is wrong when there
+/// is no row at all.
+pub fn expect_header<'a>(
+    rows: &mut impl Iterator<Item = (usize, Vec<&'a str>)>,
+    path: &Path,
+    header: &[&str],
+    missing: &str,
+) -> Result<(), DataError> {
+    match rows.next() {
+        Some((_, f)) if f == header => Ok(()),
+        Some((line, _)) => Err(DataError::at(
+            path,
+            line,
+            format!("expected the header `{}`", header.join(" ")),
+        )),
+        None => Err(DataError::file(path, missing)),
+    }
+}
+
 /// Checks that a row has exactly `n` fields.
 pub fn expect_fields(
     path: &Path,
