@@ -11,7 +11,9 @@ use crate::graph::BatchLayout;
 use crate::losses::HardnessMasking;
 use crate::model::GcaHngConfig;
 use crate::synthesis::SeededMix;
-use crate::train_step::{Batch, LearningRates, LossHistory, StepConfig, Trainer, WeightDecays};
+use crate::train_step::{
+    Batch, LearningRates, LossHistory, StepConfig, StepInputs, Trainer, WeightDecays,
+};
 
 /// The problem a step benchmark times.
 #[derive(Clone, Debug)]
@@ -70,6 +72,7 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
         head: 1e-4,
         gnn: 3e-4,
         classifier: 1e-3,
+        proxies: 1e-2,
     };
     let history = LossHistory {
         metric: 3.0,
@@ -93,7 +96,7 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
         };
         // The step reads its losses back, which waits for the device to finish.
         let start = Instant::now();
-        let (next, _) = trainer.step(model, &batch, lr, history, &mut mix);
+        let (next, _) = trainer.step(model, &batch, StepInputs::new(lr, history), &mut mix);
         model = next;
         let elapsed = start.elapsed().as_secs_f64();
         if i >= cfg.warmup {

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::losses::HardnessMasking;
+pub use crate::losses::{BaseLoss, HardnessMasking};
 
 pub use crate::data::DatasetKind;
 
@@ -31,16 +31,6 @@ pub enum BatchNormMode {
     Eval,
     /// Running statistics, affine parameters frozen (the release's `bn_freeze` for ResNet-50).
     Frozen,
-}
-
-/// The metric loss the synthetic negatives are added to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BaseLoss {
-    /// N-pair, as released.
-    Npair,
-    /// Proxy-Anchor (margin 0.1, alpha 32): the setting of the paper's headline numbers.
-    ProxyAnchor,
 }
 
 /// Where the best epoch is chosen.
@@ -537,6 +527,7 @@ impl ExperimentConfig {
             head: o.lr * o.embedding_ratio * step,
             gnn: o.gnn_lr * cosine,
             classifier: o.classifier_lr,
+            proxies: o.lr * self.loss.proxy_lr_ratio * step,
         }
     }
 }

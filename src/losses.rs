@@ -23,6 +23,17 @@ pub enum HardnessMasking {
     Release,
 }
 
+/// The metric loss the synthetic negatives are added to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaseLoss {
+    /// N-pair, as released.
+    Npair,
+    /// Proxy-Anchor (margin 0.1, alpha 32): the setting of the paper's headline numbers
+    /// (see [`crate::proxy_anchor`] for how the synthetic negatives enter it).
+    ProxyAnchor,
+}
+
 /// One-hot targets `[rows, classes]` for integer labels.
 pub fn one_hot(labels: &[usize], classes: usize, device: &Device) -> Tensor<2> {
     let mut values = vec![0.0f32; labels.len() * classes];

@@ -8,6 +8,7 @@ use burn::tensor::Device;
 
 use crate::embedding::{Embedder, EmbedderConfig};
 use crate::gnn::{Gnn, GnnConfig};
+use crate::proxy_anchor::{ProxyAnchor, ProxyAnchorConfig};
 use crate::state_dict::{TorchNamed, TorchParam, join};
 
 /// Configuration of a [`GcaHng`] model.
@@ -15,6 +16,9 @@ use crate::state_dict::{TorchNamed, TorchParam, join};
 pub struct GcaHngConfig {
     pub embedder: EmbedderConfig,
     pub gnn: GnnConfig,
+    /// Proxies of the Proxy-Anchor base loss; `None` trains with N-pair (the release).
+    #[config(default = "None")]
+    pub proxy_anchor: Option<ProxyAnchorConfig>,
 }
 
 /// The GCA-HNG model (the release's `GCA_HNG` module, names included).
@@ -25,6 +29,8 @@ pub struct GcaHng {
     /// `W_s`: classifies embeddings, and so tells whether a synthetic negative still looks
     /// like the class it was made from.
     pub classifier: Linear,
+    /// The Proxy-Anchor proxies when that is the base loss.
+    pub proxies: Option<ProxyAnchor>,
 }
 
 impl GcaHngConfig {
@@ -34,6 +40,7 @@ impl GcaHngConfig {
             gnn: self.gnn.init(device),
             classifier: LinearConfig::new(self.embedder.d_embedding, self.gnn.num_classes)
                 .init(device),
+            proxies: self.proxy_anchor.as_ref().map(|c| c.init(device)),
         }
     }
 }
@@ -45,5 +52,8 @@ impl TorchNamed for GcaHng {
         self.gnn.torch_names(&join(prefix, "gnn"), out);
         self.classifier
             .torch_names(&join(prefix, "softmax_classifier"), out);
+        if let Some(p) = &self.proxies {
+            p.torch_names(&join(prefix, "criterion"), out);
+        }
     }
 }

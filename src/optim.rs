@@ -9,8 +9,13 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
-use burn::optim::{AdamW, AdamWConfig, AdamWState, GradientsParams, Optimizer};
-use burn::tensor::Tensor;
+use anyhow::{Context, Result};
+use burn::optim::{
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
+};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::state_dict::{HostTensor, StateDict, TorchParam};
 
 /// Settings of one AdamW optimiser, PyTorch's defaults unless stated.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,6 +75,82 @@ impl TorchAdamW {
         module.map(&mut mapper)
     }
 
+    /// Writes the state of every parameter that has had a gradient into `dict` as
+    /// `{prefix}{name}.exp_avg`, `.exp_avg_sq` and `.step` (PyTorch's names), flattened.
+    /// `names` maps the model's parameters to names.
+    pub fn export_state(&self, names: &[TorchParam], prefix: &str, dict: &mut StateDict) {
+        for p in names {
+            let Some(state) = self.states.get(&p.id) else {
+                continue;
+            };
+            let m = &state.momentum;
+            let key = format!("{prefix}{}", p.name);
+            dict.insert(
+                format!("{key}.exp_avg"),
+                HostTensor::from_tensor_data(m.moment_1.clone().into_data()),
+            );
+            dict.insert(
+                format!("{key}.exp_avg_sq"),
+                HostTensor::from_tensor_data(m.moment_2.clone().into_data()),
+            );
+            dict.insert(
+                format!("{key}.step"),
+                HostTensor::new(vec![1], vec![m.time as f64]),
+            );
+        }
+    }
+
+    /// Replaces the state with the one [`export_state`](Self::export_state) wrote under
+    /// `prefix`. Entries that name no parameter, or whose size does not match it, are errors.
+    pub fn import_state(
+        &mut self,
+        dict: &StateDict,
+        names: &[TorchParam],
+        sizes: &HashMap<ParamId, usize>,
+        prefix: &str,
+        device: &Device,
+    ) -> Result<()> {
+        let device = device.clone().inner();
+        let mut states = HashMap::new();
+        let mut used = 0;
+        for p in names {
+            let key = format!("{prefix}{}", p.name);
+            let Some(step) = dict.get(&format!("{key}.step")) else {
+                continue;
+            };
+            let moment = |what: &str| -> Result<Tensor<1>> {
+                let t = dict
+                    .get(&format!("{key}.{what}"))
+                    .with_context(|| format!("`{key}.{what}` is missing"))?;
+                let want = sizes.get(&p.id).copied().unwrap_or(0);
+                anyhow::ensure!(
+                    t.numel() == want,
+                    "`{key}.{what}` has {} values, the parameter {want}",
+                    t.numel()
+                );
+                Ok(Tensor::from_data(
+                    TensorData::new(t.to_f32(), [t.numel()]),
+                    &device,
+                ))
+            };
+            let momentum = AdaptiveMomentumState::new(
+                step.data.first().copied().unwrap_or(0.0) as usize,
+                moment("exp_avg")?,
+                moment("exp_avg_sq")?,
+            );
+            states.insert(p.id, AdamWState { momentum });
+            used += 3;
+        }
+        let total = dict.tensors.keys().filter(|k| k.starts_with(prefix)).count();
+        anyhow::ensure!(
+            used == total,
+            "{} optimiser entries under `{prefix}` name no parameter of the model",
+            total - used
+        );
+        self.states = states;
+        Ok(())
+    }
+
     /// Number of AdamW steps taken by a parameter (0 if it never had a gradient).
     pub fn steps_of(&self, id: ParamId) -> usize {
         self.states.get(&id).map(|s| s.momentum.time).unwrap_or(0)
@@ -125,7 +206,6 @@ impl ModuleMapper for StepMapper<'_> {
 mod tests {
     use super::*;
     use burn::nn::{Linear, LinearConfig};
-    use burn::tensor::{Device, TensorData};
 
     /// PyTorch's AdamW for one scalar, step by step.
     struct Reference {

@@ -17,7 +17,8 @@ use crate::model::{GcaHng, GcaHngConfig};
 use crate::state_dict::{HostTensor, StateDict, export_grads, export_torch, load_torch};
 use crate::synthesis::{ReplayMix, draws_per_call, hardness, synthesize};
 use crate::train_step::{
-    Batch, LearningRates, LossHistory, StepConfig, Trainer, WeightDecays, logsumexp_rows,
+    Batch, LearningRates, LossHistory, StepConfig, StepInputs, Trainer, WeightDecays,
+    logsumexp_rows,
 };
 
 /// Learning rates recorded in a dump.
@@ -448,6 +449,7 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
         head: meta.lr.fc,
         gnn: meta.lr.gnn,
         classifier: meta.lr.classifier,
+        proxies: 0.0,
     };
     let history = LossHistory {
         metric: meta.j_avg,
@@ -462,7 +464,7 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
             bail!("`{draws_key}` holds too few draws for the two syntheses of a step");
         }
         let batch = Batch { images, labels };
-        let (next, metrics) = trainer.step(model, &batch, lr, history, &mut mix);
+        let (next, metrics) = trainer.step(model, &batch, StepInputs::new(lr, history), &mut mix);
         model = next;
         dump.draw_row(&draws_key, &mix);
         for (name, value) in metrics.named() {

@@ -47,6 +47,8 @@ pub struct LearningRates {
     pub head: f64,
     pub gnn: f64,
     pub classifier: f64,
+    /// Proxy-Anchor proxies (`lr * proxy_lr_ratio`); unused with N-pair.
+    pub proxies: f64,
 }
 
 /// Weight decays of the three optimisers.
@@ -179,12 +181,12 @@ impl Trainer {
     }
 
     /// Runs one training step on `batch` and returns the updated model with the step's losses.
+    /// The base loss is Proxy-Anchor when the model carries proxies, N-pair otherwise.
     pub fn step(
         &mut self,
         model: GcaHng,
         batch: &Batch,
-        lr: LearningRates,
-        history: LossHistory,
+        inputs: StepInputs,
         mix: &mut dyn MixSource,
     ) -> (GcaHng, StepMetrics) {
         train_step(
@@ -193,7 +195,7 @@ impl Trainer {
             &self.config,
             self.layout,
             batch,
-            StepInputs { lr, history },
+            inputs,
             mix,
         )
     }
@@ -201,9 +203,23 @@ impl Trainer {
 
 /// Per-step inputs that change over training.
 #[derive(Clone, Copy, Debug)]
-struct StepInputs {
-    lr: LearningRates,
-    history: LossHistory,
+pub struct StepInputs {
+    pub lr: LearningRates,
+    pub history: LossHistory,
+    /// `false` during warm-up: the backbone is frozen (its features are detached, so no
+    /// backward pass runs through it and its optimiser group is not stepped), while the
+    /// embedding head, the GNN and the classifier train.
+    pub train_backbone: bool,
+}
+
+impl StepInputs {
+    pub fn new(lr: LearningRates, history: LossHistory) -> Self {
+        Self {
+            lr,
+            history,
+            train_backbone: true,
+        }
+    }
 }
 
 fn train_step(
@@ -215,22 +231,39 @@ fn train_step(
     inputs: StepInputs,
     mix: &mut dyn MixSource,
 ) -> (GcaHng, StepMetrics) {
-    let StepInputs { lr, history } = inputs;
+    let StepInputs {
+        lr,
+        history,
+        train_backbone,
+    } = inputs;
     let labels = &batch.labels;
     let lambda = hardness(config.alpha, history.metric);
     let syn_weight = 1.0 - (-config.beta / history.generator).exp();
     let mut metrics = StepMetrics::default();
 
     // 1-4: metric update of the embedder (and of the GNN through J_gce).
-    let z = model.embedder.forward(batch.images.clone());
-    let j_m = npair_loss(z.clone(), labels, layout);
+    let features = model.embedder.backbone.forward(batch.images.clone());
+    let features = if train_backbone {
+        features
+    } else {
+        features.detach()
+    };
+    let z = model.embedder.head.forward(features);
+    let j_m = match &model.proxies {
+        Some(proxies) => proxies.forward(z.clone(), labels),
+        None => npair_loss(z.clone(), labels, layout),
+    };
     metrics.j_m = scalar(&j_m);
     let j_metric = if config.generation {
         let graph = CorrelationGraph::build(z.clone(), layout);
         let out = model.gnn.forward(&graph);
         let j_gce = cross_entropy(out.node_logits, labels);
         let syn = synthesize(z.clone(), out.edge_coeff.detach(), layout, lambda, mix);
-        let j_syn = synthetic_npair_loss(z.clone(), syn.negatives, layout).mul_scalar(syn_weight);
+        let j_syn = match &model.proxies {
+            Some(proxies) => proxies.synthetic(syn.negatives, labels, layout),
+            None => synthetic_npair_loss(z.clone(), syn.negatives, layout),
+        }
+        .mul_scalar(syn_weight);
         metrics.j_gnnce = scalar(&j_gce);
         metrics.j_syn = scalar(&j_syn);
         j_m + j_syn + j_gce
@@ -242,16 +275,30 @@ fn train_step(
     let mut g_backbone = GradientsParams::from_module(&mut grads, &model.embedder.backbone);
     let mut g_head = GradientsParams::from_module(&mut grads, &model.embedder.head);
     let mut g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
+    let mut g_proxies = model
+        .proxies
+        .as_ref()
+        .map(|p| GradientsParams::from_module(&mut grads, p));
     drop(grads);
-    model.embedder.backbone =
-        optim
-            .embedder
-            .step(lr.backbone, model.embedder.backbone, &mut g_backbone);
+    if train_backbone {
+        model.embedder.backbone =
+            optim
+                .embedder
+                .step(lr.backbone, model.embedder.backbone, &mut g_backbone);
+    }
+    if let (Some(proxies), Some(g)) = (model.proxies.take(), g_proxies.as_mut()) {
+        model.proxies = Some(optim.embedder.step(lr.proxies, proxies, g));
+    }
     model.embedder.head = optim
         .embedder
         .step(lr.head, model.embedder.head, &mut g_head);
     if config.generation {
         model.gnn = optim.gnn.step(lr.gnn, model.gnn, &mut g_gnn);
+    }
+
+    if !config.generation {
+        // The baseline has no synthetic negatives for the classifier to judge.
+        return (model, metrics);
     }
 
     // 5: the classifier learns the training classes on detached embeddings.
@@ -265,10 +312,6 @@ fn train_step(
     model.classifier = optim
         .classifier
         .step(lr.classifier, model.classifier, &mut g_cls);
-
-    if !config.generation {
-        return (model, metrics);
-    }
 
     // 6: generator update: the GNN learns coefficients whose negatives are hard (close to the
     // anchor), still classified as their own class, and diverse across edges.

@@ -462,6 +462,17 @@ fn loader_is_deterministic_across_thread_counts() {
         },
     );
     assert_ne!(one, other);
+    // Resuming inside an epoch: skipped batches are not loaded and the rest are unchanged.
+    let resumed = load_all(
+        &samples,
+        vec![vec![0, 1, 2], vec![3, 3, 4], vec![5, 6]],
+        LoaderConfig {
+            threads: 2,
+            skip_batches: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(resumed, one[1..].to_vec());
 }
 
 #[test]

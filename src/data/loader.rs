@@ -68,6 +68,9 @@ pub struct LoaderConfig {
     /// Leave out unreadable images (reported in [`HostBatch::skipped`] and
     /// [`Loader::skipped`]) instead of stopping with an error.
     pub skip_bad_images: bool,
+    /// Batches at the start of the plan to pass over without loading them (resuming inside an
+    /// epoch); later batches get the same random transforms as in a full pass.
+    pub skip_batches: usize,
 }
 
 impl Default for LoaderConfig {
@@ -78,6 +81,7 @@ impl Default for LoaderConfig {
             seed: 0,
             normalisation: Normalisation::ImageNet,
             skip_bad_images: false,
+            skip_batches: 0,
         }
     }
 }
@@ -179,6 +183,9 @@ fn produce(
     for (index, rows) in plan.iter().enumerate() {
         let first = position;
         position += rows.len() as u64;
+        if index < cfg.skip_batches {
+            continue;
+        }
         let mut images = vec![0f32; rows.len() * per_image];
         let results: Vec<Result<(), DataError>> = pool.install(|| {
             images

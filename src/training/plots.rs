@@ -1,0 +1,119 @@
+//! Line charts of a run (SVG, drawn with plotters): losses per epoch and Recall@1 per
+//! evaluation.
+
+use std::path::Path;
+
+use anyhow::Result;
+use plotters::prelude::*;
+
+use super::EpochRecord;
+use super::run_dir::RunDir;
+
+/// One named line.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+/// Draws `series` into an SVG file at `path`.
+pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+    let points = series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        if y.is_finite() {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-9 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()?;
+    for (i, s) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.1.is_finite()).collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Recall@1 per evaluated epoch of `split` ("test" or "validation").
+pub fn recall_curve(records: &[EpochRecord], split: &str) -> Vec<(f64, f64)> {
+    records
+        .iter()
+        .filter_map(|r| {
+            let m = if split == "test" { r.test.as_ref() } else { r.validation.as_ref() }?;
+            Some((r.epoch as f64, *m.recall.get("1")?))
+        })
+        .collect()
+}
+
+/// `losses.svg` and `recall.svg` of a run.
+pub fn run_plots(run: &RunDir, records: &[EpochRecord]) -> Result<()> {
+    let mut names: Vec<&String> = records.iter().flat_map(|r| r.losses.keys()).collect();
+    names.sort();
+    names.dedup();
+    let losses: Vec<Series> = names
+        .into_iter()
+        .filter(|n| records.iter().any(|r| r.losses.get(*n).is_some_and(|v| *v != 0.0)))
+        .map(|n| Series {
+            name: n.clone(),
+            points: records
+                .iter()
+                .filter_map(|r| Some((r.epoch as f64, *r.losses.get(n)?)))
+                .collect(),
+        })
+        .collect();
+    line_chart(&run.losses_plot(), "Mean losses per epoch", "epoch", "loss", &losses)?;
+    let mut recall = vec![Series {
+        name: "test R@1".into(),
+        points: recall_curve(records, "test"),
+    }];
+    let validation = recall_curve(records, "validation");
+    if !validation.is_empty() {
+        recall.push(Series {
+            name: "validation R@1".into(),
+            points: validation,
+        });
+    }
+    line_chart(&run.recall_plot(), "Recall@1", "epoch", "R@1 (%)", &recall)
+}
