@@ -34,7 +34,7 @@ pub enum BatchNormMode {
 }
 
 /// Where the best epoch is chosen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum SelectOn {
     /// A validation split carved from the training classes (our default).

@@ -47,9 +47,19 @@ impl EmbeddingSet {
     }
 }
 
+/// What [`embed_samples`] returns for each image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbedOutput {
+    /// The embedding `z` (what retrieval uses).
+    Embedding,
+    /// The backbone's pooled features, before the embedding head.
+    BackboneFeatures,
+}
+
 /// Embeds `samples` with `embedder`, calling `progress(done, total)` after every batch.
 pub fn embed_samples(
     embedder: &Embedder,
+    output: EmbedOutput,
     samples: Arc<Vec<Sample>>,
     store: Arc<ImageStore>,
     settings: &EmbedSettings,
@@ -85,7 +95,11 @@ pub fn embed_samples(
         let batch = batch?;
         done += batch.rows() + batch.skipped.len();
         if batch.rows() > 0 {
-            let z = embedder.forward(images_tensor(&batch, &device));
+            let images = images_tensor(&batch, &device);
+            let z = match output {
+                EmbedOutput::Embedding => embedder.forward(images),
+                EmbedOutput::BackboneFeatures => embedder.backbone.forward(images),
+            };
             let [_, dim] = z.dims();
             out.dim = dim;
             out.values.extend(

@@ -1,7 +1,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use gca_hng::backbone::{
@@ -11,11 +13,19 @@ use gca_hng::backbone::{
 use gca_hng::backbone_check::{Arch, verify_backbone};
 use gca_hng::bench::{StepBench, bench_backbone, bench_step, median};
 use gca_hng::checkpoint::{inspect_weights, read_weights};
-use gca_hng::config::{ExperimentConfig, PRESETS};
+use gca_hng::config::{ExperimentConfig, PRESETS, SelectOn};
 use gca_hng::data::bench::{DataBench, bench_data};
 use gca_hng::data::loader::LoaderConfig;
 use gca_hng::data::{Dataset, DatasetKind, emoji, inspect};
+use gca_hng::demo::{self, DemoOptions};
 use gca_hng::device::DeviceSpec;
+use gca_hng::embed::{EmbedOutput, embed_samples};
+use gca_hng::progress::{TerminalProgress, metrics_line};
+use gca_hng::search::{
+    EmbeddingFiles, GridRow, collect_images, nearest, result_grid, save_png, source_line,
+};
+use gca_hng::training::setup::{self, EvalSet};
+use gca_hng::training::{self, Observer, RunOptions, RunOutcome};
 use gca_hng::evaluation::{Embeddings, RetrievalMetrics, evaluate, evaluate_query_gallery};
 use gca_hng::npy;
 use gca_hng::reference::verify_reference;
@@ -25,15 +35,32 @@ use gca_hng::state_dict::StoredDtype;
 #[derive(Parser)]
 #[command(name = "gca-hng", version, about)]
 struct Cli {
-    /// Compute device: cpu, vulkan:N or cuda:N.
-    #[arg(long, global = true, default_value = "cpu")]
-    device: DeviceSpec,
+    /// Compute device: cpu, vulkan:N or cuda:N (default: cpu; for `train`, the config's
+    /// `train.device`).
+    #[arg(long, global = true)]
+    device: Option<DeviceSpec>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train GCA-HNG and the baseline on the embedded emoji styles and compare them on unseen
+    /// classes: the one-command demo (no downloads).
+    Demo(DemoArgs),
+    /// Train a model: a preset or a TOML config, with a progress bar, periodic evaluation and
+    /// a run folder (config, metrics.jsonl, checkpoints, summary, plots). Ctrl-C or SIGTERM
+    /// stops with a resumable checkpoint.
+    Train(TrainArgs),
+    /// Evaluate a trained model on its dataset's test (or validation) split: Recall@k, MAP@R,
+    /// R-Precision, NMI, printed as JSON with values x100.
+    Eval(EvalArgs),
+    /// Embed images (files, folders) or a dataset split with a trained model: writes
+    /// PREFIX.npy, PREFIX.paths.txt (and PREFIX.labels.npy for a split).
+    Embed(EmbedArgs),
+    /// Find the nearest gallery images of query images: ranked paths and cosine scores, and
+    /// optionally a PNG grid of the results.
+    Search(SearchArgs),
     /// Check this implementation against recorded outputs.
     Verify {
         #[command(subcommand)]
@@ -62,6 +89,148 @@ enum Command {
         #[command(subcommand)]
         what: DataCommand,
     },
+}
+
+/// Which trained model to use.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A run folder (uses its best.safetensors, or last with --which last).
+    #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+    run: Option<PathBuf>,
+    /// A checkpoint file written by `train` (it carries its configuration).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// With --run: `best` or `last`.
+    #[arg(long, default_value = "best", value_parser = ["best", "last"])]
+    which: String,
+}
+
+impl ModelArgs {
+    fn path(&self) -> PathBuf {
+        match (&self.run, &self.checkpoint) {
+            (_, Some(c)) => c.clone(),
+            (Some(run), None) => run.join(format!("{}.safetensors", self.which)),
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Output folder: one run folder per method and seed, summary.json, learning-curves.svg,
+    /// gallery.png. Started again with the same folder, an interrupted demo continues.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Smoke-sized: 32 px images, 2 steps per epoch, 2 epochs, 24 test classes.
+    #[arg(long)]
+    quick: bool,
+    /// Seeds to run both methods with (comma-separated); two or more measure the seed spread.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    seeds: Vec<u64>,
+    /// Epochs per run (default: the demo preset's).
+    #[arg(long)]
+    epochs: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A preset (see `config list`).
+    #[arg(long, required_unless_present_any = ["config", "resume"], conflicts_with_all = ["config", "resume"])]
+    preset: Option<String>,
+    /// A TOML experiment file (see `config show`).
+    #[arg(long, conflicts_with = "resume")]
+    config: Option<PathBuf>,
+    /// Override a setting, e.g. `--set optim.lr=3e-4` (repeatable; applied last).
+    #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "resume")]
+    overrides: Vec<String>,
+    /// The dataset's folder (sets `data.root`).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// Pretrained backbone weights, `.pth` or `.safetensors` (sets `model.weights`).
+    #[arg(long, conflicts_with = "resume")]
+    weights: Option<PathBuf>,
+    /// Run folder (sets `train.out`).
+    #[arg(long, conflicts_with = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint, with its own config.toml.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Choose the best epoch on `validation` classes held out of training, or on `test` (the
+    /// release's protocol) (sets `train.select_on`).
+    #[arg(long, conflicts_with = "resume")]
+    select_on: Option<SelectOn>,
+    /// Train the plain baseline: no graph, no synthetic negatives (sets `loss.generation`).
+    #[arg(long, conflicts_with = "resume")]
+    no_generation: bool,
+    /// Also evaluate the model before training (recorded as epoch 0).
+    #[arg(long)]
+    evaluate_untrained: bool,
+    /// At most this many steps per epoch (smoke runs).
+    #[arg(long)]
+    max_steps_per_epoch: Option<usize>,
+    /// Leave out unreadable images (a batch that loses one is skipped) instead of stopping.
+    #[arg(long)]
+    skip_bad_images: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The dataset's folder, if it moved since training.
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// `test` or `validation` (the classes the run held out of training).
+    #[arg(long, default_value = "test", value_parser = ["test", "validation"])]
+    split: String,
+    /// Skip NMI (k-means is the slow part on large sets).
+    #[arg(long)]
+    no_nmi: bool,
+    #[arg(long, default_value_t = 0)]
+    nmi_seed: u64,
+    #[arg(long)]
+    skip_bad_images: bool,
+}
+
+#[derive(clap::Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Images, folders of images (searched recursively) or `emoji:CLASS:ICON`.
+    #[arg(required_unless_present = "split", conflicts_with = "split")]
+    images: Vec<PathBuf>,
+    /// A split of the model's dataset instead: train, test, query or gallery.
+    #[arg(long)]
+    split: Option<String>,
+    /// The dataset's folder, if it moved since training.
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// Output prefix: writes PREFIX.npy, PREFIX.paths.txt (and PREFIX.labels.npy).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    skip_bad_images: bool,
+}
+
+#[derive(clap::Args)]
+struct SearchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Gallery embeddings: the prefix `embed --out` wrote, or a run's `test-embeddings`.
+    #[arg(long)]
+    gallery: PathBuf,
+    /// Query images, folders or `emoji:CLASS:ICON`.
+    #[arg(required = true)]
+    queries: Vec<PathBuf>,
+    /// Results per query.
+    #[arg(long, default_value_t = 8)]
+    top: usize,
+    /// Also draw the queries and their results into this PNG.
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -418,8 +587,18 @@ fn run(cli: Cli) -> Result<bool> {
     if let Command::Config { what } = cli.command {
         return run_config(what);
     }
-    let device = cli.device.open().map_err(anyhow::Error::msg)?;
-    match cli.command {
+    let command = match cli.command {
+        Command::Train(args) => return run_train(args, cli.device.as_ref()),
+        Command::Demo(args) => return run_demo(args, cli.device.as_ref()),
+        other => other,
+    };
+    let spec = cli.device.clone().unwrap_or(DeviceSpec::Cpu);
+    let device = spec.open().map_err(anyhow::Error::msg)?;
+    match command {
+        Command::Train(_) | Command::Demo(_) => unreachable!("handled above"),
+        Command::Eval(args) => run_eval(args, &device),
+        Command::Embed(args) => run_embed(args, &device),
+        Command::Search(args) => run_search(args, &device),
         Command::Data { .. }
         | Command::Config { .. }
         | Command::Bench {
@@ -457,7 +636,7 @@ fn run(cli: Cli) -> Result<bool> {
                 "verify backbone {arch} {}: {} compared, {failed} failed on {} -> {}",
                 weights.display(),
                 report.rows.len(),
-                cli.device,
+                spec,
                 if report.passed() { "PASS" } else { "FAIL" }
             );
             Ok(report.passed())
@@ -529,7 +708,7 @@ fn run(cli: Cli) -> Result<bool> {
             let times = bench_backbone(&cfg, batch, size, warmup, iters, &device);
             report_times(
                 &format!("bench backbone {arch} batch {batch} {size}px forward+backward"),
-                &cli.device,
+                &spec,
                 &times,
                 json,
             );
@@ -569,7 +748,7 @@ fn run(cli: Cli) -> Result<bool> {
                 report.rows.len(),
                 report.failures(),
                 report.unchecked.len(),
-                cli.device,
+                spec,
                 if report.passed() { "PASS" } else { "FAIL" }
             );
             Ok(report.passed())
@@ -617,13 +796,404 @@ fn run(cli: Cli) -> Result<bool> {
             let times = bench_step(&cfg, &device);
             report_times(
                 &format!("bench step {classes}x{per_class} d={dim} L={layers} H={heads}"),
-                &cli.device,
+                &spec,
                 &times,
                 json,
             );
             Ok(true)
         }
     }
+}
+
+/// A flag that Ctrl-C or SIGTERM sets: training stops after the current step with a resumable
+/// checkpoint. A second signal quits at once.
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopping now");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nstopping after this step and writing a resumable checkpoint (again to quit at once)"
+        );
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: cannot handle Ctrl-C ({e}); an interrupted run keeps its last epoch's checkpoint");
+    }
+    stop
+}
+
+/// Exit status of a run stopped by a signal.
+const INTERRUPTED: u8 = 130;
+
+fn train_config(args: &TrainArgs, device: Option<&DeviceSpec>) -> Result<ExperimentConfig> {
+    let base = match (&args.preset, &args.config) {
+        (Some(p), _) => ExperimentConfig::preset(p)?,
+        (None, Some(file)) => ExperimentConfig::from_file(file)?,
+        (None, None) => anyhow::bail!("give --preset NAME, --config FILE or --resume RUN_DIR"),
+    };
+    let mut sets = Vec::new();
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    if let Some(w) = &args.weights {
+        sets.push(format!("model.weights={}", quoted(w)));
+    }
+    if let Some(r) = &args.data_root {
+        sets.push(format!("data.root={}", quoted(r)));
+    }
+    if let Some(o) = &args.out {
+        sets.push(format!("train.out={}", quoted(o)));
+    }
+    if let Some(s) = args.select_on {
+        sets.push(format!(
+            "train.select_on=\"{}\"",
+            if s == SelectOn::Test { "test" } else { "validation" }
+        ));
+    }
+    if args.no_generation {
+        sets.push("loss.generation=false".into());
+    }
+    if let Some(d) = device {
+        sets.push(format!("train.device=\"{d}\""));
+    }
+    sets.extend(args.overrides.iter().cloned());
+    base.with_overrides(&sets)
+}
+
+fn run_train(args: TrainArgs, device: Option<&DeviceSpec>) -> Result<bool> {
+    let (config, mut opts) = match &args.resume {
+        Some(dir) => {
+            let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
+            if let Some(d) = device
+                && d.to_string() != config.train.device
+            {
+                anyhow::bail!(
+                    "{} was trained on {}; a run resumes on the device it started on",
+                    dir.display(),
+                    config.train.device
+                );
+            }
+            let mut opts = RunOptions::new(dir);
+            opts.resume = true;
+            (config, opts)
+        }
+        None => {
+            let config = train_config(&args, device)?;
+            let opts = RunOptions::new(&config.train.out);
+            (config, opts)
+        }
+    };
+    opts.data_root = args.data_root.clone();
+    opts.evaluate_untrained = args.evaluate_untrained;
+    opts.max_steps_per_epoch = args.max_steps_per_epoch;
+    opts.skip_bad_images = args.skip_bad_images;
+    opts.stop = stop_on_signal();
+    let out = opts.out.clone();
+    println!(
+        "training {} on {} ({} backbone, {} base loss{}), {} epochs on {} -> {}",
+        config.data.kind,
+        config.data.root.as_deref().unwrap_or("the embedded emoji set"),
+        serde_json::to_value(config.model.backbone)?.as_str().unwrap_or("?"),
+        serde_json::to_value(config.loss.base)?.as_str().unwrap_or("?"),
+        if config.loss.generation { " + GCA-HNG" } else { ", no generation" },
+        config.train.epochs,
+        config.train.device,
+        out.display()
+    );
+    let mut progress = TerminalProgress::new("");
+    match training::train(&config, &opts, &mut progress)? {
+        RunOutcome::Finished(summary) => {
+            println!(
+                "finished {} epochs in {:.0} s; best epoch {} (R@1 {:.2} on {})",
+                summary.epochs,
+                summary.seconds,
+                summary.best_epoch,
+                summary.best_selection_recall_at_1,
+                if summary.selected_on == SelectOn::Test { "the test set, the release's protocol" } else { "validation classes held out of training" }
+            );
+            if let Some(t) = &summary.test_at_best {
+                println!("test at the best epoch: {}", metrics_line(t));
+            }
+            if let Some(t) = &summary.final_test {
+                println!("test after the last epoch: {}", metrics_line(t));
+            }
+            println!(
+                "wrote {0}/summary.json, metrics.jsonl, best.safetensors, last.safetensors, losses.svg, recall.svg, test-embeddings.*",
+                out.display()
+            );
+            Ok(true)
+        }
+        RunOutcome::Interrupted { epoch, step } => {
+            println!(
+                "stopped in epoch {} after step {step}; continue with: gca-hng train --resume {}",
+                epoch + 1,
+                out.display()
+            );
+            std::process::exit(INTERRUPTED.into());
+        }
+    }
+}
+
+fn run_demo(args: DemoArgs, device: Option<&DeviceSpec>) -> Result<bool> {
+    anyhow::ensure!(!args.seeds.is_empty(), "--seeds needs at least one seed");
+    let opts = DemoOptions {
+        out: args.out.clone(),
+        quick: args.quick,
+        seeds: args.seeds.clone(),
+        epochs: args.epochs,
+        device: device.copied().unwrap_or(DeviceSpec::Cpu).to_string(),
+        stop: stop_on_signal(),
+    };
+    let c = demo::demo_config(&opts, true, opts.seeds[0])?;
+    println!(
+        "demo: GCA-HNG vs the N-pair baseline on emoji styles (519 training classes, 519 unseen test classes), EfficientNet-Lite0 at {} px, {} epochs, seeds {:?}, on {}",
+        c.data.image_size, c.train.epochs, opts.seeds, opts.device
+    );
+    let summary = demo::run_demo(&opts, &mut |label| Box::new(TerminalProgress::new(label)))?;
+    let Some(s) = summary else {
+        println!(
+            "stopped; run the same command again to continue from {}",
+            args.out.display()
+        );
+        std::process::exit(INTERRUPTED.into());
+    };
+    let ks: Vec<String> = s.gca_hng.mean.recall.keys().cloned().collect();
+    let mut ks = ks;
+    ks.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
+    let header: Vec<String> = ks.iter().map(|k| format!("{:>6}", format!("R@{k}"))).collect();
+    println!(
+        "\n{:<34}{} {:>7} {:>7}",
+        format!("test classes, final epoch ({} seed{})", s.seeds.len(), if s.seeds.len() > 1 { "s, mean" } else { "" }),
+        header.join(""),
+        "MAP@R",
+        "RP"
+    );
+    let row = |name: &str, m: &gca_hng::evaluation::RetrievalMetrics| {
+        let cells: Vec<String> = ks
+            .iter()
+            .map(|k| format!("{:>6.1}", m.recall.get(k).copied().unwrap_or(f64::NAN)))
+            .collect();
+        println!(
+            "{name:<34}{} {:>7.1} {:>7.1}",
+            cells.join(""),
+            m.map_at_r,
+            m.r_precision
+        );
+    };
+    if let Some(f) = &s.pretrained_features {
+        row("pretrained features (1280-d)", f);
+    }
+    row("baseline (N-pair)", &s.baseline.mean);
+    row("GCA-HNG", &s.gca_hng.mean);
+    println!("\nlearning curves, test R@1 (epoch 0: untrained):");
+    for (seed, curve) in &s.gca_hng.curves {
+        let base = s.baseline.curves.get(seed).cloned().unwrap_or_default();
+        println!("  seed {seed}: epoch   GCA-HNG   baseline   margin");
+        for (e, g) in curve {
+            let b = base.iter().find(|(x, _)| x == e).map(|p| p.1);
+            match b {
+                Some(b) => println!("          {:>5}   {g:>7.1}   {b:>8.1}   {:>+6.1}", e, g - b),
+                None => println!("          {:>5}   {g:>7.1}", e),
+            }
+        }
+    }
+    println!("\n{}", s.verdict);
+    println!(
+        "took {:.0} s; wrote {1}/summary.json, learning-curves.svg, gallery.png and one run folder per method and seed",
+        s.seconds,
+        args.out.display()
+    );
+    Ok(true)
+}
+
+fn run_eval(args: EvalArgs, device: &burn::tensor::Device) -> Result<bool> {
+    let path = args.model.path();
+    let (model, config) = setup::load_checkpoint(&path, device)?;
+    let data = setup::run_data(&config, args.data_root.as_deref())?;
+    let set = match args.split.as_str() {
+        "validation" => data.validation.clone().with_context(|| {
+            format!("{} was not trained with validation classes held out", path.display())
+        })?,
+        _ => data.test.clone(),
+    };
+    let store = Arc::new(training::image_store(&config, None)?);
+    let settings = training::embed_settings(&config, args.skip_bad_images);
+    let mut progress = TerminalProgress::new("");
+    let mut embed = |split: &gca_hng::data::Split| {
+        embed_samples(
+            &model.embedder,
+            EmbedOutput::Embedding,
+            Arc::new(split.samples.clone()),
+            store.clone(),
+            &settings,
+            device,
+            &mut |d, t| progress.evaluating(&split.name, d, t),
+        )
+    };
+    let as_i64 = |l: &[usize]| l.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+    let metrics = match &set {
+        EvalSet::Single(split) => {
+            let e = embed(split)?;
+            let labels = as_i64(&e.labels);
+            let seed = (!args.no_nmi).then_some(args.nmi_seed);
+            evaluate(
+                &Embeddings { values: &e.values, labels: &labels, dim: e.dim },
+                &data.ks,
+                seed,
+                device,
+            )?
+        }
+        EvalSet::QueryGallery { query, gallery } => {
+            let q = embed(query)?;
+            let g = embed(gallery)?;
+            let (ql, gl) = (as_i64(&q.labels), as_i64(&g.labels));
+            evaluate_query_gallery(
+                &Embeddings { values: &q.values, labels: &ql, dim: q.dim },
+                &Embeddings { values: &g.values, labels: &gl, dim: g.dim },
+                &data.ks,
+                device,
+            )?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&metrics)?);
+    Ok(true)
+}
+
+fn run_embed(args: EmbedArgs, device: &burn::tensor::Device) -> Result<bool> {
+    let path = args.model.path();
+    let (model, config) = setup::load_checkpoint(&path, device)?;
+    let (samples, labelled) = match &args.split {
+        Some(name) => {
+            let mut c = config.clone();
+            if let Some(r) = &args.data_root {
+                c.data.root = Some(r.display().to_string());
+            }
+            let root = c.data.root.clone().map(PathBuf::from).unwrap_or_default();
+            let dataset = Dataset::open(c.data.kind, &root)?;
+            let split = dataset.split(name).with_context(|| {
+                let names: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
+                format!("the {} dataset has no split `{name}` (it has {})", c.data.kind, names.join(", "))
+            })?;
+            (split.samples.clone(), true)
+        }
+        None => {
+            let sources = collect_images(&args.images)?;
+            let samples = sources
+                .into_iter()
+                .map(|source| gca_hng::data::Sample { source, label: 0 })
+                .collect();
+            (samples, false)
+        }
+    };
+    let needs_emoji = samples.iter().any(|s| matches!(s.source, gca_hng::data::ImageSource::Emoji { .. }));
+    let store = if needs_emoji {
+        gca_hng::data::loader::ImageStore::with_emoji(config.data.resize as u32, None)?
+    } else {
+        training::image_store(&config, None)?
+    };
+    let settings = training::embed_settings(&config, args.skip_bad_images);
+    let mut progress = TerminalProgress::new("");
+    let samples = Arc::new(samples);
+    let e = embed_samples(
+        &model.embedder,
+        EmbedOutput::Embedding,
+        samples.clone(),
+        Arc::new(store),
+        &settings,
+        device,
+        &mut |d, t| progress.evaluating("images", d, t),
+    )?;
+    let sources: Vec<_> = e.samples.iter().map(|&i| samples[i].source.clone()).collect();
+    let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
+    let files = EmbeddingFiles::new(&args.out);
+    files.write(&e.values, e.dim, &sources, labelled.then_some(labels.as_slice()))?;
+    println!(
+        "embedded {} images (d = {}) -> {}, {}{}",
+        e.rows(),
+        e.dim,
+        files.embeddings().display(),
+        files.paths().display(),
+        if labelled { format!(", {}", files.labels().display()) } else { String::new() }
+    );
+    if e.rows() < samples.len() {
+        println!("{} unreadable images were left out", samples.len() - e.rows());
+    }
+    Ok(true)
+}
+
+fn run_search(args: SearchArgs, device: &burn::tensor::Device) -> Result<bool> {
+    anyhow::ensure!(args.top > 0, "--top must be at least 1");
+    let path = args.model.path();
+    let (model, config) = setup::load_checkpoint(&path, device)?;
+    let gallery = EmbeddingFiles::new(&args.gallery);
+    let (matrix, sources) = gallery.read()?;
+    let queries = collect_images(&args.queries)?;
+    let any_emoji = queries
+        .iter()
+        .chain(&sources)
+        .any(|s| matches!(s, gca_hng::data::ImageSource::Emoji { .. }));
+    let store = Arc::new(if any_emoji {
+        gca_hng::data::loader::ImageStore::with_emoji(config.data.resize as u32, None)?
+    } else {
+        training::image_store(&config, None)?
+    });
+    let samples: Vec<_> = queries
+        .iter()
+        .map(|source| gca_hng::data::Sample { source: source.clone(), label: 0 })
+        .collect();
+    let e = embed_samples(
+        &model.embedder,
+        EmbedOutput::Embedding,
+        Arc::new(samples),
+        store.clone(),
+        &training::embed_settings(&config, false),
+        device,
+        &mut |_, _| {},
+    )?;
+    anyhow::ensure!(
+        e.dim == matrix.cols,
+        "the model embeds into {} dimensions but {} has {}",
+        e.dim,
+        gallery.embeddings().display(),
+        matrix.cols
+    );
+    let hits = nearest(&e.values, &matrix.values, e.dim, args.top);
+    if args.json {
+        let out: Vec<serde_json::Value> = queries
+            .iter()
+            .zip(&hits)
+            .map(|(q, h)| {
+                serde_json::json!({
+                    "query": source_line(q),
+                    "results": h.iter().map(|&(i, score)| serde_json::json!({"path": source_line(&sources[i]), "score": score})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for (q, h) in queries.iter().zip(&hits) {
+            println!("{}", source_line(q));
+            for (rank, &(i, score)) in h.iter().enumerate() {
+                println!("  {:>3}. {score:.4}  {}", rank + 1, source_line(&sources[i]));
+            }
+        }
+    }
+    if let Some(grid) = &args.grid {
+        let rows: Vec<GridRow> = queries
+            .iter()
+            .zip(&hits)
+            .map(|(q, h)| GridRow {
+                query: q.clone(),
+                results: h.iter().map(|&(i, _)| (sources[i].clone(), None)).collect(),
+            })
+            .collect();
+        save_png(&result_grid(&store, &rows, 96)?, grid)?;
+        if !args.json {
+            println!("wrote {}", grid.display());
+        }
+    }
+    Ok(true)
 }
 
 fn open_dataset(kind: DatasetKind, root: Option<PathBuf>) -> Result<Dataset> {

@@ -28,9 +28,10 @@ use crate::data::sampler::{BalancedSampler, SamplerConfig, ShortClass, view_majo
 use crate::data::tensor::images_tensor;
 use crate::data::transform::{RandomResizedCropConfig, Transform};
 use crate::device::DeviceSpec;
-use crate::embed::{EmbedSettings, embed_samples};
+use crate::embed::{EmbedOutput, EmbedSettings, embed_samples};
 use crate::evaluation::{Embeddings, RetrievalMetrics, evaluate, evaluate_query_gallery};
 use crate::model::GcaHng;
+use crate::search::EmbeddingFiles;
 use crate::synthesis::SeededMix;
 use crate::train_step::{Batch, LearningRates, StepInputs, StepMetrics, Trainer};
 
@@ -61,6 +62,8 @@ pub struct RunOptions {
     pub skip_bad_images: bool,
     /// Where rasterised emoji are cached between runs.
     pub emoji_cache: Option<PathBuf>,
+    /// Evaluate on the first N classes of each evaluation split only (smoke runs).
+    pub eval_class_limit: Option<usize>,
 }
 
 impl RunOptions {
@@ -74,6 +77,7 @@ impl RunOptions {
             evaluate_untrained: false,
             skip_bad_images: false,
             emoji_cache: None,
+            eval_class_limit: None,
         }
     }
 }
@@ -146,16 +150,31 @@ struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
+    /// Metrics of `set`; with `keep`, its embeddings (In-Shop: the gallery's) are written there.
     fn metrics(
         &self,
         model: &GcaHng,
         set: &EvalSet,
         name: &str,
+        keep: Option<&EmbeddingFiles>,
         observer: &mut dyn Observer,
     ) -> Result<RetrievalMetrics> {
+        let write = |e: &crate::embed::EmbeddingSet, split: &crate::data::Split| -> Result<()> {
+            if let Some(files) = keep {
+                let sources: Vec<_> = e
+                    .samples
+                    .iter()
+                    .map(|&i| split.samples[i].source.clone())
+                    .collect();
+                let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
+                files.write(&e.values, e.dim, &sources, Some(&labels))?;
+            }
+            Ok(())
+        };
         let mut embed = |split: &crate::data::Split, what: &str| {
             embed_samples(
                 &model.embedder,
+                EmbedOutput::Embedding,
                 Arc::new(split.samples.clone()),
                 self.store.clone(),
                 &self.settings,
@@ -166,6 +185,7 @@ impl Evaluator<'_> {
         match set {
             EvalSet::Single(split) => {
                 let e = embed(split, name)?;
+                write(&e, split)?;
                 let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
                 let set = Embeddings {
                     values: &e.values,
@@ -177,6 +197,7 @@ impl Evaluator<'_> {
             EvalSet::QueryGallery { query, gallery } => {
                 let q = embed(query, &format!("{name} query"))?;
                 let g = embed(gallery, &format!("{name} gallery"))?;
+                write(&g, gallery)?;
                 let ql: Vec<i64> = q.labels.iter().map(|&l| l as i64).collect();
                 let gl: Vec<i64> = g.labels.iter().map(|&l| l as i64).collect();
                 evaluate_query_gallery(
@@ -201,13 +222,14 @@ impl Evaluator<'_> {
     fn all(
         &self,
         model: &GcaHng,
+        keep_test: Option<&EmbeddingFiles>,
         observer: &mut dyn Observer,
     ) -> Result<(Option<RetrievalMetrics>, RetrievalMetrics)> {
         let validation = match &self.data.validation {
-            Some(v) => Some(self.metrics(model, v, "validation", observer)?),
+            Some(v) => Some(self.metrics(model, v, "validation", None, observer)?),
             None => None,
         };
-        let test = self.metrics(model, &self.data.test, "test", observer)?;
+        let test = self.metrics(model, &self.data.test, "test", keep_test, observer)?;
         Ok((validation, test))
     }
 }
@@ -258,7 +280,11 @@ pub fn train(
         run.write_config(&config_toml)?;
     }
 
-    let data = setup::run_data(config, opts.data_root.as_deref())?;
+    let mut data = setup::run_data(config, opts.data_root.as_deref())?;
+    if let Some(n) = opts.eval_class_limit {
+        data.test = data.test.limited(n);
+        data.validation = data.validation.map(|v| v.limited(n));
+    }
     let store = Arc::new(image_store(config, opts.emoji_cache.clone())?);
     let spec: DeviceSpec = config
         .train
@@ -336,7 +362,7 @@ pub fn train(
 
     if opts.evaluate_untrained && progress.records.is_empty() && progress.epoch == 0 {
         let t = Instant::now();
-        let (validation, test) = evaluator.all(&model, observer)?;
+        let (validation, test) = evaluator.all(&model, None, observer)?;
         let record = EpochRecord {
             epoch: 0,
             losses: BTreeMap::new(),
@@ -471,7 +497,8 @@ pub fn train(
         let due = (epoch + 1) % config.train.eval_every == 0 || epoch + 1 == epochs;
         if due {
             let t = Instant::now();
-            let (validation, test) = evaluator.all(&model, observer)?;
+            let keep = (epoch + 1 == epochs).then(|| run.test_embeddings());
+            let (validation, test) = evaluator.all(&model, keep.as_ref(), observer)?;
             record.validation = validation;
             record.test = Some(test);
             record.eval_seconds = t.elapsed().as_secs_f64();

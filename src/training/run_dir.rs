@@ -43,6 +43,12 @@ impl RunDir {
         self.root.join("summary.json")
     }
 
+    /// Prefix of the embeddings of the final evaluation (`.npy`, `.labels.npy`,
+    /// `.paths.txt`): the test set, or In-Shop's gallery.
+    pub fn test_embeddings(&self) -> crate::search::EmbeddingFiles {
+        crate::search::EmbeddingFiles::new(self.root.join("test-embeddings"))
+    }
+
     pub fn losses_plot(&self) -> PathBuf {
         self.root.join("losses.svg")
     }

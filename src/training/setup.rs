@@ -164,6 +164,33 @@ pub fn carve_validation(train: &Split, fraction: f64, seed: u64) -> Result<(Spli
     Ok((part(false, "train"), part(true, "validation")))
 }
 
+/// Keeps the first `classes` classes of an evaluation split (smoke runs).
+pub fn limit_classes(split: &Split, classes: usize) -> Split {
+    Split {
+        name: split.name.clone(),
+        samples: split
+            .samples
+            .iter()
+            .filter(|s| s.label < classes)
+            .cloned()
+            .collect(),
+        classes: split.classes.iter().take(classes).cloned().collect(),
+    }
+}
+
+impl EvalSet {
+    /// The same set restricted to its first `classes` classes.
+    pub fn limited(&self, classes: usize) -> EvalSet {
+        match self {
+            EvalSet::Single(s) => EvalSet::Single(limit_classes(s, classes)),
+            EvalSet::QueryGallery { query, gallery } => EvalSet::QueryGallery {
+                query: limit_classes(query, classes),
+                gallery: limit_classes(gallery, classes),
+            },
+        }
+    }
+}
+
 /// Input normalisation each backbone's pretrained weights expect.
 pub fn normalisation(kind: BackboneKind) -> Normalisation {
     match kind {
@@ -241,13 +268,8 @@ pub fn pretrained_weights(config: &ExperimentConfig) -> Result<(StateDict, Strin
     Ok((dict, source))
 }
 
-/// The full model of a run, its backbone loaded from `weights`, on `device`.
-pub fn build_model(
-    config: &ExperimentConfig,
-    num_classes: usize,
-    weights: &StateDict,
-    device: &Device,
-) -> Result<GcaHng> {
+/// The model a configuration describes, freshly initialised (backbone included) on `device`.
+pub fn init_model(config: &ExperimentConfig, num_classes: usize, device: &Device) -> Result<GcaHng> {
     let m = &config.model;
     let embedder = EmbedderConfig::new(backbone_config(config)?, m.embedding);
     let gnn = GnnConfig::new(m.embedding, num_classes)
@@ -259,12 +281,33 @@ pub fn build_model(
             .with_margin(config.loss.proxy_margin)
             .with_alpha(config.loss.proxy_alpha)
     });
-    let mut model = GcaHngConfig::new(embedder, gnn)
+    Ok(GcaHngConfig::new(embedder, gnn)
         .with_proxy_anchor(proxy_anchor)
-        .init(device);
+        .init(device))
+}
+
+/// The model of a run at the start of training: its backbone loaded from `weights`.
+pub fn build_model(
+    config: &ExperimentConfig,
+    num_classes: usize,
+    weights: &StateDict,
+    device: &Device,
+) -> Result<GcaHng> {
+    let mut model = init_model(config, num_classes, device)?;
     model.embedder.backbone = load_torch(model.embedder.backbone, weights, "", device)
         .context("the pretrained weights do not fit the configured backbone")?;
     Ok(model)
+}
+
+/// A trained model and its configuration from a checkpoint file (`best` or `last`).
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(GcaHng, ExperimentConfig)> {
+    let (dict, meta) = super::snapshot::read(path)?;
+    let config: ExperimentConfig = toml::from_str(&meta.config_toml)
+        .with_context(|| format!("{}: the configuration inside is invalid", path.display()))?;
+    let model = init_model(&config, meta.num_classes, device)?;
+    let model = super::snapshot::load_model(model, &dict, device)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok((model, config))
 }
 
 /// The step's loss settings.

@@ -1,0 +1,341 @@
+//! The one-command demo: GCA-HNG against the plain N-pair baseline on the embedded emoji
+//! styles (train on one half of the classes, retrieve the unseen half), with the embedded
+//! EfficientNet-Lite0, the same seeds, batches and budget for both (`../shared/docs/DEMO.md`
+//! records the release's own numbers on this setting).
+//!
+//! It claims a win only when the margin exceeds the spread between seeds; with one seed it
+//! makes no claim. Each run is an ordinary run folder, so an interrupted demo continues where
+//! it stopped when started again with the same `--out`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ExperimentConfig;
+use crate::embed::{EmbedOutput, embed_samples};
+use crate::evaluation::{Embeddings, RetrievalMetrics, evaluate};
+use crate::search::{GridRow, nearest, result_grid, save_png};
+use crate::training::plots::{Series, line_chart, recall_curve};
+use crate::training::run_dir::RunDir;
+use crate::training::{self, Observer, RunOptions, RunOutcome, RunSummary, setup};
+
+/// What the demo runs.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub out: PathBuf,
+    /// Smoke-sized: 32 px, two steps per epoch, two epochs, 24 test classes.
+    pub quick: bool,
+    pub seeds: Vec<u64>,
+    /// Overrides the preset's 8 epochs.
+    pub epochs: Option<usize>,
+    pub device: String,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The two methods, as named in the summary.
+pub const METHODS: [(&str, bool); 2] = [("gca_hng", true), ("baseline", false)];
+
+/// The demo's configuration of one method and seed.
+pub fn demo_config(opts: &DemoOptions, generation: bool, seed: u64) -> Result<ExperimentConfig> {
+    let mut c = ExperimentConfig::demo();
+    c.loss.generation = generation;
+    c.train.seed = seed;
+    c.train.device = opts.device.clone();
+    if opts.quick {
+        c.data.image_size = 32;
+        c.data.resize = 32;
+        c.train.epochs = 2;
+        c.train.eval_every = 1;
+    }
+    if let Some(e) = opts.epochs {
+        c.train.epochs = e;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+/// One method's results over the seeds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MethodResults {
+    /// Test metrics after the last epoch, averaged over seeds.
+    pub mean: RetrievalMetrics,
+    /// Per seed: the test metrics after the last epoch.
+    pub per_seed: BTreeMap<String, RetrievalMetrics>,
+    /// Per seed: `(epoch, test R@1)` of every evaluation (epoch 0: untrained).
+    pub curves: BTreeMap<String, Vec<(f64, f64)>>,
+    /// Largest minus smallest final R@1 over the seeds (0 with one seed).
+    pub spread_r_at_1: f64,
+    /// Mean training time per run, seconds (evaluations excluded).
+    pub train_seconds: f64,
+}
+
+/// `summary.json` of the demo.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DemoSummary {
+    pub gca_hng: MethodResults,
+    pub baseline: MethodResults,
+    /// The pretrained backbone's pooled 1280-d features, no training at all.
+    pub pretrained_features: Option<RetrievalMetrics>,
+    /// GCA-HNG's mean final R@1 minus the baseline's.
+    pub margin_r_at_1: f64,
+    /// The larger of the two methods' seed spreads (None with one seed).
+    pub seed_spread_r_at_1: Option<f64>,
+    pub verdict: String,
+    pub seeds: Vec<u64>,
+    pub epochs: usize,
+    pub steps_per_epoch: Option<usize>,
+    pub test_images: usize,
+    pub seconds: f64,
+}
+
+/// Mean of several metric sets (recall keys of the first).
+fn mean_metrics(sets: &[&RetrievalMetrics]) -> RetrievalMetrics {
+    let n = sets.len().max(1) as f64;
+    let mut out = RetrievalMetrics::default();
+    if let Some(first) = sets.first() {
+        for k in first.recall.keys() {
+            let v = sets.iter().filter_map(|m| m.recall.get(k)).sum::<f64>() / n;
+            out.recall.insert(k.clone(), v);
+        }
+    }
+    out.map_at_r = sets.iter().map(|m| m.map_at_r).sum::<f64>() / n;
+    out.r_precision = sets.iter().map(|m| m.r_precision).sum::<f64>() / n;
+    out
+}
+
+fn r1(m: &RetrievalMetrics) -> f64 {
+    m.recall.get("1").copied().unwrap_or(0.0)
+}
+
+/// Runs (or continues) one method for one seed; a finished run is read back, not repeated.
+fn run_one(
+    opts: &DemoOptions,
+    generation: bool,
+    seed: u64,
+    dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<Option<RunSummary>> {
+    let run = RunDir::new(dir);
+    if run.summary().exists() {
+        let text = std::fs::read_to_string(run.summary())?;
+        observer.note(&format!("{} is finished; using its results", dir.display()));
+        return Ok(Some(serde_json::from_str(&text).with_context(|| {
+            format!("{} is not a run summary", run.summary().display())
+        })?));
+    }
+    let config = demo_config(opts, generation, seed)?;
+    let mut ro = RunOptions::new(dir);
+    ro.resume = run.last().exists();
+    ro.stop = opts.stop.clone();
+    ro.evaluate_untrained = true;
+    ro.emoji_cache = Some(opts.out.join("emoji-cache"));
+    if opts.quick {
+        ro.max_steps_per_epoch = Some(2);
+        ro.eval_class_limit = Some(24);
+    }
+    match training::train(&config, &ro, observer)? {
+        RunOutcome::Finished(s) => Ok(Some(s)),
+        RunOutcome::Interrupted { .. } => Ok(None),
+    }
+}
+
+/// The pretrained backbone's own features on the test classes.
+fn pretrained_features(
+    config: &ExperimentConfig,
+    opts: &DemoOptions,
+    observer: &mut dyn Observer,
+) -> Result<RetrievalMetrics> {
+    let device = config
+        .train
+        .device
+        .parse::<crate::device::DeviceSpec>()
+        .map_err(anyhow::Error::msg)?
+        .open()
+        .map_err(anyhow::Error::msg)?;
+    let (weights, _) = setup::pretrained_weights(config)?;
+    let model = setup::build_model(config, 2, &weights, &device)?;
+    let mut data = setup::run_data(config, None)?;
+    if opts.quick {
+        data.test = data.test.limited(24);
+    }
+    let setup::EvalSet::Single(test) = &data.test else {
+        anyhow::bail!("the demo's test set is a single split");
+    };
+    let store = Arc::new(training::image_store(config, Some(opts.out.join("emoji-cache")))?);
+    let settings = training::embed_settings(config, false);
+    let e = embed_samples(
+        &model.embedder,
+        EmbedOutput::BackboneFeatures,
+        Arc::new(test.samples.clone()),
+        store,
+        &settings,
+        &device,
+        &mut |d, t| observer.evaluating("test (pretrained features)", d, t),
+    )?;
+    let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
+    evaluate(
+        &Embeddings {
+            values: &e.values,
+            labels: &labels,
+            dim: e.dim,
+        },
+        &data.ks,
+        None,
+        &device,
+    )
+}
+
+/// Runs the demo; `observer(label)` makes the progress display of each run.
+pub fn run_demo(
+    opts: &DemoOptions,
+    observer: &mut dyn FnMut(&str) -> Box<dyn Observer>,
+) -> Result<Option<DemoSummary>> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let mut results: BTreeMap<&str, Vec<(u64, RunSummary)>> = BTreeMap::new();
+    for &seed in &opts.seeds {
+        for (name, generation) in METHODS {
+            let label = format!("{name} seed {seed}");
+            let dir = opts.out.join(format!("seed-{seed}")).join(name);
+            let mut obs = observer(&label);
+            match run_one(opts, generation, seed, &dir, obs.as_mut())? {
+                Some(summary) => results.entry(name).or_default().push((seed, summary)),
+                None => return Ok(None),
+            }
+        }
+    }
+    let config = demo_config(opts, true, opts.seeds[0])?;
+    let features = {
+        let mut obs = observer("pretrained features");
+        pretrained_features(&config, opts, obs.as_mut())?
+    };
+    let method = |name: &str| -> MethodResults {
+        let runs = &results[name];
+        let finals: Vec<&RetrievalMetrics> =
+            runs.iter().filter_map(|(_, s)| s.final_test.as_ref()).collect();
+        let r1s: Vec<f64> = finals.iter().map(|m| r1(m)).collect();
+        let spread = r1s.iter().cloned().fold(f64::MIN, f64::max)
+            - r1s.iter().cloned().fold(f64::MAX, f64::min);
+        MethodResults {
+            mean: mean_metrics(&finals),
+            per_seed: runs
+                .iter()
+                .filter_map(|(seed, s)| Some((seed.to_string(), s.final_test.clone()?)))
+                .collect(),
+            curves: runs
+                .iter()
+                .map(|(seed, s)| (seed.to_string(), recall_curve(&s.records, "test")))
+                .collect(),
+            spread_r_at_1: if r1s.len() > 1 { spread } else { 0.0 },
+            train_seconds: runs
+                .iter()
+                .map(|(_, s)| s.records.iter().map(|r| r.train_seconds).sum::<f64>())
+                .sum::<f64>()
+                / runs.len().max(1) as f64,
+        }
+    };
+    let gca = method("gca_hng");
+    let base = method("baseline");
+    let margin = r1(&gca.mean) - r1(&base.mean);
+    let spread = (opts.seeds.len() > 1).then(|| gca.spread_r_at_1.max(base.spread_r_at_1));
+    let verdict = match spread {
+        None => format!(
+            "one seed only: the seed spread is unknown, so no claim (margin {margin:+.1} R@1; run --seeds 0,1,2 to measure the spread)"
+        ),
+        Some(s) if margin > s => {
+            format!("GCA-HNG wins: {margin:+.1} R@1, more than the seed spread of {s:.1}")
+        }
+        Some(s) if -margin > s => {
+            format!("the baseline wins: {margin:+.1} R@1, more than the seed spread of {s:.1}")
+        }
+        Some(s) => format!(
+            "within seed noise: a margin of {margin:+.1} R@1 against a seed spread of {s:.1}"
+        ),
+    };
+    let summary = DemoSummary {
+        gca_hng: gca,
+        baseline: base,
+        pretrained_features: Some(features),
+        margin_r_at_1: margin,
+        seed_spread_r_at_1: spread,
+        verdict,
+        seeds: opts.seeds.clone(),
+        epochs: config.train.epochs,
+        steps_per_epoch: opts.quick.then_some(2),
+        test_images: 0,
+        seconds: 0.0,
+    };
+    let mut summary = summary;
+    write_curves(opts, &summary)?;
+    let gca_run = RunDir::new(&opts.out.join(format!("seed-{}", opts.seeds[0])).join("gca_hng"));
+    summary.test_images = write_gallery(&config, opts, &gca_run, &opts.out.join("gallery.png"))?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    crate::training::snapshot::write_atomic(
+        &opts.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(Some(summary))
+}
+
+/// `learning-curves.svg`: test R@1 per epoch of both methods and every seed.
+fn write_curves(opts: &DemoOptions, s: &DemoSummary) -> Result<()> {
+    let mut series = Vec::new();
+    for (name, m) in [("GCA-HNG", &s.gca_hng), ("baseline", &s.baseline)] {
+        for (seed, points) in &m.curves {
+            series.push(Series {
+                name: format!("{name} seed {seed}"),
+                points: points.clone(),
+            });
+        }
+    }
+    line_chart(
+        &opts.out.join("learning-curves.svg"),
+        "Test Recall@1 on unseen emoji classes",
+        "epoch",
+        "R@1 (%)",
+        &series,
+    )
+}
+
+/// `gallery.png`: a few test queries and their eight nearest test images under the trained
+/// GCA-HNG model (green: same class, red: another class). Returns the number of test images.
+pub fn write_gallery(
+    config: &ExperimentConfig,
+    opts: &DemoOptions,
+    run: &RunDir,
+    path: &Path,
+) -> Result<usize> {
+    let files = run.test_embeddings();
+    let (matrix, sources) = files.read()?;
+    let labels = crate::npy::read_labels(&files.labels())?;
+    let n = matrix.rows;
+    let queries: Vec<usize> = (0..8).map(|i| (i * n) / 8 + (n / 16)).filter(|&q| q < n).collect();
+    let dim = matrix.cols;
+    let query_values: Vec<f32> = queries
+        .iter()
+        .flat_map(|&q| matrix.values[q * dim..(q + 1) * dim].to_vec())
+        .collect();
+    let found = nearest(&query_values, &matrix.values, dim, 9);
+    let rows: Vec<GridRow> = queries
+        .iter()
+        .zip(found)
+        .map(|(&q, hits)| GridRow {
+            query: sources[q].clone(),
+            results: hits
+                .into_iter()
+                .filter(|&(i, _)| i != q)
+                .take(8)
+                .map(|(i, _)| (sources[i].clone(), Some(labels[i] == labels[q])))
+                .collect(),
+        })
+        .collect();
+    let store = training::image_store(config, Some(opts.out.join("emoji-cache")))?;
+    save_png(&result_grid(&store, &rows, 64)?, path)?;
+    Ok(n)
+}
