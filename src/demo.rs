@@ -166,7 +166,10 @@ fn pretrained_features(
     let setup::EvalSet::Single(test) = &data.test else {
         anyhow::bail!("the demo's test set is a single split");
     };
-    let store = Arc::new(training::image_store(config, Some(opts.out.join("emoji-cache")))?);
+    let store = Arc::new(training::image_store(
+        config,
+        Some(opts.out.join("emoji-cache")),
+    )?);
     let settings = training::embed_settings(config, false);
     let e = embed_samples(
         &model.embedder,
@@ -217,8 +220,10 @@ pub fn run_demo(
     };
     let method = |name: &str| -> MethodResults {
         let runs = &results[name];
-        let finals: Vec<&RetrievalMetrics> =
-            runs.iter().filter_map(|(_, s)| s.final_test.as_ref()).collect();
+        let finals: Vec<&RetrievalMetrics> = runs
+            .iter()
+            .filter_map(|(_, s)| s.final_test.as_ref())
+            .collect();
         let r1s: Vec<f64> = finals.iter().map(|m| r1(m)).collect();
         let spread = r1s.iter().cloned().fold(f64::MIN, f64::max)
             - r1s.iter().cloned().fold(f64::MAX, f64::min);
@@ -273,7 +278,12 @@ pub fn run_demo(
     };
     let mut summary = summary;
     write_curves(opts, &summary)?;
-    let gca_run = RunDir::new(&opts.out.join(format!("seed-{}", opts.seeds[0])).join("gca_hng"));
+    let gca_run = RunDir::new(
+        &opts
+            .out
+            .join(format!("seed-{}", opts.seeds[0]))
+            .join("gca_hng"),
+    );
     summary.test_images = write_gallery(&config, opts, &gca_run, &opts.out.join("gallery.png"))?;
     summary.seconds = started.elapsed().as_secs_f64();
     crate::training::snapshot::write_atomic(
@@ -315,7 +325,10 @@ pub fn write_gallery(
     let (matrix, sources) = files.read()?;
     let labels = crate::npy::read_labels(&files.labels())?;
     let n = matrix.rows;
-    let queries: Vec<usize> = (0..8).map(|i| (i * n) / 8 + (n / 16)).filter(|&q| q < n).collect();
+    let queries: Vec<usize> = (0..8)
+        .map(|i| (i * n) / 8 + (n / 16))
+        .filter(|&q| q < n)
+        .collect();
     let dim = matrix.cols;
     let query_values: Vec<f32> = queries
         .iter()

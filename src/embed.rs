@@ -7,10 +7,10 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::Device;
 
+use crate::data::Sample;
 use crate::data::loader::{ImageStore, Loader, LoaderConfig, sequential_plan};
 use crate::data::tensor::images_tensor;
 use crate::data::transform::{Normalisation, Transform};
-use crate::data::Sample;
 use crate::embedding::Embedder;
 
 /// How images are prepared for embedding.

@@ -20,16 +20,16 @@ use gca_hng::data::{Dataset, DatasetKind, emoji, inspect};
 use gca_hng::demo::{self, DemoOptions};
 use gca_hng::device::DeviceSpec;
 use gca_hng::embed::{EmbedOutput, embed_samples};
+use gca_hng::evaluation::{Embeddings, RetrievalMetrics, evaluate, evaluate_query_gallery};
+use gca_hng::npy;
 use gca_hng::progress::{TerminalProgress, metrics_line};
+use gca_hng::reference::verify_reference;
 use gca_hng::search::{
     EmbeddingFiles, GridRow, collect_images, nearest, result_grid, save_png, source_line,
 };
+use gca_hng::state_dict::StoredDtype;
 use gca_hng::training::setup::{self, EvalSet};
 use gca_hng::training::{self, Observer, RunOptions, RunOutcome};
-use gca_hng::evaluation::{Embeddings, RetrievalMetrics, evaluate, evaluate_query_gallery};
-use gca_hng::npy;
-use gca_hng::reference::verify_reference;
-use gca_hng::state_dict::StoredDtype;
 
 /// GCA-HNG: globally correlation-aware hard negative generation for deep metric learning.
 #[derive(Parser)]
@@ -95,7 +95,11 @@ enum Command {
 #[derive(clap::Args)]
 struct ModelArgs {
     /// A run folder (uses its best.safetensors, or last with --which last).
-    #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+    #[arg(
+        long,
+        required_unless_present = "checkpoint",
+        conflicts_with = "checkpoint"
+    )]
     run: Option<PathBuf>,
     /// A checkpoint file written by `train` (it carries its configuration).
     #[arg(long)]
@@ -820,7 +824,9 @@ fn stop_on_signal() -> Arc<AtomicBool> {
         );
     });
     if let Err(e) = installed {
-        eprintln!("warning: cannot handle Ctrl-C ({e}); an interrupted run keeps its last epoch's checkpoint");
+        eprintln!(
+            "warning: cannot handle Ctrl-C ({e}); an interrupted run keeps its last epoch's checkpoint"
+        );
     }
     stop
 }
@@ -848,7 +854,11 @@ fn train_config(args: &TrainArgs, device: Option<&DeviceSpec>) -> Result<Experim
     if let Some(s) = args.select_on {
         sets.push(format!(
             "train.select_on=\"{}\"",
-            if s == SelectOn::Test { "test" } else { "validation" }
+            if s == SelectOn::Test {
+                "test"
+            } else {
+                "validation"
+            }
         ));
     }
     if args.no_generation {
@@ -893,10 +903,22 @@ fn run_train(args: TrainArgs, device: Option<&DeviceSpec>) -> Result<bool> {
     println!(
         "training {} on {} ({} backbone, {} base loss{}), {} epochs on {} -> {}",
         config.data.kind,
-        config.data.root.as_deref().unwrap_or("the embedded emoji set"),
-        serde_json::to_value(config.model.backbone)?.as_str().unwrap_or("?"),
-        serde_json::to_value(config.loss.base)?.as_str().unwrap_or("?"),
-        if config.loss.generation { " + GCA-HNG" } else { ", no generation" },
+        config
+            .data
+            .root
+            .as_deref()
+            .unwrap_or("the embedded emoji set"),
+        serde_json::to_value(config.model.backbone)?
+            .as_str()
+            .unwrap_or("?"),
+        serde_json::to_value(config.loss.base)?
+            .as_str()
+            .unwrap_or("?"),
+        if config.loss.generation {
+            " + GCA-HNG"
+        } else {
+            ", no generation"
+        },
         config.train.epochs,
         config.train.device,
         out.display()
@@ -910,7 +932,11 @@ fn run_train(args: TrainArgs, device: Option<&DeviceSpec>) -> Result<bool> {
                 summary.seconds,
                 summary.best_epoch,
                 summary.best_selection_recall_at_1,
-                if summary.selected_on == SelectOn::Test { "the test set, the release's protocol" } else { "validation classes held out of training" }
+                if summary.selected_on == SelectOn::Test {
+                    "the test set, the release's protocol"
+                } else {
+                    "validation classes held out of training"
+                }
             );
             if let Some(t) = &summary.test_at_best {
                 println!("test at the best epoch: {}", metrics_line(t));
@@ -961,10 +987,17 @@ fn run_demo(args: DemoArgs, device: Option<&DeviceSpec>) -> Result<bool> {
     let ks: Vec<String> = s.gca_hng.mean.recall.keys().cloned().collect();
     let mut ks = ks;
     ks.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
-    let header: Vec<String> = ks.iter().map(|k| format!("{:>6}", format!("R@{k}"))).collect();
+    let header: Vec<String> = ks
+        .iter()
+        .map(|k| format!("{:>6}", format!("R@{k}")))
+        .collect();
     println!(
         "\n{:<34}{} {:>7} {:>7}",
-        format!("test classes, final epoch ({} seed{})", s.seeds.len(), if s.seeds.len() > 1 { "s, mean" } else { "" }),
+        format!(
+            "test classes, final epoch ({} seed{})",
+            s.seeds.len(),
+            if s.seeds.len() > 1 { "s, mean" } else { "" }
+        ),
         header.join(""),
         "MAP@R",
         "RP"
@@ -1013,7 +1046,10 @@ fn run_eval(args: EvalArgs, device: &burn::tensor::Device) -> Result<bool> {
     let data = setup::run_data(&config, args.data_root.as_deref())?;
     let set = match args.split.as_str() {
         "validation" => data.validation.clone().with_context(|| {
-            format!("{} was not trained with validation classes held out", path.display())
+            format!(
+                "{} was not trained with validation classes held out",
+                path.display()
+            )
         })?,
         _ => data.test.clone(),
     };
@@ -1038,7 +1074,11 @@ fn run_eval(args: EvalArgs, device: &burn::tensor::Device) -> Result<bool> {
             let labels = as_i64(&e.labels);
             let seed = (!args.no_nmi).then_some(args.nmi_seed);
             evaluate(
-                &Embeddings { values: &e.values, labels: &labels, dim: e.dim },
+                &Embeddings {
+                    values: &e.values,
+                    labels: &labels,
+                    dim: e.dim,
+                },
                 &data.ks,
                 seed,
                 device,
@@ -1049,8 +1089,16 @@ fn run_eval(args: EvalArgs, device: &burn::tensor::Device) -> Result<bool> {
             let g = embed(gallery)?;
             let (ql, gl) = (as_i64(&q.labels), as_i64(&g.labels));
             evaluate_query_gallery(
-                &Embeddings { values: &q.values, labels: &ql, dim: q.dim },
-                &Embeddings { values: &g.values, labels: &gl, dim: g.dim },
+                &Embeddings {
+                    values: &q.values,
+                    labels: &ql,
+                    dim: q.dim,
+                },
+                &Embeddings {
+                    values: &g.values,
+                    labels: &gl,
+                    dim: g.dim,
+                },
                 &data.ks,
                 device,
             )?
@@ -1073,7 +1121,11 @@ fn run_embed(args: EmbedArgs, device: &burn::tensor::Device) -> Result<bool> {
             let dataset = Dataset::open(c.data.kind, &root)?;
             let split = dataset.split(name).with_context(|| {
                 let names: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
-                format!("the {} dataset has no split `{name}` (it has {})", c.data.kind, names.join(", "))
+                format!(
+                    "the {} dataset has no split `{name}` (it has {})",
+                    c.data.kind,
+                    names.join(", ")
+                )
             })?;
             (split.samples.clone(), true)
         }
@@ -1086,7 +1138,9 @@ fn run_embed(args: EmbedArgs, device: &burn::tensor::Device) -> Result<bool> {
             (samples, false)
         }
     };
-    let needs_emoji = samples.iter().any(|s| matches!(s.source, gca_hng::data::ImageSource::Emoji { .. }));
+    let needs_emoji = samples
+        .iter()
+        .any(|s| matches!(s.source, gca_hng::data::ImageSource::Emoji { .. }));
     let store = if needs_emoji {
         gca_hng::data::loader::ImageStore::with_emoji(config.data.resize as u32, None)?
     } else {
@@ -1104,20 +1158,36 @@ fn run_embed(args: EmbedArgs, device: &burn::tensor::Device) -> Result<bool> {
         device,
         &mut |d, t| progress.evaluating("images", d, t),
     )?;
-    let sources: Vec<_> = e.samples.iter().map(|&i| samples[i].source.clone()).collect();
+    let sources: Vec<_> = e
+        .samples
+        .iter()
+        .map(|&i| samples[i].source.clone())
+        .collect();
     let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
     let files = EmbeddingFiles::new(&args.out);
-    files.write(&e.values, e.dim, &sources, labelled.then_some(labels.as_slice()))?;
+    files.write(
+        &e.values,
+        e.dim,
+        &sources,
+        labelled.then_some(labels.as_slice()),
+    )?;
     println!(
         "embedded {} images (d = {}) -> {}, {}{}",
         e.rows(),
         e.dim,
         files.embeddings().display(),
         files.paths().display(),
-        if labelled { format!(", {}", files.labels().display()) } else { String::new() }
+        if labelled {
+            format!(", {}", files.labels().display())
+        } else {
+            String::new()
+        }
     );
     if e.rows() < samples.len() {
-        println!("{} unreadable images were left out", samples.len() - e.rows());
+        println!(
+            "{} unreadable images were left out",
+            samples.len() - e.rows()
+        );
     }
     Ok(true)
 }
@@ -1140,7 +1210,10 @@ fn run_search(args: SearchArgs, device: &burn::tensor::Device) -> Result<bool> {
     });
     let samples: Vec<_> = queries
         .iter()
-        .map(|source| gca_hng::data::Sample { source: source.clone(), label: 0 })
+        .map(|source| gca_hng::data::Sample {
+            source: source.clone(),
+            label: 0,
+        })
         .collect();
     let e = embed_samples(
         &model.embedder,
@@ -1175,7 +1248,11 @@ fn run_search(args: SearchArgs, device: &burn::tensor::Device) -> Result<bool> {
         for (q, h) in queries.iter().zip(&hits) {
             println!("{}", source_line(q));
             for (rank, &(i, score)) in h.iter().enumerate() {
-                println!("  {:>3}. {score:.4}  {}", rank + 1, source_line(&sources[i]));
+                println!(
+                    "  {:>3}. {score:.4}  {}",
+                    rank + 1,
+                    source_line(&sources[i])
+                );
             }
         }
     }

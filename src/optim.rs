@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
 use anyhow::{Context, Result};
+use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::optim::{
     AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
 };
@@ -141,7 +141,11 @@ impl TorchAdamW {
             states.insert(p.id, AdamWState { momentum });
             used += 3;
         }
-        let total = dict.tensors.keys().filter(|k| k.starts_with(prefix)).count();
+        let total = dict
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .count();
         anyhow::ensure!(
             used == total,
             "{} optimiser entries under `{prefix}` name no parameter of the model",

@@ -82,11 +82,9 @@ impl Observer for TerminalProgress {
         self.steps = 0;
         let bar = ProgressBar::new(steps as u64);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}")
+                .expect("a valid template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(format!("{}epoch {epoch}/{epochs}", self.prefix()));
         bar.set_position(done as u64);

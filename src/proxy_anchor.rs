@@ -69,7 +69,9 @@ impl ProxyAnchor {
         let cos = l2_normalize(z).matmul(l2_normalize(self.proxies.val()).transpose());
         let positive = one_hot(labels, classes, &device);
         let negative = positive.clone().neg().add_scalar(1.0);
-        let pos_sum = ((cos.clone().sub_scalar(self.margin)).mul_scalar(-self.alpha).exp()
+        let pos_sum = ((cos.clone().sub_scalar(self.margin))
+            .mul_scalar(-self.alpha)
+            .exp()
             * positive)
             .sum_dim(0);
         let neg_sum =
@@ -91,7 +93,12 @@ impl ProxyAnchor {
     /// `J_syn` with Proxy-Anchor: the loss over the synthetic negatives (`[P*C*C, d]`, row
     /// `v*C*C + a*C + n`), each labelled with its negative slot's class; rows with `n == a`
     /// are left out.
-    pub fn synthetic(&self, negatives: Tensor<2>, labels: &[usize], layout: BatchLayout) -> Tensor<1> {
+    pub fn synthetic(
+        &self,
+        negatives: Tensor<2>,
+        labels: &[usize],
+        layout: BatchLayout,
+    ) -> Tensor<1> {
         let (c, p) = (layout.classes, layout.per_class);
         let mut rows = Vec::with_capacity(p * c * (c - 1));
         let mut row_labels = Vec::with_capacity(rows.capacity());

@@ -55,7 +55,10 @@ impl EmbeddingFiles {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         npy::write_matrix(&self.embeddings(), sources.len(), dim, values)?;
-        let text: String = sources.iter().map(|s| format!("{}\n", source_line(s))).collect();
+        let text: String = sources
+            .iter()
+            .map(|s| format!("{}\n", source_line(s)))
+            .collect();
         std::fs::write(self.paths(), text)
             .with_context(|| format!("cannot write {}", self.paths().display()))?;
         if let Some(labels) = labels {

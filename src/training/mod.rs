@@ -138,7 +138,10 @@ pub struct RunSummary {
 pub enum RunOutcome {
     Finished(RunSummary),
     /// Stopped on request; `last` holds the state to resume from.
-    Interrupted { epoch: usize, step: usize },
+    Interrupted {
+        epoch: usize,
+        step: usize,
+    },
 }
 
 /// Everything evaluation needs besides the model.
@@ -276,10 +279,11 @@ pub fn train(
     if opts.resume {
         run.check_resumable(&config_toml)?;
     } else {
-        run.create_fresh()?;
-        run.write_config(&config_toml)?;
+        run.check_fresh()?;
     }
-
+    // Weights and data are checked before the run folder is made, so that a run that cannot
+    // start leaves nothing behind.
+    let (weights, weights_source) = setup::pretrained_weights(config)?;
     let mut data = setup::run_data(config, opts.data_root.as_deref())?;
     if let Some(n) = opts.eval_class_limit {
         data.test = data.test.limited(n);
@@ -297,9 +301,12 @@ pub fn train(
     ad.seed(seed);
 
     let num_classes = data.train.classes.len();
-    let (weights, weights_source) = setup::pretrained_weights(config)?;
     let mut model = setup::build_model(config, num_classes, &weights, &ad)?;
     drop(weights);
+    if !opts.resume {
+        run.create()?;
+        run.write_config(&config_toml)?;
+    }
     let layout = setup::layout(config);
     let mut trainer = Trainer::new(
         setup::step_config(config),
@@ -439,7 +446,11 @@ pub fn train(
                     host.skipped.len()
                 ));
             } else {
-                ad.seed(sample_seed(seed ^ DROPOUT_STREAM, epoch as u64, step as u64));
+                ad.seed(sample_seed(
+                    seed ^ DROPOUT_STREAM,
+                    epoch as u64,
+                    step as u64,
+                ));
                 let mut mix =
                     SeededMix::new(sample_seed(seed ^ MIX_STREAM, epoch as u64, step as u64));
                 let batch = Batch {
@@ -467,7 +478,12 @@ pub fn train(
             }
             if opts.stop.load(Ordering::SeqCst) {
                 progress.elapsed_s = started.elapsed().as_secs_f64();
-                snapshot::save(&run.last(), &model, Some(&trainer), &meta(Some(progress.clone())))?;
+                snapshot::save(
+                    &run.last(),
+                    &model,
+                    Some(&trainer),
+                    &meta(Some(progress.clone())),
+                )?;
                 return Ok(RunOutcome::Interrupted {
                     epoch: progress.epoch,
                     step: progress.step,
@@ -520,7 +536,12 @@ pub fn train(
         progress.records.push(record);
         progress.elapsed_s = started.elapsed().as_secs_f64();
         run.write_records(&progress.records)?;
-        snapshot::save(&run.last(), &model, Some(&trainer), &meta(Some(progress.clone())))?;
+        snapshot::save(
+            &run.last(),
+            &model,
+            Some(&trainer),
+            &meta(Some(progress.clone())),
+        )?;
         if let Err(e) = plots::run_plots(&run, &progress.records) {
             observer.note(&format!("could not draw the plots: {e:#}"));
         }

@@ -27,7 +27,13 @@ const COLOURS: [RGBColor; 8] = [
 ];
 
 /// Draws `series` into an SVG file at `path`.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
     let points = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
@@ -60,11 +66,18 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         .draw()?;
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.1.is_finite()).collect();
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.1.is_finite())
+            .collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))?
             .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+            });
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))?;
     }
     chart
@@ -81,7 +94,11 @@ pub fn recall_curve(records: &[EpochRecord], split: &str) -> Vec<(f64, f64)> {
     records
         .iter()
         .filter_map(|r| {
-            let m = if split == "test" { r.test.as_ref() } else { r.validation.as_ref() }?;
+            let m = if split == "test" {
+                r.test.as_ref()
+            } else {
+                r.validation.as_ref()
+            }?;
             Some((r.epoch as f64, *m.recall.get("1")?))
         })
         .collect()
@@ -94,7 +111,11 @@ pub fn run_plots(run: &RunDir, records: &[EpochRecord]) -> Result<()> {
     names.dedup();
     let losses: Vec<Series> = names
         .into_iter()
-        .filter(|n| records.iter().any(|r| r.losses.get(*n).is_some_and(|v| *v != 0.0)))
+        .filter(|n| {
+            records
+                .iter()
+                .any(|r| r.losses.get(*n).is_some_and(|v| *v != 0.0))
+        })
         .map(|n| Series {
             name: n.clone(),
             points: records
@@ -103,7 +124,13 @@ pub fn run_plots(run: &RunDir, records: &[EpochRecord]) -> Result<()> {
                 .collect(),
         })
         .collect();
-    line_chart(&run.losses_plot(), "Mean losses per epoch", "epoch", "loss", &losses)?;
+    line_chart(
+        &run.losses_plot(),
+        "Mean losses per epoch",
+        "epoch",
+        "loss",
+        &losses,
+    )?;
     let mut recall = vec![Series {
         name: "test R@1".into(),
         points: recall_curve(records, "test"),

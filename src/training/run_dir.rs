@@ -57,9 +57,8 @@ impl RunDir {
         self.root.join("recall.svg")
     }
 
-    /// Makes the folder for a new run; refuses one that already holds a run, so that nothing
-    /// is overwritten by accident.
-    pub fn create_fresh(&self) -> Result<()> {
+    /// Refuses a folder that already holds a run, so that nothing is overwritten by accident.
+    pub fn check_fresh(&self) -> Result<()> {
         if self.last().exists() || self.summary().exists() {
             bail!(
                 "{} already holds a run; continue it with --resume {} or choose another --out",
@@ -67,6 +66,11 @@ impl RunDir {
                 self.root.display()
             );
         }
+        Ok(())
+    }
+
+    /// Makes the folder.
+    pub fn create(&self) -> Result<()> {
         std::fs::create_dir_all(&self.root)
             .with_context(|| format!("cannot create {}", self.root.display()))
     }

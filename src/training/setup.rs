@@ -127,9 +127,7 @@ pub fn carve_validation(train: &Split, fraction: f64, seed: u64) -> Result<(Spli
     let k = train.classes.len();
     let held = ((k as f64 * fraction).round() as usize).max(2);
     if held + 2 > k {
-        bail!(
-            "`data.validation_fraction` = {fraction} leaves too few of the {k} training classes"
-        );
+        bail!("`data.validation_fraction` = {fraction} leaves too few of the {k} training classes");
     }
     let mut order: Vec<usize> = (0..k).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5A11_DA7E));
@@ -253,7 +251,9 @@ pub fn pretrained_weights(config: &ExperimentConfig) -> Result<(StateDict, Strin
         ),
         (None, other) => {
             let hint = match other {
-                BackboneKind::Resnet50 => "torchvision's resnet50-0676ba61.pth or resnet50-19c8e357.pth",
+                BackboneKind::Resnet50 => {
+                    "torchvision's resnet50-0676ba61.pth or resnet50-19c8e357.pth"
+                }
                 BackboneKind::Googlenet => "torchvision's googlenet-1378be20.pth",
                 BackboneKind::VitS16 => "DINO's dino_deitsmall16_pretrain.pth",
                 BackboneKind::EfficientnetLite0 => unreachable!(),
@@ -264,12 +264,17 @@ pub fn pretrained_weights(config: &ExperimentConfig) -> Result<(StateDict, Strin
             )
         }
     };
-    dict.tensors.retain(|name, _| !is_classifier_head(kind, name));
+    dict.tensors
+        .retain(|name, _| !is_classifier_head(kind, name));
     Ok((dict, source))
 }
 
 /// The model a configuration describes, freshly initialised (backbone included) on `device`.
-pub fn init_model(config: &ExperimentConfig, num_classes: usize, device: &Device) -> Result<GcaHng> {
+pub fn init_model(
+    config: &ExperimentConfig,
+    num_classes: usize,
+    device: &Device,
+) -> Result<GcaHng> {
     let m = &config.model;
     let embedder = EmbedderConfig::new(backbone_config(config)?, m.embedding);
     let gnn = GnnConfig::new(m.embedding, num_classes)
@@ -381,11 +386,20 @@ mod tests {
     #[test]
     fn heads_are_dropped_and_the_rest_must_fit() {
         assert!(is_classifier_head(BackboneKind::Resnet50, "fc.weight"));
-        assert!(!is_classifier_head(BackboneKind::Resnet50, "layer1.0.conv1.weight"));
-        assert!(is_classifier_head(BackboneKind::Googlenet, "aux2.fc1.weight"));
+        assert!(!is_classifier_head(
+            BackboneKind::Resnet50,
+            "layer1.0.conv1.weight"
+        ));
+        assert!(is_classifier_head(
+            BackboneKind::Googlenet,
+            "aux2.fc1.weight"
+        ));
         let mut config = ExperimentConfig::preset("cub-resnet50").unwrap();
         let err = pretrained_weights(&config).unwrap_err().to_string();
-        assert!(err.contains("model.weights") && err.contains("resnet50"), "{err}");
+        assert!(
+            err.contains("model.weights") && err.contains("resnet50"),
+            "{err}"
+        );
         config.model.weights = Some("/nonexistent/w.pth".into());
         let err = format!("{:#}", pretrained_weights(&config).unwrap_err());
         assert!(err.contains("/nonexistent/w.pth"), "{err}");

@@ -52,11 +52,7 @@ impl LossSums {
     /// Mean of every loss over the steps so far.
     pub fn means(&self) -> Vec<(&'static str, f64)> {
         let n = self.steps.max(1) as f64;
-        self.sums
-            .named()
-            .iter()
-            .map(|&(k, v)| (k, v / n))
-            .collect()
+        self.sums.named().iter().map(|&(k, v)| (k, v / n)).collect()
     }
 
     /// The previous-epoch means that drive λ and the J_syn weight, floored at 1e-6 as in the
@@ -110,8 +106,8 @@ pub struct CheckpointMeta {
 /// one: a temporary file in the same folder, flushed to disk, then renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temporary_path(path);
-    let mut f = std::fs::File::create(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     f.write_all(bytes)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     drop(f);
@@ -161,7 +157,12 @@ pub fn save(
         .insert(META_CLASSES.into(), meta.num_classes.to_string());
     dict.metadata.insert(
         META_KIND.into(),
-        if meta.progress.is_some() { "last" } else { "model" }.into(),
+        if meta.progress.is_some() {
+            "last"
+        } else {
+            "model"
+        }
+        .into(),
     );
     if let Some(progress) = &meta.progress {
         dict.metadata
@@ -175,16 +176,22 @@ pub fn save(
 /// Reads a checkpoint's metadata and tensors.
 pub fn read(path: &Path) -> Result<(StateDict, CheckpointMeta)> {
     let dict = StateDict::read_safetensors(path)?;
-    let config_toml = dict
-        .metadata
-        .get(META_CONFIG)
-        .cloned()
-        .with_context(|| format!("{} is not a gca-hng checkpoint (no configuration inside)", path.display()))?;
+    let config_toml = dict.metadata.get(META_CONFIG).cloned().with_context(|| {
+        format!(
+            "{} is not a gca-hng checkpoint (no configuration inside)",
+            path.display()
+        )
+    })?;
     let num_classes = dict
         .metadata
         .get(META_CLASSES)
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{}: checkpoint metadata lacks the class count", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: checkpoint metadata lacks the class count",
+                path.display()
+            )
+        })?;
     let progress = match dict.metadata.get(META_PROGRESS) {
         Some(json) => Some(
             serde_json::from_str(json)
