@@ -172,6 +172,9 @@ struct TrainArgs {
     /// At most this many steps per epoch (smoke runs).
     #[arg(long)]
     max_steps_per_epoch: Option<usize>,
+    /// Evaluate on the first N classes of the evaluation splits only (smoke runs).
+    #[arg(long)]
+    eval_class_limit: Option<usize>,
     /// Leave out unreadable images (a batch that loses one is skipped) instead of stopping.
     #[arg(long)]
     skip_bad_images: bool,
@@ -897,6 +900,7 @@ fn run_train(args: TrainArgs, device: Option<&DeviceSpec>) -> Result<bool> {
     opts.data_root = args.data_root.clone();
     opts.evaluate_untrained = args.evaluate_untrained;
     opts.max_steps_per_epoch = args.max_steps_per_epoch;
+    opts.eval_class_limit = args.eval_class_limit;
     opts.skip_bad_images = args.skip_bad_images;
     opts.stop = stop_on_signal();
     let out = opts.out.clone();

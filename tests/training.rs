@@ -377,3 +377,49 @@ fn the_quick_demo_compares_both_methods_and_writes_its_report() {
     assert!(out.join("learning-curves.svg").exists());
     assert!(out.join("seed-1/baseline/summary.json").exists());
 }
+
+#[test]
+fn sigterm_stops_with_a_checkpoint_that_resumes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut config = tiny_config();
+    config.train.epochs = 1;
+    config.train.out = run.display().to_string();
+    let file = dir.path().join("tiny.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_gca-hng");
+    let mut child = Command::new(bin)
+        .args(["train", "--max-steps-per-epoch", "400", "--eval-class-limit", "4", "--config"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The first line is printed once the signal handler is in place.
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("training emoji"), "{first}");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("continue with: gca-hng train --resume")),
+        "{rest:?}"
+    );
+    assert!(run.join("last.safetensors").exists());
+    assert!(!run.join("summary.json").exists());
+    let out = Command::new(bin)
+        .args(["train", "--max-steps-per-epoch", "2", "--eval-class-limit", "4", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(run.join("summary.json").exists());
+}
