@@ -139,7 +139,7 @@ fn run_one(
         ro.eval_class_limit = Some(24);
     }
     match training::train(&config, &ro, observer)? {
-        RunOutcome::Finished(s) => Ok(Some(s)),
+        RunOutcome::Finished(s) => Ok(Some(*s)),
         RunOutcome::Interrupted { .. } => Ok(None),
     }
 }

@@ -599,7 +599,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Demo(args) => return run_demo(args, cli.device.as_ref()),
         other => other,
     };
-    let spec = cli.device.clone().unwrap_or(DeviceSpec::Cpu);
+    let spec = cli.device.unwrap_or(DeviceSpec::Cpu);
     let device = spec.open().map_err(anyhow::Error::msg)?;
     match command {
         Command::Train(_) | Command::Demo(_) => unreachable!("handled above"),

@@ -2,8 +2,12 @@
 //!
 //! One learnable proxy per training class. With cosine similarities `s(x, p)` between
 //! L2-normalised embeddings and proxies,
-//! `J = 1/|P+| Σ_{p∈P+} log(1 + Σ_{x∈X_p+} e^{-α(s(x,p) - δ)})
-//!    + 1/|P|  Σ_{p∈P}  log(1 + Σ_{x∈X_p-} e^{ α(s(x,p) + δ)})`,
+//!
+//! ```text
+//! J = 1/|P+| Σ_{p∈P+} log(1 + Σ_{x∈X_p+} exp(-α (s(x,p) - δ)))
+//!   + 1/|P|  Σ_{p∈P}  log(1 + Σ_{x∈X_p-} exp( α (s(x,p) + δ)))
+//! ```
+//!
 //! where `P+` are the proxies with a positive in the batch and `X_p+`/`X_p-` the embeddings of
 //! the proxy's class and of every other class.
 //!
@@ -192,11 +196,11 @@ mod tests {
         let mut kept_labels = Vec::new();
         for v in 0..2 {
             for a in 0..3 {
-                for n in 0..3 {
+                for (n, &label) in labels.iter().take(3).enumerate() {
                     if n != a {
                         let k = v * 9 + a * 3 + n;
                         kept.extend_from_slice(&values[2 * k..2 * k + 2]);
-                        kept_labels.push(labels[n]);
+                        kept_labels.push(label);
                     }
                 }
             }

@@ -390,7 +390,14 @@ fn sigterm_stops_with_a_checkpoint_that_resumes() {
     std::fs::write(&file, config.to_toml()).unwrap();
     let bin = env!("CARGO_BIN_EXE_gca-hng");
     let mut child = Command::new(bin)
-        .args(["train", "--max-steps-per-epoch", "400", "--eval-class-limit", "4", "--config"])
+        .args([
+            "train",
+            "--max-steps-per-epoch",
+            "400",
+            "--eval-class-limit",
+            "4",
+            "--config",
+        ])
         .arg(&file)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -410,16 +417,28 @@ fn sigterm_stops_with_a_checkpoint_that_resumes() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{rest:?}");
     assert!(
-        rest.iter().any(|l| l.contains("continue with: gca-hng train --resume")),
+        rest.iter()
+            .any(|l| l.contains("continue with: gca-hng train --resume")),
         "{rest:?}"
     );
     assert!(run.join("last.safetensors").exists());
     assert!(!run.join("summary.json").exists());
     let out = Command::new(bin)
-        .args(["train", "--max-steps-per-epoch", "2", "--eval-class-limit", "4", "--resume"])
+        .args([
+            "train",
+            "--max-steps-per-epoch",
+            "2",
+            "--eval-class-limit",
+            "4",
+            "--resume",
+        ])
         .arg(&run)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(run.join("summary.json").exists());
 }

@@ -136,7 +136,7 @@ pub struct RunSummary {
 }
 
 pub enum RunOutcome {
-    Finished(RunSummary),
+    Finished(Box<RunSummary>),
     /// Stopped on request; `last` holds the state to resume from.
     Interrupted {
         epoch: usize,
@@ -555,7 +555,7 @@ pub fn train(
 
     let summary = summarise(config, &progress, started, weights_source, &spec);
     run.write_summary(&summary)?;
-    Ok(RunOutcome::Finished(summary))
+    Ok(RunOutcome::Finished(Box::new(summary)))
 }
 
 fn summarise(
