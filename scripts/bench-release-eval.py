@@ -13,9 +13,11 @@ the CPU. Only two things are patched around it, never inside it:
     /usr/bin/python3 scripts/bench-release-eval.py --release-dir /tmp/release \\
         --out-dir /tmp/metrics-bench [--only cub|sop] [--ours target/release/gca-hng]
 
-Sets (both seeded; labels shuffled; rows are class centre + Gaussian noise, not normalised):
+Sets (seeded, labels shuffled): row = (class centre + noise) x a random scale in [0.5, 2],
+centres and noise Gaussian, noise std 3.0 (cub) or 2.0 (sop) times the centres'.
   cub: 5,924 x 512, 100 classes (76 of 59, 24 of 60), neighbours 1,2,4,8
-  sop: 60,502 x 512, 11,316 classes of 2-12 items each, neighbours 1,10,100,1000
+  sop: 60,502 x 512, 11,316 classes of 2-12 items each (mean 5.35, small ones most common),
+       neighbours 1,10,100,1000
 
 Each evaluation runs in its own child process; wall time and peak RSS come from os.wait4's
 rusage of that child (the whole process: interpreter or binary start, loading the .npy files
@@ -25,30 +27,38 @@ needs numpy, scipy, scikit-learn and tqdm (python3-sklearn, python3-tqdm).
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 SETS = {
-    # name: (classes, sizes rule, neighbours)
-    "cub": dict(n=5924, classes=100, min_per=59, max_per=60, ks=[1, 2, 4, 8]),
-    "sop": dict(n=60502, classes=11316, min_per=2, max_per=12, ks=[1, 10, 100, 1000]),
+    # items, classes, items per class, neighbours, noise std (the centres' std is 1)
+    "cub": dict(n=5924, classes=100, min_per=59, max_per=60, ks=[1, 2, 4, 8], noise=3.0),
+    "sop": dict(n=60502, classes=11316, min_per=2, max_per=12, ks=[1, 10, 100, 1000],
+                noise=2.0),
 }
 DIM = 512
 
 
 def class_sizes(rng, n, classes, lo, hi):
-    """`classes` sizes in [lo, hi] summing to n: start at lo, add one at a time at random."""
+    """`classes` sizes in [lo, hi] summing to n: drawn with P(size) ~ q^(size - lo), q set so
+    that the mean is n / classes (small classes are the most common, as in SOP), then single
+    random classes moved up or down by one until the sum is n."""
     import numpy as np
 
-    sizes = np.full(classes, lo, dtype=np.int64)
-    extra = n - sizes.sum()
-    assert 0 <= extra <= classes * (hi - lo), "impossible size rule"
-    while extra > 0:
-        open_ = np.flatnonzero(sizes < hi)
-        pick = rng.choice(open_, size=min(extra, len(open_)), replace=False)
-        sizes[pick] += 1
-        extra -= len(pick)
+    values = np.arange(lo, hi + 1)
+    target = n / classes
+    assert lo <= target <= hi, "impossible size rule"
+    a, b = 1e-6, 1e6  # bisection on q: the mean grows with q
+    for _ in range(200):
+        q = (a * b) ** 0.5
+        w = q ** (values - lo)
+        a, b = (q, b) if (values * w).sum() / w.sum() < target else (a, q)
+    sizes = rng.choice(values, size=classes, p=w / w.sum())
+    while sizes.sum() != n:
+        up = sizes.sum() < n
+        sizes[rng.choice(np.flatnonzero(sizes < hi if up else sizes > lo))] += 1 if up else -1
     return sizes
 
 
@@ -76,13 +86,14 @@ def paths(name, out_dir):
     return (os.path.join(out_dir, f"{name}_emb.npy"), os.path.join(out_dir, f"{name}_labels.npy"))
 
 
-def worker(release_dir, emb, lab, ks, out_json):
+def worker(release_dir, emb, lab, ks, out_json, threads):
     """Child process: runs the release's evaluate_retrieval on CPU and writes its results."""
     import types
 
     import numpy as np
     import torch
 
+    torch.set_num_threads(threads)  # Debian's build otherwise starts with one OpenMP thread
     torch.Tensor.cuda = lambda self, *a, **k: self  # CPU run: `.cuda()` is a no-op
     try:
         import torch_scatter  # noqa: F401
@@ -128,6 +139,28 @@ def timed(cmd, stdout=None):
     return proc.returncode, wall, ru.ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
+def repeat(times, cmd, out, what, stdout=False):
+    """Runs cmd `times` times; returns the JSON it wrote (to `out`, or its stdout into `out`)
+    with the median wall time, all wall times and the largest peak RSS added."""
+    walls, rsss = [], []
+    for _ in range(times):
+        if stdout:
+            with open(out, "w") as f:
+                rc, wall, rss = timed(cmd, stdout=f)
+        else:
+            rc, wall, rss = timed(cmd)
+        if rc != 0:
+            sys.exit(f"{what}: {cmd[0]} failed with exit code {rc}")
+        walls.append(wall)
+        rsss.append(rss)
+        print(f"{what}: {wall:.2f} s, peak RSS {rss:.2f} GB, load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+    with open(out) as f:
+        res = json.load(f)
+    res.update(process_s=statistics.median(walls), runs_s=walls, peak_rss_gb=max(rsss))
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,21 +170,25 @@ def main():
     p.add_argument("--out-dir", required=True, help="folder for the generated .npy files")
     p.add_argument("--only", choices=sorted(SETS), help="run one set only (default: both)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--noise", type=float, default=1.0,
-                   help="noise std relative to the centres' (default 1.0)")
+    p.add_argument("--noise", type=float,
+                   help="noise std relative to the centres' (default: cub 3.0, sop 2.0)")
     p.add_argument("--regenerate", action="store_true",
                    help="rewrite the .npy files even if they exist")
     p.add_argument("--ours", help="path of the gca-hng binary: also run `metrics --no-nmi` "
                    "(and, for cub, with NMI) on the same files and compare")
     p.add_argument("--skip-release", action="store_true",
                    help="do not run the release's code (e.g. only generate, or only time ours)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads for the release's code (default: all cores)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time each evaluation this many times; the median is reported")
     p.add_argument("--worker", nargs=4, metavar=("EMB", "LABELS", "KS", "OUT"),
                    help=argparse.SUPPRESS)
     a = p.parse_args()
 
     if a.worker:
         emb, lab, ks, out = a.worker
-        worker(a.release_dir, emb, lab, [int(k) for k in ks.split(",")], out)
+        worker(a.release_dir, emb, lab, [int(k) for k in ks.split(",")], out, a.threads)
         return
 
     if not os.path.isfile(os.path.join(a.release_dir, "scripts", "eval_utils.py")):
@@ -163,21 +200,16 @@ def main():
         emb, lab = paths(name, a.out_dir)
         if a.regenerate or not (os.path.exists(emb) and os.path.exists(lab)):
             print(f"[{name}] generating {spec['n']} x {DIM} ...", flush=True)
-            generate(name, a.out_dir, a.seed, a.noise)
+            generate(name, a.out_dir, a.seed, a.noise or spec["noise"])
         entry = report[name] = {"size": f"{spec['n']} x {DIM}", "ks": spec["ks"]}
 
         if not a.skip_release:
             out = os.path.join(a.out_dir, f"{name}_release.json")
             print(f"[{name}] release evaluate_retrieval, neighbours {ks} ...", flush=True)
-            rc, wall, rss = timed([sys.executable, os.path.abspath(__file__),
-                                   "--release-dir", a.release_dir, "--out-dir", a.out_dir,
-                                   "--worker", emb, lab, ks, out])
-            if rc != 0:
-                sys.exit(f"release worker failed with exit code {rc}")
-            with open(out) as f:
-                entry["release"] = json.load(f)
-            entry["release"].update(process_s=wall, peak_rss_gb=rss)
-            print(f"[{name}] release: {wall:.2f} s, peak RSS {rss:.2f} GB", flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), "--release-dir", a.release_dir,
+                   "--out-dir", a.out_dir, "--threads", str(a.threads),
+                   "--worker", emb, lab, ks, out]
+            entry["release"] = repeat(a.repeat, cmd, out, f"[{name}] release")
 
         if a.ours:
             runs = [("ours_no_nmi", ["--no-nmi"])]
@@ -187,18 +219,15 @@ def main():
                 cmd = [a.ours, "metrics", "--embeddings", emb, "--labels", lab, "--ks", ks] + extra
                 print(f"[{name}] {' '.join(cmd)}", flush=True)
                 out = os.path.join(a.out_dir, f"{name}_{key}.json")
-                with open(out, "w") as f:
-                    rc, wall, rss = timed(cmd, stdout=f)
-                if rc != 0:
-                    sys.exit(f"{a.ours} failed with exit code {rc}")
-                with open(out) as f:
-                    entry[key] = json.load(f)
-                entry[key].update(process_s=wall, peak_rss_gb=rss)
-                print(f"[{name}] ours ({key}): {wall:.2f} s, peak RSS {rss:.2f} GB", flush=True)
+                entry[key] = repeat(a.repeat, cmd, out, f"[{name}] ours ({key})", stdout=True)
 
         if "release" in entry and "ours_no_nmi" in entry:
             r, o = entry["release"], entry["ours_no_nmi"]
             diff = {f"R@{k}": o["recall"][str(k)] - r["recall"][str(k)] for k in spec["ks"]}
+            # the same difference in queries (hits), free of the x100 rounding
+            hits = lambda v: round(v * spec["n"] / 100)  # noqa: E731
+            diff.update({f"R@{k} hits": hits(o["recall"][str(k)]) - hits(r["recall"][str(k)])
+                         for k in spec["ks"]})
             diff["MAP@R"] = o["map_at_r"] - r["map_at_r"]
             diff["R-Precision"] = o["r_precision"] - r["r_precision"]
             entry["ours_minus_release"] = diff

@@ -1404,7 +1404,17 @@ fn keep_freed_memory() {
     }
 }
 
+/// Lets a closed pipe end the program quietly, as it ends other command-line tools
+/// (`gca-hng config show demo | head`); Rust's default turns it into a panic in `println!`.
+fn quit_on_closed_pipe() {
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    quit_on_closed_pipe();
     keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {

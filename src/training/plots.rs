@@ -34,6 +34,32 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<()> {
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    draw(&root, title, x_label, y_label, series)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Draws several charts side by side into one SVG file.
+pub fn line_charts(path: &Path, panels: &[(&str, &str, &str, Vec<Series>)]) -> Result<()> {
+    let root = SVGBackend::new(path, (640 * panels.len().max(1) as u32, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (area, (title, x, y, series)) in areas.iter().zip(panels) {
+        draw(area, title, x, y, series)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn draw(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
     let points = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
@@ -51,9 +77,7 @@ pub fn line_chart(
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
@@ -85,7 +109,6 @@ pub fn line_chart(
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 
@@ -104,32 +127,43 @@ pub fn recall_curve(records: &[EpochRecord], split: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// `losses.svg` and `recall.svg` of a run.
+/// `losses.svg` (the metric update's losses, and the classifier's and generator's, which are
+/// on another scale) and `recall.svg` of a run.
 pub fn run_plots(run: &RunDir, records: &[EpochRecord]) -> Result<()> {
-    let mut names: Vec<&String> = records.iter().flat_map(|r| r.losses.keys()).collect();
-    names.sort();
-    names.dedup();
-    let losses: Vec<Series> = names
-        .into_iter()
-        .filter(|n| {
-            records
-                .iter()
-                .any(|r| r.losses.get(*n).is_some_and(|v| *v != 0.0))
-        })
-        .map(|n| Series {
-            name: n.clone(),
-            points: records
-                .iter()
-                .filter_map(|r| Some((r.epoch as f64, *r.losses.get(n)?)))
-                .collect(),
-        })
-        .collect();
-    line_chart(
+    let trained: Vec<&EpochRecord> = records.iter().filter(|r| r.epoch > 0).collect();
+    let panel = |names: &[&str]| -> Vec<Series> {
+        names
+            .iter()
+            .filter(|n| {
+                trained
+                    .iter()
+                    .any(|r| r.losses.get(**n).is_some_and(|v| *v != 0.0))
+            })
+            .map(|n| Series {
+                name: n.to_string(),
+                points: trained
+                    .iter()
+                    .filter_map(|r| Some((r.epoch as f64, *r.losses.get(*n)?)))
+                    .collect(),
+            })
+            .collect()
+    };
+    line_charts(
         &run.losses_plot(),
-        "Mean losses per epoch",
-        "epoch",
-        "loss",
-        &losses,
+        &[
+            (
+                "Metric update (mean per epoch)",
+                "epoch",
+                "loss",
+                panel(&["J_m", "J_syn", "J_gnnce", "J_metric"]),
+            ),
+            (
+                "Classifier and generator (mean per epoch)",
+                "epoch",
+                "loss",
+                panel(&["J_softce", "J_gence", "J_div", "J_gen"]),
+            ),
+        ],
     )?;
     let mut recall = vec![Series {
         name: "test R@1".into(),
