@@ -200,7 +200,7 @@ def main():
         emb, lab = paths(name, a.out_dir)
         if a.regenerate or not (os.path.exists(emb) and os.path.exists(lab)):
             print(f"[{name}] generating {spec['n']} x {DIM} ...", flush=True)
-            generate(name, a.out_dir, a.seed, a.noise or spec["noise"])
+            generate(name, a.out_dir, a.seed, spec["noise"] if a.noise is None else a.noise)
         entry = report[name] = {"size": f"{spec['n']} x {DIM}", "ks": spec["ks"]}
 
         if not a.skip_release:
