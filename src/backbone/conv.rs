@@ -266,6 +266,22 @@ mod tests {
     }
 
     #[test]
+    fn flex_lowers_dense_convolutions_only() {
+        if forced().is_some() {
+            return; // GCA_CONV overrides the policy.
+        }
+        let d = Device::flex();
+        let dense = Conv2dConfig::new([4, 4], [3, 3]).init(&d);
+        let depthwise = Conv2dConfig::new([4, 4], [3, 3]).with_groups(4).init(&d);
+        assert_eq!(conv_impl_for(&dense, &d), ConvImpl::Lowered);
+        assert_eq!(
+            conv_impl_for(&dense, &d.clone().autodiff()),
+            ConvImpl::Lowered
+        );
+        assert_eq!(conv_impl_for(&depthwise, &d), ConvImpl::Burn);
+    }
+
+    #[test]
     fn pointwise_matches_burn() {
         check(case(5, 7, 1, 1, PaddingConfig2d::Valid));
     }
