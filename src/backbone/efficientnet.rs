@@ -5,6 +5,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 use super::layers::{BatchNormMode, ConvBn, ConvBnConfig, global_avg_pool};
@@ -22,8 +23,13 @@ pub struct EfficientNetLiteConfig {
     pub num_classes: Option<usize>,
 }
 
-fn relu6(x: Tensor<4>) -> Tensor<4> {
-    x.clamp(0.0, 6.0)
+/// `min(max(x, 0), 6)` as `relu(x) - relu(x - 6)`: the same values (`x - 6` and
+/// `x - (x - 6)` are exact in f32 for `|x| < 2^24`, and the result is 0, x or 6) and the same
+/// gradient (1 on (0, 6], else 0; only the point x = 6 differs from PyTorch's 0), but two ReLUs instead of `clamp`, which burn's autodiff
+/// runs as two compare-and-`mask_fill` passes forward and two more backward, each a scalar,
+/// branchy loop on the CPU backend.
+pub fn relu6(x: Tensor<4>) -> Tensor<4> {
+    relu(x.clone()) - relu(x - 6.0)
 }
 
 /// A convolution with TensorFlow "SAME" padding. The package pads statically for 224 px
@@ -153,5 +159,39 @@ impl TorchNamed for EfficientNetLite {
         if let Some(fc) = &self.fc {
             fc.torch_names(&join(prefix, "_fc"), out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn relu6_is_exact_clamp_with_clamp_gradient() {
+        let device = Device::flex().autodiff();
+        let v = [
+            -1e7f32, -3.5, -0.0, 0.0, 1e-8, 0.3, 5.999_999, 6.0, 6.000_001, 7.25, 12.5, 1000.1,
+            123_456.7, 8.0e6,
+        ];
+        let x = Tensor::<4>::from_data(TensorData::new(v.to_vec(), [1, 1, 1, v.len()]), &device)
+            .require_grad();
+        let y = relu6(x.clone());
+        let grads = y.clone().sum().backward();
+        let got: Vec<f32> = y.into_data().try_to_vec::<f32>().unwrap();
+        let want: Vec<f32> = v.iter().map(|x| x.clamp(0.0, 6.0)).collect();
+        assert_eq!(got, want);
+        let g: Vec<f32> = x
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let want_g: Vec<f32> = v
+            .iter()
+            // At exactly 6 the slope is ReLU's at 6, 1 (PyTorch's hardtanh says 0).
+            .map(|&x| if x > 0.0 && x <= 6.0 { 1.0 } else { 0.0 })
+            .collect();
+        assert_eq!(g, want_g);
     }
 }

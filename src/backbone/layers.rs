@@ -89,7 +89,7 @@ impl ConvBnConfig {
 impl ConvBn {
     /// Convolution and BatchNorm, no activation.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(x))
+        self.bn.forward(super::conv::conv2d(&self.conv, x))
     }
 
     pub fn forward_relu(&self, x: Tensor<4>) -> Tensor<4> {

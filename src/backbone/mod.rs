@@ -4,6 +4,8 @@
 //! `width()`, and PyTorch naming (torchvision's, DINO's, efficientnet-lite-pytorch's) for
 //! loading pretrained weights. One file per architecture.
 
+pub mod classify;
+pub mod conv;
 pub mod efficientnet;
 pub mod googlenet;
 pub mod layers;

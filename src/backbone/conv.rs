@@ -1,0 +1,397 @@
+//! 2-D convolutions lowered to plain tensor ops (pad, strided slices, matmul), for the CPU.
+//!
+//! burn-flex's own convolution is slow on this workload: its forward runs many small GEMMs
+//! (512 output pixels at a time), its input gradient goes through `conv_transpose`, and the
+//! weight gradient of a grouped (depthwise) convolution loops over the groups, one
+//! convolution each. Expressed with ordinary tensor ops, the same convolutions become:
+//!
+//! - dense `k x k` (groups 1): im2col from `k*k` strided slices of the padded input, stacked,
+//!   then a matmul with the `[Cout, Cin*k*k]` weight: one per image on large maps, one for the
+//!   whole batch (batch and channel axes swapped) on small ones. A 1x1 convolution needs no
+//!   im2col at all: it is the matmul on the reshaped input, after a strided slice when the
+//!   stride is 2;
+//! - depthwise (groups = channels): the sum over the `k*k` taps of a strided slice times that
+//!   tap's per-channel weight.
+//!
+//! Autodiff differentiates these ops like any others, and they run on every backend. The
+//! weights keep burn's [`Conv2d`] module and its `[out, in / groups, kh, kw]` layout, so
+//! loading and naming are unchanged. [`conv2d`] picks the lowering on the Flex (CPU) device
+//! for dense convolutions, and burn's native convolution for depthwise ones and on other
+//! devices (the GPU backends have their own convolution kernels); `GCA_CONV=burn` or
+//! `GCA_CONV=lowered` forces one or the other everywhere, for comparisons.
+
+use std::sync::OnceLock;
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::ops::PadMode;
+use burn::tensor::{Device, Slice, Tensor};
+
+/// How a convolution is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvImpl {
+    /// burn's `conv2d` (the backend's own kernel).
+    Burn,
+    /// [`lowered_conv2d`]: pad, slices, matmul.
+    Lowered,
+}
+
+/// The `GCA_CONV` override, read once.
+fn forced() -> Option<ConvImpl> {
+    static FORCED: OnceLock<Option<ConvImpl>> = OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var("GCA_CONV").ok()?.as_str() {
+        "burn" => Some(ConvImpl::Burn),
+        "lowered" => Some(ConvImpl::Lowered),
+        other => panic!("GCA_CONV must be `burn` or `lowered`, not `{other}`"),
+    })
+}
+
+/// The implementation [`conv2d`] uses for `conv` on `device`: the lowering for dense
+/// convolutions on the Flex device (depthwise ones measured slower lowered than burn-flex's
+/// own kernel: see BENCHMARKS.md), burn's own everywhere else.
+pub fn conv_impl_for(conv: &Conv2d, device: &Device) -> ConvImpl {
+    forced().unwrap_or_else(|| {
+        if conv.groups == 1 && device.clone().inner() == Device::flex() {
+            ConvImpl::Lowered
+        } else {
+            ConvImpl::Burn
+        }
+    })
+}
+
+/// `conv.forward(x)`, computed the fastest known way for `x`'s device.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    match conv_impl_for(conv, &x.device()) {
+        ConvImpl::Burn => conv.forward(x),
+        ConvImpl::Lowered => lowered_conv2d(conv, x),
+    }
+}
+
+/// `x[.., .., i.., j..]` with the given strides, `ho x wo` positions.
+fn tap(
+    x: &Tensor<4>,
+    (i, j): (usize, usize),
+    (ho, wo): (usize, usize),
+    [sh, sw]: [usize; 2],
+) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let end_h = i + (ho - 1) * sh + 1;
+    let end_w = j + (wo - 1) * sw + 1;
+    if (i, j, end_h, end_w, sh, sw) == (0, 0, h, w, 1, 1) {
+        return x.clone();
+    }
+    x.clone().slice([
+        Slice::full(),
+        Slice::full(),
+        Slice::new(i as isize, Some(end_h as isize), sh as isize),
+        Slice::new(j as isize, Some(end_w as isize), sw as isize),
+    ])
+}
+
+/// From this many output pixels per image on, [`im2col_matmul`] multiplies image by image;
+/// below it, channels first with one GEMM for the whole batch. Measured on the 2-core CPU:
+/// channels first everywhere was 6-9 % faster than image by image everywhere on ResNet-50 at
+/// 224 px and ~20 % faster on EfficientNet-Lite0 at 64 px (whose per-image matrices are
+/// tiny); image by image for the 112, 56 and 28 px maps saved another ~4 % on ResNet-50
+/// (no transposing copies of the large activations) and changed nothing on EfficientNet-Lite0.
+const PER_IMAGE_MIN_PIXELS: usize = 700;
+
+/// A dense convolution of the already padded `xp` as im2col and matmul: the `k*k` strided
+/// slices stacked into columns in the (cin, kh, kw) order of the weight's rows.
+fn im2col_matmul(
+    xp: &Tensor<4>,
+    weight: Tensor<4>,
+    stride: [usize; 2],
+    (ho, wo): (usize, usize),
+) -> Tensor<4> {
+    let [b, ci, _, _] = xp.dims();
+    let [co, _, kh, kw] = weight.dims();
+    let taps = (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j)));
+    let k = ci * kh * kw;
+    if ho * wo >= PER_IMAGE_MIN_PIXELS {
+        // `[1, Cout, K] x [B, K, Ho*Wo]`, one GEMM per image.
+        let cols = if kh * kw == 1 {
+            tap(xp, (0, 0), (ho, wo), stride).reshape([b, ci, ho * wo])
+        } else {
+            let slices: Vec<Tensor<4>> = taps.map(|ij| tap(xp, ij, (ho, wo), stride)).collect();
+            Tensor::stack::<5>(slices, 2).reshape([b, k, ho * wo])
+        };
+        weight
+            .reshape([1, co, k])
+            .matmul(cols)
+            .reshape([b, co, ho, wo])
+    } else {
+        // Channels first, `[Cin, B, Hp, Wp]`: `[Cout, K] x [K, B*Ho*Wo]`, one GEMM in all.
+        let xt = xp.clone().swap_dims(0, 1);
+        let cols = if kh * kw == 1 {
+            tap(&xt, (0, 0), (ho, wo), stride).reshape([ci, b * ho * wo])
+        } else {
+            let slices: Vec<Tensor<4>> = taps.map(|ij| tap(&xt, ij, (ho, wo), stride)).collect();
+            Tensor::stack::<5>(slices, 1).reshape([k, b * ho * wo])
+        };
+        weight
+            .reshape([co, k])
+            .matmul(cols)
+            .reshape([co, b, ho, wo])
+            .swap_dims(0, 1)
+    }
+}
+
+/// Padding before and after along spatial axis `axis` (0 height, 1 width), as burn's
+/// `Conv2d` computes it: TensorFlow/ONNX "SAME" puts the odd pixel after.
+fn padding_pair(
+    padding: &PaddingConfig2d,
+    axis: usize,
+    size: usize,
+    kernel: usize,
+    stride: usize,
+) -> (usize, usize) {
+    match *padding {
+        PaddingConfig2d::Valid => (0, 0),
+        PaddingConfig2d::Explicit(top, left, bottom, right) => {
+            if axis == 0 {
+                (top, bottom)
+            } else {
+                (left, right)
+            }
+        }
+        PaddingConfig2d::Same => {
+            let out = size.div_ceil(stride);
+            let total = ((out.max(1) - 1) * stride + kernel).saturating_sub(size);
+            (total / 2, total - total / 2)
+        }
+    }
+}
+
+/// The same result as `conv.forward(x)` from pad, slice, stack, multiply and matmul.
+/// Dilated convolutions and groups other than 1 and "depthwise" fall back to `conv.forward`.
+pub fn lowered_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, ci, h, w] = x.dims();
+    let weight = conv.weight.val();
+    let [co, cig, kh, kw] = weight.dims();
+    let depthwise = conv.groups == ci && cig == 1 && co == ci;
+    if conv.dilation != [1, 1] || !(conv.groups == 1 || depthwise) {
+        return conv.forward(x);
+    }
+    let stride = conv.stride;
+    let (top, bottom) = padding_pair(&conv.padding, 0, h, kh, stride[0]);
+    let (left, right) = padding_pair(&conv.padding, 1, w, kw, stride[1]);
+    let (hp, wp) = (h + top + bottom, w + left + right);
+    let (ho, wo) = ((hp - kh) / stride[0] + 1, (wp - kw) / stride[1] + 1);
+    let xp = if top + bottom + left + right > 0 {
+        x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
+    } else {
+        x
+    };
+    let taps = (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j)));
+    let y = if depthwise {
+        let w = weight.reshape([co, kh * kw]);
+        taps.enumerate()
+            .map(|(k, ij)| {
+                let wk = w.clone().slice([0..co, k..k + 1]).reshape([1, co, 1, 1]);
+                tap(&xp, ij, (ho, wo), stride) * wk
+            })
+            .reduce(|a, t| a + t)
+            .expect("a kernel has at least one tap")
+    } else {
+        im2col_matmul(&xp, weight, stride, (ho, wo))
+    };
+    match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, co, 1, 1]),
+        None => y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Param;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::{Distribution, TensorData, Tolerance};
+
+    struct Case {
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: PaddingConfig2d,
+        groups: usize,
+        bias: bool,
+        size: [usize; 2],
+    }
+
+    fn case(cin: usize, cout: usize, k: usize, stride: usize, padding: PaddingConfig2d) -> Case {
+        Case {
+            cin,
+            cout,
+            k,
+            stride,
+            padding,
+            groups: 1,
+            bias: false,
+            size: [9, 8],
+        }
+    }
+
+    fn data(t: Tensor<4>) -> TensorData {
+        t.into_data()
+    }
+
+    /// Forward output and the input and weight gradients of the lowered convolution against
+    /// burn's `Conv2d` on the same random input, weights and output gradient.
+    fn check(c: Case) {
+        let device = Device::flex().autodiff();
+        let mut conv = Conv2dConfig::new([c.cin, c.cout], [c.k; 2])
+            .with_stride([c.stride; 2])
+            .with_padding(c.padding.clone())
+            .with_groups(c.groups)
+            .with_bias(c.bias)
+            .init(&device);
+        if let Some(bias) = &conv.bias {
+            // Non-zero so that the bias path is exercised.
+            let dims = bias.val().dims();
+            conv.bias = Some(Param::from_tensor(Tensor::random(
+                dims,
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            )));
+        }
+        let x = Tensor::<4>::random(
+            [2, c.cin, c.size[0], c.size[1]],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let run = |lowered: bool| {
+            let x = x.clone().detach().require_grad();
+            let y = if lowered {
+                lowered_conv2d(&conv, x.clone())
+            } else {
+                conv.forward(x.clone())
+            };
+            // A fixed, non-uniform output gradient: sum(y * g).
+            let g = Tensor::<4>::from_data(
+                TensorData::new(
+                    (0..y.dims().iter().product::<usize>())
+                        .map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0)
+                        .collect::<Vec<_>>(),
+                    y.dims(),
+                ),
+                &device,
+            );
+            let grads = (y.clone() * g).sum().backward();
+            let gx = x.grad(&grads).expect("input gradient");
+            let gw = conv.weight.val().grad(&grads).expect("weight gradient");
+            let gb = conv
+                .bias
+                .as_ref()
+                .map(|b| b.val().grad(&grads).expect("bias gradient").into_data());
+            (data(y), gx.into_data(), gw.into_data(), gb)
+        };
+        let (y0, gx0, gw0, gb0) = run(false);
+        let (y1, gx1, gw1, gb1) = run(true);
+        assert_eq!(y0.shape(), y1.shape(), "output shape");
+        let tol = Tolerance::<f32>::absolute(1e-4).set_relative(1e-4);
+        y1.assert_approx_eq::<f32>(&y0, tol);
+        gx1.assert_approx_eq::<f32>(&gx0, tol);
+        gw1.assert_approx_eq::<f32>(&gw0, tol);
+        if let (Some(a), Some(b)) = (gb1, gb0) {
+            a.assert_approx_eq::<f32>(&b, tol);
+        }
+    }
+
+    #[test]
+    fn flex_lowers_dense_convolutions_only() {
+        if forced().is_some() {
+            return; // GCA_CONV overrides the policy.
+        }
+        let d = Device::flex();
+        let dense = Conv2dConfig::new([4, 4], [3, 3]).init(&d);
+        let depthwise = Conv2dConfig::new([4, 4], [3, 3]).with_groups(4).init(&d);
+        assert_eq!(conv_impl_for(&dense, &d), ConvImpl::Lowered);
+        assert_eq!(
+            conv_impl_for(&dense, &d.clone().autodiff()),
+            ConvImpl::Lowered
+        );
+        assert_eq!(conv_impl_for(&depthwise, &d), ConvImpl::Burn);
+    }
+
+    #[test]
+    fn pointwise_matches_burn() {
+        check(case(5, 7, 1, 1, PaddingConfig2d::Valid));
+    }
+
+    #[test]
+    fn pointwise_stride2_matches_burn() {
+        check(case(5, 7, 1, 2, PaddingConfig2d::Valid));
+    }
+
+    #[test]
+    fn dense_3x3_padded_matches_burn() {
+        check(case(4, 6, 3, 1, PaddingConfig2d::Explicit(1, 1, 1, 1)));
+    }
+
+    #[test]
+    fn dense_3x3_per_image_path_matches_burn() {
+        // 28 x 26 = 728 output pixels: the image-by-image GEMMs.
+        let mut c = case(3, 4, 3, 1, PaddingConfig2d::Explicit(1, 1, 1, 1));
+        c.size = [28, 26];
+        check(c);
+    }
+
+    #[test]
+    fn pointwise_per_image_path_with_bias_matches_burn() {
+        let mut c = case(3, 4, 1, 1, PaddingConfig2d::Valid);
+        c.size = [28, 26];
+        c.bias = true;
+        check(c);
+    }
+
+    #[test]
+    fn dense_3x3_stride2_padded_matches_burn() {
+        check(case(4, 6, 3, 2, PaddingConfig2d::Explicit(1, 1, 1, 1)));
+    }
+
+    #[test]
+    fn dense_7x7_stride2_pad3_with_bias_matches_burn() {
+        let mut c = case(3, 5, 7, 2, PaddingConfig2d::Explicit(3, 3, 3, 3));
+        c.bias = true;
+        c.size = [13, 12];
+        check(c);
+    }
+
+    #[test]
+    fn dense_same_stride2_matches_burn() {
+        // Even input, stride 2: TensorFlow "SAME" pads one more pixel right and bottom.
+        check(case(3, 4, 3, 2, PaddingConfig2d::Same));
+    }
+
+    #[test]
+    fn depthwise_3x3_same_matches_burn() {
+        let mut c = case(6, 6, 3, 1, PaddingConfig2d::Same);
+        c.groups = 6;
+        check(c);
+    }
+
+    #[test]
+    fn depthwise_5x5_same_stride2_matches_burn() {
+        let mut c = case(6, 6, 5, 2, PaddingConfig2d::Same);
+        c.groups = 6;
+        c.size = [10, 11];
+        check(c);
+    }
+
+    #[test]
+    fn depthwise_3x3_explicit_stride2_with_bias_matches_burn() {
+        let mut c = case(4, 4, 3, 2, PaddingConfig2d::Explicit(1, 1, 1, 1));
+        c.groups = 4;
+        c.bias = true;
+        check(c);
+    }
+
+    #[test]
+    fn other_groups_fall_back_to_burn() {
+        let mut c = case(4, 6, 3, 1, PaddingConfig2d::Explicit(1, 1, 1, 1));
+        c.groups = 2;
+        check(c);
+    }
+}
