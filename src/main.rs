@@ -128,10 +128,11 @@ struct DemoArgs {
     /// Smoke-sized: 32 px images, 2 steps per epoch, 2 epochs, 24 test classes.
     #[arg(long)]
     quick: bool,
-    /// Seeds to run both methods with (comma-separated); two or more measure the seed spread.
-    #[arg(long, value_delimiter = ',', default_value = "0")]
+    /// Seeds to run both methods with (comma-separated); two or more measure the seed spread,
+    /// without which no winner is claimed.
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
     seeds: Vec<u64>,
-    /// Epochs per run (default: the demo preset's).
+    /// Epochs per run (default 3: one warm-up and two full epochs; DEMO.md's setting is 8).
     #[arg(long)]
     epochs: Option<usize>,
 }

@@ -42,7 +42,10 @@ fn forced() -> Option<ConvImpl> {
     *FORCED.get_or_init(|| match std::env::var("GCA_CONV").ok()?.as_str() {
         "burn" => Some(ConvImpl::Burn),
         "lowered" => Some(ConvImpl::Lowered),
-        other => panic!("GCA_CONV must be `burn` or `lowered`, not `{other}`"),
+        other => {
+            eprintln!("warning: GCA_CONV must be `burn` or `lowered`, not `{other}`; ignored");
+            None
+        }
     })
 }
 
