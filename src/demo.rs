@@ -69,7 +69,9 @@ pub fn demo_config(opts: &DemoOptions, generation: bool, seed: u64) -> Result<Ex
 /// One method's results over the seeds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MethodResults {
-    /// Test metrics after the last epoch, averaged over seeds.
+    /// Test metrics after the last epoch, averaged over seeds (at the top level of the
+    /// method's entry in `summary.json`).
+    #[serde(flatten)]
     pub mean: RetrievalMetrics,
     /// Per seed: the test metrics after the last epoch.
     pub per_seed: BTreeMap<String, RetrievalMetrics>,
