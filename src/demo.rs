@@ -17,9 +17,10 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ExperimentConfig;
-use crate::embed::{EmbedOutput, embed_samples};
-use crate::evaluation::{Embeddings, RetrievalMetrics, evaluate};
+use crate::embed::EmbedOutput;
+use crate::evaluation::RetrievalMetrics;
 use crate::search::{GridRow, nearest, result_grid, save_png};
+use crate::training::evaluator::Evaluator;
 use crate::training::plots::{Series, line_chart, recall_curve};
 use crate::training::run_dir::RunDir;
 use crate::training::{self, Observer, RunOptions, RunOutcome, RunSummary, setup};
@@ -172,33 +173,18 @@ fn pretrained_features(
     if opts.quick {
         data.test = data.test.limited(24);
     }
-    let setup::EvalSet::Single(test) = &data.test else {
-        anyhow::bail!("the demo's test set is a single split");
-    };
     let store = Arc::new(training::image_store(
         config,
         Some(opts.out.join("emoji-cache")),
     )?);
-    let settings = training::embed_settings(config, false);
-    let e = embed_samples(
+    let mut evaluator = Evaluator::new(config, store, data.ks.clone(), &device, false);
+    evaluator.output = EmbedOutput::BackboneFeatures;
+    evaluator.metrics(
         &model.embedder,
-        EmbedOutput::BackboneFeatures,
-        Arc::new(test.samples.clone()),
-        store,
-        &settings,
-        &device,
-        &mut |d, t| observer.evaluating("test (pretrained features)", d, t),
-    )?;
-    let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
-    evaluate(
-        &Embeddings {
-            values: &e.values,
-            labels: &labels,
-            dim: e.dim,
-        },
-        &data.ks,
+        &data.test,
+        "test (pretrained features)",
         None,
-        &device,
+        observer,
     )
 }
 

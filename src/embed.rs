@@ -12,6 +12,7 @@ use crate::data::loader::{ImageStore, Loader, LoaderConfig, sequential_plan};
 use crate::data::tensor::images_tensor;
 use crate::data::transform::{Normalisation, Transform};
 use crate::embedding::Embedder;
+use crate::evaluation::Embeddings;
 
 /// How images are prepared for embedding.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -44,6 +45,20 @@ pub struct EmbeddingSet {
 impl EmbeddingSet {
     pub fn rows(&self) -> usize {
         self.labels.len()
+    }
+
+    /// The labels as the metrics take them.
+    pub fn labels_i64(&self) -> Vec<i64> {
+        self.labels.iter().map(|&l| l as i64).collect()
+    }
+
+    /// A view for [`crate::evaluation`], with `labels` from [`labels_i64`](Self::labels_i64).
+    pub fn as_embeddings<'a>(&'a self, labels: &'a [i64]) -> Embeddings<'a> {
+        Embeddings {
+            values: &self.values,
+            labels,
+            dim: self.dim,
+        }
     }
 }
 

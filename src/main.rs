@@ -28,7 +28,8 @@ use gca_hng::search::{
     EmbeddingFiles, GridRow, collect_images, nearest, result_grid, save_png, source_line,
 };
 use gca_hng::state_dict::StoredDtype;
-use gca_hng::training::setup::{self, EvalSet};
+use gca_hng::training::evaluator::Evaluator;
+use gca_hng::training::setup;
 use gca_hng::training::{self, Observer, RunOptions, RunOutcome};
 
 /// GCA-HNG: globally correlation-aware hard negative generation for deep metric learning.
@@ -1059,58 +1060,34 @@ fn run_eval(args: EvalArgs, device: &burn::tensor::Device) -> Result<bool> {
         _ => data.test.clone(),
     };
     let store = Arc::new(training::image_store(&config, None)?);
-    let settings = training::embed_settings(&config, args.skip_bad_images);
+    let mut evaluator = Evaluator::new(
+        &config,
+        store,
+        data.ks.clone(),
+        device,
+        args.skip_bad_images,
+    );
+    evaluator.nmi_seed = (!args.no_nmi).then_some(args.nmi_seed);
     let mut progress = TerminalProgress::new("");
-    let mut embed = |split: &gca_hng::data::Split| {
-        embed_samples(
-            &model.embedder,
-            EmbedOutput::Embedding,
-            Arc::new(split.samples.clone()),
-            store.clone(),
-            &settings,
-            device,
-            &mut |d, t| progress.evaluating(&split.name, d, t),
-        )
-    };
-    let as_i64 = |l: &[usize]| l.iter().map(|&x| x as i64).collect::<Vec<i64>>();
-    let metrics = match &set {
-        EvalSet::Single(split) => {
-            let e = embed(split)?;
-            let labels = as_i64(&e.labels);
-            let seed = (!args.no_nmi).then_some(args.nmi_seed);
-            evaluate(
-                &Embeddings {
-                    values: &e.values,
-                    labels: &labels,
-                    dim: e.dim,
-                },
-                &data.ks,
-                seed,
-                device,
-            )?
-        }
-        EvalSet::QueryGallery { query, gallery } => {
-            let q = embed(query)?;
-            let g = embed(gallery)?;
-            let (ql, gl) = (as_i64(&q.labels), as_i64(&g.labels));
-            evaluate_query_gallery(
-                &Embeddings {
-                    values: &q.values,
-                    labels: &ql,
-                    dim: q.dim,
-                },
-                &Embeddings {
-                    values: &g.values,
-                    labels: &gl,
-                    dim: g.dim,
-                },
-                &data.ks,
-                device,
-            )?
-        }
-    };
+    let metrics = evaluator.metrics(&model.embedder, &set, &args.split, None, &mut progress)?;
     println!("{}", serde_json::to_string_pretty(&metrics)?);
     Ok(true)
+}
+
+/// The model's image store, able to draw embedded emoji whenever `sources` name some (a
+/// model trained on files can still embed icons).
+fn store_for<'a>(
+    config: &ExperimentConfig,
+    mut sources: impl Iterator<Item = &'a gca_hng::data::ImageSource>,
+) -> Result<gca_hng::data::loader::ImageStore> {
+    if sources.any(|s| matches!(s, gca_hng::data::ImageSource::Emoji { .. })) {
+        Ok(gca_hng::data::loader::ImageStore::with_emoji(
+            config.data.resize as u32,
+            None,
+        )?)
+    } else {
+        training::image_store(config, None)
+    }
 }
 
 fn run_embed(args: EmbedArgs, device: &burn::tensor::Device) -> Result<bool> {
@@ -1143,14 +1120,7 @@ fn run_embed(args: EmbedArgs, device: &burn::tensor::Device) -> Result<bool> {
             (samples, false)
         }
     };
-    let needs_emoji = samples
-        .iter()
-        .any(|s| matches!(s.source, gca_hng::data::ImageSource::Emoji { .. }));
-    let store = if needs_emoji {
-        gca_hng::data::loader::ImageStore::with_emoji(config.data.resize as u32, None)?
-    } else {
-        training::image_store(&config, None)?
-    };
+    let store = store_for(&config, samples.iter().map(|s| &s.source))?;
     let settings = training::embed_settings(&config, args.skip_bad_images);
     let mut progress = TerminalProgress::new("");
     let samples = Arc::new(samples);
@@ -1204,15 +1174,7 @@ fn run_search(args: SearchArgs, device: &burn::tensor::Device) -> Result<bool> {
     let gallery = EmbeddingFiles::new(&args.gallery);
     let (matrix, sources) = gallery.read()?;
     let queries = collect_images(&args.queries)?;
-    let any_emoji = queries
-        .iter()
-        .chain(&sources)
-        .any(|s| matches!(s, gca_hng::data::ImageSource::Emoji { .. }));
-    let store = Arc::new(if any_emoji {
-        gca_hng::data::loader::ImageStore::with_emoji(config.data.resize as u32, None)?
-    } else {
-        training::image_store(&config, None)?
-    });
+    let store = Arc::new(store_for(&config, queries.iter().chain(&sources))?);
     let samples: Vec<_> = queries
         .iter()
         .map(|source| gca_hng::data::Sample {

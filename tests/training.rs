@@ -52,6 +52,17 @@ impl Observer for StopAfter {
     }
 }
 
+/// Runs a command and returns its standard output; the test fails with its standard error.
+fn succeed(command: &mut Command) -> Vec<u8> {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 fn model_tensors(path: &Path) -> StateDict {
     StateDict::read_safetensors(path).unwrap()
 }
@@ -195,65 +206,45 @@ fn proxy_anchor_with_warm_up_writes_a_complete_run_folder_and_the_commands_use_i
     assert!(best.get("model.criterion.proxies").is_some());
 
     let bin = env!("CARGO_BIN_EXE_gca-hng");
-    let out = Command::new(bin)
-        .args(["eval", "--run"])
-        .arg(&run)
-        .arg("--no-nmi")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new(bin)
+            .args(["eval", "--run"])
+            .arg(&run)
+            .arg("--no-nmi"),
     );
-    let metrics: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let metrics: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert!(metrics["recall"]["8"].is_number(), "{metrics}");
     // The held-out validation classes can be evaluated too.
-    let out = Command::new(bin)
-        .args(["eval", "--which", "last", "--split", "validation", "--run"])
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new(bin)
+            .args(["eval", "--which", "last", "--split", "validation", "--run"])
+            .arg(&run),
     );
-    let metrics: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let metrics: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert!(metrics["nmi"].is_number(), "{metrics}");
 
     // Embed two icons, then search the run's test embeddings with them.
     let prefix = dir.path().join("q/icons");
-    let out = Command::new(bin)
-        .args(["embed", "emoji:600:0", "emoji:601:1", "--run"])
-        .arg(&run)
-        .arg("--out")
-        .arg(&prefix)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(bin)
+            .args(["embed", "emoji:600:0", "emoji:601:1", "--run"])
+            .arg(&run)
+            .arg("--out")
+            .arg(&prefix),
     );
     let m = gca_hng::npy::read_matrix(&dir.path().join("q/icons.npy")).unwrap();
     assert_eq!((m.rows, m.cols), (2, 16));
     let grid = dir.path().join("grid.png");
-    let out = Command::new(bin)
-        .args(["search", "emoji:600:0", "--top", "3", "--json", "--run"])
-        .arg(&run)
-        .arg("--gallery")
-        .arg(run.join("test-embeddings"))
-        .arg("--grid")
-        .arg(&grid)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new(bin)
+            .args(["search", "emoji:600:0", "--top", "3", "--json", "--run"])
+            .arg(&run)
+            .arg("--gallery")
+            .arg(run.join("test-embeddings"))
+            .arg("--grid")
+            .arg(&grid),
     );
-    let hits: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hits: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let results = hits[0]["results"].as_array().unwrap();
     assert_eq!(results.len(), 3);
     let scores: Vec<f64> = results
@@ -424,22 +415,17 @@ fn sigterm_stops_with_a_checkpoint_that_resumes() {
     );
     assert!(run.join("last.safetensors").exists());
     assert!(!run.join("summary.json").exists());
-    let out = Command::new(bin)
-        .args([
-            "train",
-            "--max-steps-per-epoch",
-            "2",
-            "--eval-class-limit",
-            "4",
-            "--resume",
-        ])
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(bin)
+            .args([
+                "train",
+                "--max-steps-per-epoch",
+                "2",
+                "--eval-class-limit",
+                "4",
+                "--resume",
+            ])
+            .arg(&run),
     );
     assert!(run.join("summary.json").exists());
 }

@@ -7,6 +7,7 @@
 //! `(seed, epoch, position)`, and the dropout and ρ draws of step `s` of epoch `e` from
 //! `(seed, e, s)`. So a run resumed from any checkpoint continues exactly as it would have.
 
+pub mod evaluator;
 pub mod plots;
 pub mod run_dir;
 pub mod setup;
@@ -19,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DatasetKind, ExperimentConfig, SelectOn};
@@ -28,15 +28,16 @@ use crate::data::sampler::{BalancedSampler, SamplerConfig, ShortClass, view_majo
 use crate::data::tensor::images_tensor;
 use crate::data::transform::{RandomResizedCropConfig, Transform};
 use crate::device::DeviceSpec;
-use crate::embed::{EmbedOutput, EmbedSettings, embed_samples};
-use crate::evaluation::{Embeddings, RetrievalMetrics, evaluate, evaluate_query_gallery};
+use crate::embed::EmbedSettings;
+use crate::evaluation::RetrievalMetrics;
 use crate::model::GcaHng;
 use crate::search::EmbeddingFiles;
 use crate::synthesis::SeededMix;
 use crate::train_step::{Batch, LearningRates, StepInputs, StepMetrics, Trainer};
 
+use evaluator::Evaluator;
 use run_dir::RunDir;
-use setup::{EvalSet, RunData};
+use setup::RunData;
 use snapshot::{Best, CheckpointMeta, Progress};
 
 /// Stream tags mixed into the seed so that the run's random streams are unrelated.
@@ -144,97 +145,20 @@ pub enum RunOutcome {
     },
 }
 
-/// Everything evaluation needs besides the model.
-struct Evaluator<'a> {
-    data: &'a RunData,
-    store: Arc<ImageStore>,
-    settings: EmbedSettings,
-    device: Device,
-}
-
-impl Evaluator<'_> {
-    /// Metrics of `set`; with `keep`, its embeddings (In-Shop: the gallery's) are written there.
-    fn metrics(
-        &self,
-        model: &GcaHng,
-        set: &EvalSet,
-        name: &str,
-        keep: Option<&EmbeddingFiles>,
-        observer: &mut dyn Observer,
-    ) -> Result<RetrievalMetrics> {
-        let write = |e: &crate::embed::EmbeddingSet, split: &crate::data::Split| -> Result<()> {
-            if let Some(files) = keep {
-                let sources: Vec<_> = e
-                    .samples
-                    .iter()
-                    .map(|&i| split.samples[i].source.clone())
-                    .collect();
-                let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
-                files.write(&e.values, e.dim, &sources, Some(&labels))?;
-            }
-            Ok(())
-        };
-        let mut embed = |split: &crate::data::Split, what: &str| {
-            embed_samples(
-                &model.embedder,
-                EmbedOutput::Embedding,
-                Arc::new(split.samples.clone()),
-                self.store.clone(),
-                &self.settings,
-                &self.device,
-                &mut |done, total| observer.evaluating(what, done, total),
-            )
-        };
-        match set {
-            EvalSet::Single(split) => {
-                let e = embed(split, name)?;
-                write(&e, split)?;
-                let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
-                let set = Embeddings {
-                    values: &e.values,
-                    labels: &labels,
-                    dim: e.dim,
-                };
-                evaluate(&set, &self.data.ks, None, &self.device.clone().inner())
-            }
-            EvalSet::QueryGallery { query, gallery } => {
-                let q = embed(query, &format!("{name} query"))?;
-                let g = embed(gallery, &format!("{name} gallery"))?;
-                write(&g, gallery)?;
-                let ql: Vec<i64> = q.labels.iter().map(|&l| l as i64).collect();
-                let gl: Vec<i64> = g.labels.iter().map(|&l| l as i64).collect();
-                evaluate_query_gallery(
-                    &Embeddings {
-                        values: &q.values,
-                        labels: &ql,
-                        dim: q.dim,
-                    },
-                    &Embeddings {
-                        values: &g.values,
-                        labels: &gl,
-                        dim: g.dim,
-                    },
-                    &self.data.ks,
-                    &self.device.clone().inner(),
-                )
-            }
-        }
-    }
-
-    /// Validation (when carved) and test metrics.
-    fn all(
-        &self,
-        model: &GcaHng,
-        keep_test: Option<&EmbeddingFiles>,
-        observer: &mut dyn Observer,
-    ) -> Result<(Option<RetrievalMetrics>, RetrievalMetrics)> {
-        let validation = match &self.data.validation {
-            Some(v) => Some(self.metrics(model, v, "validation", None, observer)?),
-            None => None,
-        };
-        let test = self.metrics(model, &self.data.test, "test", keep_test, observer)?;
-        Ok((validation, test))
-    }
+/// Validation (when carved) and test metrics of `model`.
+fn evaluate_run(
+    evaluator: &Evaluator,
+    data: &RunData,
+    model: &GcaHng,
+    keep_test: Option<&EmbeddingFiles>,
+    observer: &mut dyn Observer,
+) -> Result<(Option<RetrievalMetrics>, RetrievalMetrics)> {
+    let validation = match &data.validation {
+        Some(v) => Some(evaluator.metrics(&model.embedder, v, "validation", None, observer)?),
+        None => None,
+    };
+    let test = evaluator.metrics(&model.embedder, &data.test, "test", keep_test, observer)?;
+    Ok((validation, test))
 }
 
 /// Recall@1 of the split the run selects on.
@@ -352,12 +276,13 @@ pub fn train(
         sampler.epoch();
     }
     let samples = Arc::new(train_split.samples.clone());
-    let evaluator = Evaluator {
-        data: &data,
-        store: store.clone(),
-        settings: embed_settings(config, opts.skip_bad_images),
-        device: device.clone(),
-    };
+    let evaluator = Evaluator::new(
+        config,
+        store.clone(),
+        data.ks.clone(),
+        &device,
+        opts.skip_bad_images,
+    );
     let meta = |progress: Option<Progress>| CheckpointMeta {
         config_toml: config_toml.clone(),
         num_classes,
@@ -369,7 +294,7 @@ pub fn train(
 
     if opts.evaluate_untrained && progress.records.is_empty() && progress.epoch == 0 {
         let t = Instant::now();
-        let (validation, test) = evaluator.all(&model, None, observer)?;
+        let (validation, test) = evaluate_run(&evaluator, &data, &model, None, observer)?;
         let record = EpochRecord {
             epoch: 0,
             losses: BTreeMap::new(),
@@ -514,7 +439,8 @@ pub fn train(
         if due {
             let t = Instant::now();
             let keep = (epoch + 1 == epochs).then(|| run.test_embeddings());
-            let (validation, test) = evaluator.all(&model, keep.as_ref(), observer)?;
+            let (validation, test) =
+                evaluate_run(&evaluator, &data, &model, keep.as_ref(), observer)?;
             record.validation = validation;
             record.test = Some(test);
             record.eval_seconds = t.elapsed().as_secs_f64();
