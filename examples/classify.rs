@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
-use gca_hng::backbone::classify::{classify, load_efficientnet_lite0};
+use gca_hng::backbones::classify::{classify, load_efficientnet_lite0};
 
 fn main() -> Result<()> {
     let mut weights = PathBuf::from(concat!(

@@ -17,13 +17,14 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ExperimentConfig;
-use crate::embed::EmbedOutput;
-use crate::evaluation::RetrievalMetrics;
-use crate::search::{GridRow, nearest, result_grid, save_png};
-use crate::training::evaluator::Evaluator;
-use crate::training::plots::{Series, line_chart, recall_curve};
-use crate::training::run_dir::RunDir;
-use crate::training::{self, Observer, RunOptions, RunOutcome, RunSummary, setup};
+use crate::eval::embed::EmbedOutput;
+use crate::eval::grid::{GridRow, result_grid, save_png};
+use crate::eval::metrics::RetrievalMetrics;
+use crate::eval::topk::nearest;
+use crate::train::evaluator::Evaluator;
+use crate::train::plots::{Series, line_chart, recall_curve};
+use crate::train::run_dir::RunDir;
+use crate::train::{self, Observer, RunOptions, RunOutcome, RunSummary, setup};
 
 /// What the demo runs.
 #[derive(Clone, Debug)]
@@ -148,7 +149,7 @@ fn run_one(
         ro.max_steps_per_epoch = Some(2);
         ro.eval_class_limit = Some(24);
     }
-    match training::train(&config, &ro, observer)? {
+    match train::train(&config, &ro, observer)? {
         RunOutcome::Finished(s) => Ok(Some(*s)),
         RunOutcome::Interrupted { .. } => Ok(None),
     }
@@ -173,7 +174,7 @@ fn pretrained_features(
     if opts.quick {
         data.test = data.test.limited(24);
     }
-    let store = Arc::new(training::image_store(
+    let store = Arc::new(train::image_store(
         config,
         Some(opts.out.join("emoji-cache")),
     )?);
@@ -282,7 +283,7 @@ pub fn run_demo(
     );
     summary.test_images = write_gallery(&config, opts, &gca_run, &opts.out.join("gallery.png"))?;
     summary.seconds = started.elapsed().as_secs_f64();
-    crate::training::snapshot::write_atomic(
+    crate::io::atomic::write_atomic(
         &opts.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
@@ -319,7 +320,7 @@ pub fn write_gallery(
 ) -> Result<usize> {
     let files = run.test_embeddings();
     let (matrix, sources) = files.read()?;
-    let labels = crate::npy::read_labels(&files.labels())?;
+    let labels = crate::io::npy::read_labels(&files.labels())?;
     let n = matrix.rows;
     let queries: Vec<usize> = (0..8)
         .map(|i| (i * n) / 8 + (n / 16))
@@ -344,7 +345,7 @@ pub fn write_gallery(
                 .collect(),
         })
         .collect();
-    let store = training::image_store(config, Some(opts.out.join("emoji-cache")))?;
+    let store = train::image_store(config, Some(opts.out.join("emoji-cache")))?;
     save_png(&result_grid(&store, &rows, 64)?, path)?;
     Ok(n)
 }

@@ -1,33 +1,20 @@
 //! GCA-HNG: Globally Correlation-aware Hard Negative Generation for deep metric learning
 //! (Peng et al., IJCV 2025), on burn.
 //!
-//! The data flows one way: backbone -> [`embedding`] -> [`graph`] -> [`gnn`] -> [`synthesis`]
-//! -> [`losses`] -> [`optim`], put together by [`train_step`]. [`reference`] checks the whole
-//! chain against dumps of the authors' release. [`data`] reads the datasets and feeds batches.
+//! [`method`] is the paper (embedder, graph, GNN, synthesis, losses); [`nn`] the PyTorch-exact
+//! building blocks it trains with. Around it: [`backbones`] and [`data`] feed it, [`train`]
+//! runs the step and the run loop, [`eval`] measures and retrieves, [`io`] reads and writes
+//! files, [`verify`] checks everything against the authors' release, [`bench`] times it.
 
-pub mod backbone;
-pub mod backbone_check;
+pub mod backbones;
 pub mod bench;
-pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod demo;
 pub mod device;
-pub mod embed;
-pub mod embedding;
-pub mod evaluation;
-pub mod gnn;
-pub mod graph;
-pub mod losses;
-pub mod model;
-pub mod norm;
-pub mod npy;
-pub mod optim;
-pub mod progress;
-pub mod proxy_anchor;
-pub mod reference;
-pub mod search;
-pub mod state_dict;
-pub mod synthesis;
-pub mod train_step;
-pub mod training;
+pub mod eval;
+pub mod io;
+pub mod method;
+pub mod nn;
+pub mod train;
+pub mod verify;

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use gca_hng::backbone::EfficientNetLiteConfig;
-use gca_hng::backbone_check::{Arch, verify_backbone};
-use gca_hng::checkpoint::read_weights;
-use gca_hng::state_dict::{HostTensor, load_torch};
+use gca_hng::backbones::EfficientNetLiteConfig;
+use gca_hng::io::state_dict::{HostTensor, load_torch};
+use gca_hng::io::weights::read_weights;
+use gca_hng::verify::backbone::{Arch, verify_backbone};
 
 fn fixtures() -> Option<PathBuf> {
     let dir = std::env::var_os("GCA_HNG_BACKBONE_DIR")
@@ -138,7 +138,7 @@ fn weights_of_another_architecture_are_rejected_with_their_keys() {
 fn a_missing_expected_output_is_a_failure() {
     let Some(dir) = fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let mut expected = gca_hng::state_dict::StateDict::read_safetensors(
+    let mut expected = gca_hng::io::state_dict::StateDict::read_safetensors(
         &dir.join("googlenet_expected.safetensors"),
     )
     .unwrap();

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use gca_hng::reference::verify_reference;
-use gca_hng::state_dict::StateDict;
+use gca_hng::io::state_dict::StateDict;
+use gca_hng::verify::reference::verify_reference;
 
 fn repo_dump() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.safetensors")
@@ -88,7 +88,7 @@ fn an_unknown_tensor_is_reported() {
     let mut dict = StateDict::read_safetensors(&repo_dump()).unwrap();
     dict.insert(
         "fwd.something_new",
-        gca_hng::state_dict::HostTensor::new(vec![1], vec![1.0]),
+        gca_hng::io::state_dict::HostTensor::new(vec![1], vec![1.0]),
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("extra.safetensors");
@@ -105,7 +105,7 @@ fn missing_and_unexpected_weights_are_named() {
     dict.tensors.remove("init.gnn.dim_red.bias");
     dict.insert(
         "init.gnn.extra",
-        gca_hng::state_dict::HostTensor::new(vec![1], vec![0.0]),
+        gca_hng::io::state_dict::HostTensor::new(vec![1], vec![0.0]),
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.safetensors");

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use gca_hng::config::{BaseLoss, ExperimentConfig, SelectOn};
-use gca_hng::state_dict::StateDict;
-use gca_hng::train_step::StepMetrics;
-use gca_hng::training::{Observer, RunOptions, RunOutcome, train};
+use gca_hng::io::state_dict::StateDict;
+use gca_hng::train::step::StepMetrics;
+use gca_hng::train::{Observer, RunOptions, RunOutcome, train};
 
 /// Training draws dropout masks from the backend's global generator, seeded per step; runs in
 /// parallel threads of this process would interleave their draws.
@@ -74,12 +74,7 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let config = tiny_config();
 
     let whole = dir.path().join("whole");
-    let outcome = train(
-        &config,
-        &tiny_options(&whole),
-        &mut gca_hng::training::Silent,
-    )
-    .unwrap();
+    let outcome = train(&config, &tiny_options(&whole), &mut gca_hng::train::Silent).unwrap();
     assert!(matches!(outcome, RunOutcome::Finished(_)));
 
     // Stopped inside the second epoch (after step 1 of 3), then resumed.
@@ -97,7 +92,7 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let mut resumed = tiny_options(&split);
     resumed.resume = true;
     let RunOutcome::Finished(summary) =
-        train(&config, &resumed, &mut gca_hng::training::Silent).unwrap()
+        train(&config, &resumed, &mut gca_hng::train::Silent).unwrap()
     else {
         panic!("the resumed run should finish")
     };
@@ -137,20 +132,16 @@ fn an_interrupted_run_resumes_to_the_same_result() {
         assert_eq!(x["test"], y["test"]);
     }
     // A fresh run into a folder that holds one is refused.
-    let err = train(
-        &config,
-        &tiny_options(&whole),
-        &mut gca_hng::training::Silent,
-    )
-    .err()
-    .unwrap();
+    let err = train(&config, &tiny_options(&whole), &mut gca_hng::train::Silent)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("--resume"), "{err}");
     // Resuming with another configuration is refused.
     let mut other = config.clone();
     other.optim.lr = 1.0;
     let mut again = tiny_options(&split);
     again.resume = true;
-    let err = train(&other, &again, &mut gca_hng::training::Silent)
+    let err = train(&other, &again, &mut gca_hng::train::Silent)
         .err()
         .unwrap();
     assert!(err.to_string().contains("configuration differs"), "{err}");
@@ -167,8 +158,7 @@ fn proxy_anchor_with_warm_up_writes_a_complete_run_folder_and_the_commands_use_i
     let run = dir.path().join("pa");
     let mut opts = tiny_options(&run);
     opts.evaluate_untrained = true;
-    let RunOutcome::Finished(summary) =
-        train(&config, &opts, &mut gca_hng::training::Silent).unwrap()
+    let RunOutcome::Finished(summary) = train(&config, &opts, &mut gca_hng::train::Silent).unwrap()
     else {
         panic!("should finish")
     };
@@ -232,7 +222,7 @@ fn proxy_anchor_with_warm_up_writes_a_complete_run_folder_and_the_commands_use_i
             .arg("--out")
             .arg(&prefix),
     );
-    let m = gca_hng::npy::read_matrix(&dir.path().join("q/icons.npy")).unwrap();
+    let m = gca_hng::io::npy::read_matrix(&dir.path().join("q/icons.npy")).unwrap();
     assert_eq!((m.rows, m.cols), (2, 16));
     let grid = dir.path().join("grid.png");
     let out = succeed(
@@ -265,7 +255,7 @@ fn the_baseline_trains_without_graph_losses() {
     config.train.epochs = 1;
     let run = dir.path().join("base");
     let RunOutcome::Finished(s) =
-        train(&config, &tiny_options(&run), &mut gca_hng::training::Silent).unwrap()
+        train(&config, &tiny_options(&run), &mut gca_hng::train::Silent).unwrap()
     else {
         panic!("should finish")
     };

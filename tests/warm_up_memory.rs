@@ -6,9 +6,9 @@
 use burn::tensor::{Device, Distribution, Tensor};
 
 use gca_hng::config::ExperimentConfig;
-use gca_hng::synthesis::SeededMix;
-use gca_hng::train_step::{Batch, LossHistory, StepInputs, Trainer};
-use gca_hng::training::setup;
+use gca_hng::method::synthesis::SeededMix;
+use gca_hng::train::setup;
+use gca_hng::train::step::{Batch, LossHistory, StepInputs, Trainer};
 
 /// Resident-set size of this process in MB (Linux).
 fn resident_mb() -> Option<f64> {
@@ -36,7 +36,7 @@ fn warm_up_steps_do_not_accumulate_memory() {
         setup::layout(&config),
     );
     let labels: Vec<usize> = (0..16).map(|i| i % 8).collect();
-    let mut step = |model: gca_hng::model::GcaHng| {
+    let mut step = |model: gca_hng::method::model::GcaHng| {
         let batch = Batch {
             images: Tensor::<4>::random([16, 3, 64, 64], Distribution::Default, &device),
             labels: labels.clone(),

@@ -6,7 +6,6 @@
 //! normalised CHW floats, and [`loader`] runs both on worker threads ahead of the model. Only
 //! [`tensor`] knows about burn.
 
-pub mod bench;
 pub mod cars;
 pub mod cub;
 pub mod emoji;
@@ -20,6 +19,7 @@ pub mod loader;
 pub mod mat5;
 pub mod sampler;
 pub mod sop;
+pub mod sources;
 pub mod tensor;
 pub mod text;
 pub mod transform;

@@ -1,0 +1,424 @@
+//! Experiment configuration: every setting of a training run, the release's twelve presets and
+//! the demo, TOML in and out, and `key=value` overrides.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+mod presets;
+
+pub use presets::PRESETS;
+
+pub use crate::method::losses::{BaseLoss, HardnessMasking};
+
+pub use crate::data::DatasetKind;
+
+/// Backbone architectures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackboneKind {
+    Resnet50,
+    Googlenet,
+    VitS16,
+    EfficientnetLite0,
+}
+
+/// What the backbone's BatchNorm layers do while training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchNormMode {
+    /// Batch statistics, affine parameters trained.
+    Train,
+    /// Running statistics, affine parameters trained (the release's `bn_freeze` for GoogLeNet,
+    /// and the demo).
+    Eval,
+    /// Running statistics, affine parameters frozen (the release's `bn_freeze` for ResNet-50).
+    Frozen,
+}
+
+/// Where the best epoch is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SelectOn {
+    /// A validation split carved from the training classes (our default).
+    Validation,
+    /// The test set (the release's protocol; optimistic).
+    Test,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub kind: DatasetKind,
+    /// Dataset root; unused for `emoji`.
+    pub root: Option<String>,
+    /// Training crop size (pixels).
+    pub image_size: usize,
+    /// Test images: resize the shorter side to this, then centre-crop `image_size`.
+    pub resize: usize,
+    /// RandomResizedCrop scale range.
+    pub crop_scale: [f64; 2],
+    /// RandomResizedCrop aspect-ratio range.
+    pub crop_ratio: [f64; 2],
+    /// C: classes per batch.
+    pub classes_per_batch: usize,
+    /// P: images per class.
+    pub per_class: usize,
+    /// Share of the training classes held out for model selection (0 disables).
+    pub validation_fraction: f64,
+    /// Loader threads.
+    pub workers: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub backbone: BackboneKind,
+    /// Pretrained weights (`.pth` or `.safetensors`); the embedded EfficientNet-Lite0 when
+    /// absent for that backbone.
+    pub weights: Option<String>,
+    /// ResNet-50 pooling: `avg`, `max` or `avg+max`.
+    pub pooling: String,
+    pub batch_norm: BatchNormMode,
+    /// Embedding width d.
+    pub embedding: usize,
+    pub gnn_layers: usize,
+    pub heads: usize,
+    pub attention_dropout: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    pub base: BaseLoss,
+    /// `false` trains the plain baseline (no graph, no synthesis).
+    pub generation: bool,
+    pub masking: HardnessMasking,
+    pub alpha: f64,
+    pub beta: f64,
+    pub softmax_factor: f64,
+    pub div_weight: f64,
+    pub dot_weight: f64,
+    pub proxy_margin: f64,
+    pub proxy_alpha: f64,
+    /// Proxy learning rate = `lr * proxy_lr_ratio` (100 in the Proxy-Anchor paper).
+    pub proxy_lr_ratio: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Backbone learning rate.
+    pub lr: f64,
+    /// Embedding head learning rate = `lr * embedding_ratio`.
+    pub embedding_ratio: f64,
+    pub gnn_lr: f64,
+    pub classifier_lr: f64,
+    pub weight_decay: f64,
+    pub classifier_weight_decay: f64,
+    /// Clip embedder and GNN gradients by value; 0 disables.
+    pub grad_clip: f64,
+    /// StepLR of the embedder: every `metric_decay_steps` epochs multiply by `metric_gamma`.
+    pub metric_decay_steps: usize,
+    pub metric_gamma: f64,
+    /// Epochs during which only the embedding head trains.
+    pub warm_up_epochs: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub eval_every: usize,
+    pub seed: u64,
+    pub device: String,
+    pub out: String,
+    pub select_on: SelectOn,
+}
+
+/// Every setting of one experiment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub loss: LossConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+}
+
+impl ExperimentConfig {
+    /// Reads a TOML file; errors name the file, and the key or line at fault.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let config: Self =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The full configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serialises")
+    }
+
+    /// Applies `key=value` overrides (dotted keys such as `optim.lr=3e-4`). Values are TOML
+    /// literals; a bare word is taken as a string. Unknown keys and values of the wrong type are
+    /// errors naming the key.
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self> {
+        let mut tree = toml::Value::try_from(&self).expect("a config always serialises");
+        for item in overrides {
+            let Some((key, raw)) = item.split_once('=') else {
+                bail!("override `{item}` is not of the form key=value");
+            };
+            let key = key.trim();
+            let value = parse_value(raw.trim());
+            let parts: Vec<&str> = key.split('.').collect();
+            set_path(&mut tree, &parts, value, key)?;
+            // Checked one override at a time so that a type error names its key.
+            tree.clone()
+                .try_into::<Self>()
+                .map_err(|e| anyhow::anyhow!("`{key}`: {}", e.message()))?;
+        }
+        let config: Self = tree
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("bad override: {}", e.message()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that the types alone do not; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.data;
+        let m = &self.model;
+        let o = &self.optim;
+        let check = |ok: bool, key: &str, why: &str| -> Result<()> {
+            if ok { Ok(()) } else { bail!("`{key}` {why}") }
+        };
+        check(
+            d.classes_per_batch >= 2,
+            "data.classes_per_batch",
+            "must be at least 2",
+        )?;
+        check(d.per_class >= 2, "data.per_class", "must be at least 2")?;
+        check(d.image_size >= 16, "data.image_size", "must be at least 16")?;
+        check(
+            d.resize >= d.image_size,
+            "data.resize",
+            "must be at least data.image_size",
+        )?;
+        check(
+            0.0 < d.crop_scale[0] && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0,
+            "data.crop_scale",
+            "must be [low, high] with 0 < low <= high <= 1",
+        )?;
+        check(
+            0.0 < d.crop_ratio[0] && d.crop_ratio[0] <= d.crop_ratio[1],
+            "data.crop_ratio",
+            "must be [low, high] with 0 < low <= high",
+        )?;
+        check(
+            (0.0..0.9).contains(&d.validation_fraction),
+            "data.validation_fraction",
+            "must be in [0, 0.9)",
+        )?;
+        check(
+            d.kind == DatasetKind::Emoji || d.root.is_some(),
+            "data.root",
+            "is required for this dataset kind",
+        )?;
+        check(
+            matches!(m.pooling.as_str(), "avg" | "max" | "avg+max"),
+            "model.pooling",
+            "must be avg, max or avg+max",
+        )?;
+        check(m.embedding > 0, "model.embedding", "must be positive")?;
+        check(
+            m.heads > 0 && m.embedding.is_multiple_of(m.heads),
+            "model.heads",
+            "must divide model.embedding",
+        )?;
+        check(m.gnn_layers >= 1, "model.gnn_layers", "must be at least 1")?;
+        check(
+            (0.0..1.0).contains(&m.attention_dropout),
+            "model.attention_dropout",
+            "must be in [0, 1)",
+        )?;
+        for (key, v) in [
+            ("optim.lr", o.lr),
+            ("optim.gnn_lr", o.gnn_lr),
+            ("optim.classifier_lr", o.classifier_lr),
+            ("optim.embedding_ratio", o.embedding_ratio),
+        ] {
+            check(v > 0.0 && v.is_finite(), key, "must be positive")?;
+        }
+        check(
+            o.weight_decay >= 0.0,
+            "optim.weight_decay",
+            "must not be negative",
+        )?;
+        check(
+            o.grad_clip >= 0.0,
+            "optim.grad_clip",
+            "must not be negative",
+        )?;
+        check(
+            o.metric_decay_steps >= 1,
+            "optim.metric_decay_steps",
+            "must be at least 1",
+        )?;
+        check(self.train.epochs >= 1, "train.epochs", "must be at least 1")?;
+        check(
+            self.train.eval_every >= 1,
+            "train.eval_every",
+            "must be at least 1",
+        )?;
+        self.train
+            .device
+            .parse::<crate::device::DeviceSpec>()
+            .map_err(|e| anyhow::anyhow!("`train.device`: {e}"))?;
+        Ok(())
+    }
+
+    /// Learning rates of an epoch: StepLR for the embedder, cosine over all epochs for the GNN
+    /// (`CosineAnnealingLR(T_max = epochs)`), constant for the classifier.
+    pub fn learning_rates(&self, epoch: usize) -> crate::train::step::LearningRates {
+        let o = &self.optim;
+        let step = o.metric_gamma.powi((epoch / o.metric_decay_steps) as i32);
+        let t = self.train.epochs as f64;
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / t).cos());
+        crate::train::step::LearningRates {
+            backbone: o.lr * step,
+            head: o.lr * o.embedding_ratio * step,
+            gnn: o.gnn_lr * cosine,
+            classifier: o.classifier_lr,
+            proxies: o.lr * self.loss.proxy_lr_ratio * step,
+        }
+    }
+}
+
+fn set_path(node: &mut toml::Value, parts: &[&str], value: toml::Value, key: &str) -> Result<()> {
+    let table = node
+        .as_table_mut()
+        .with_context(|| format!("unknown key `{key}`"))?;
+    match parts {
+        [last] => {
+            if !table.contains_key(*last) && !is_optional_key(key) {
+                bail!("unknown key `{key}`");
+            }
+            table.insert(last.to_string(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let child = table
+                .get_mut(*first)
+                .with_context(|| format!("unknown key `{key}`"))?;
+            set_path(child, rest, value, key)
+        }
+        [] => bail!("empty key in override"),
+    }
+}
+
+/// Optional keys may be absent from the serialised tree and still be set.
+fn is_optional_key(key: &str) -> bool {
+    matches!(key, "data.root" | "model.weights")
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    // Parse as the right-hand side of a TOML assignment; fall back to a plain string.
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_is_valid_and_round_trips_through_toml() {
+        for name in PRESETS {
+            let c = ExperimentConfig::preset(name).unwrap();
+            c.validate().unwrap();
+            let back: ExperimentConfig = toml::from_str(&c.to_toml()).unwrap();
+            assert_eq!(back, c, "{name}");
+        }
+    }
+
+    #[test]
+    fn presets_follow_the_release_table() {
+        let c = ExperimentConfig::preset("cub-resnet50").unwrap();
+        assert_eq!((c.data.classes_per_batch, c.data.per_class), (27, 3));
+        assert_eq!((c.loss.div_weight, c.loss.dot_weight), (60.0, 20.0));
+        assert_eq!(c.model.batch_norm, BatchNormMode::Frozen);
+        assert_eq!(c.optim.warm_up_epochs, 2);
+        let c = ExperimentConfig::preset("inshop-googlenet").unwrap();
+        assert_eq!((c.model.gnn_layers, c.model.heads), (1, 2));
+        assert_eq!((c.loss.alpha, c.train.epochs), (2.0, 200));
+        let c = ExperimentConfig::preset("sop-dino").unwrap();
+        assert_eq!((c.model.embedding, c.optim.lr), (384, 1.5e-5));
+    }
+
+    #[test]
+    fn overrides_set_values_and_name_bad_keys() {
+        let c = ExperimentConfig::preset("cub-resnet50").unwrap();
+        let c = c
+            .with_overrides(&[
+                "optim.lr=3e-4".into(),
+                "loss.masking=release".into(),
+                "data.root=/x".into(),
+            ])
+            .unwrap();
+        assert_eq!(c.optim.lr, 3e-4);
+        assert_eq!(c.loss.masking, HardnessMasking::Release);
+        assert_eq!(c.data.root.as_deref(), Some("/x"));
+        let base = ExperimentConfig::preset("cub-resnet50").unwrap();
+        let err = base
+            .clone()
+            .with_overrides(&["optim.lrr=1".into()])
+            .unwrap_err();
+        assert!(err.to_string().contains("optim.lrr"), "{err}");
+        let err = base
+            .clone()
+            .with_overrides(&["model.heads=3".into()])
+            .unwrap_err();
+        assert!(err.to_string().contains("model.heads"), "{err}");
+        let err = base
+            .clone()
+            .with_overrides(&["optim.lr=fast".into()])
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("lr"), "{err:#}");
+        let err = base.with_overrides(&["nonsense".into()]).unwrap_err();
+        assert!(err.to_string().contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn a_file_with_an_unknown_key_names_it_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.toml");
+        let text = ExperimentConfig::demo()
+            .to_toml()
+            .replace("[loss]", "[loss]\ntypo = 1");
+        std::fs::write(&path, text).unwrap();
+        let err = format!("{:#}", ExperimentConfig::from_file(&path).unwrap_err());
+        assert!(err.contains("x.toml") && err.contains("typo"), "{err}");
+    }
+
+    #[test]
+    fn schedules_match_pytorch() {
+        let c = ExperimentConfig::preset("cub-resnet50").unwrap();
+        let lr0 = c.learning_rates(0);
+        assert_eq!(lr0.backbone, 1.5e-4);
+        assert_eq!(lr0.gnn, 1.5e-4);
+        // StepLR(step 10, gamma 0.5): epoch 25 -> 0.25x.
+        assert!((c.learning_rates(25).backbone - 1.5e-4 * 0.25).abs() < 1e-15);
+        // Cosine over 100 epochs: half-way -> half.
+        assert!((c.learning_rates(50).gnn - 0.75e-4).abs() < 1e-12);
+        assert_eq!(c.learning_rates(99).classifier, 1e-3);
+    }
+}

@@ -1,0 +1,55 @@
+//! Images named on a command line: files, folders of image files and embedded emoji icons.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::data::ImageSource;
+use crate::io::embedding_files::parse_source_line;
+
+/// Image files given on a command line: files as they are, folders expanded to the image
+/// files inside them (recursively, sorted), and `emoji:CLASS:ICON` for embedded icons.
+pub fn collect_images(args: &[PathBuf]) -> Result<Vec<ImageSource>> {
+    const EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff"];
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read folder {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for arg in args {
+        let text = arg.to_string_lossy();
+        if text.starts_with("emoji:") {
+            out.push(
+                parse_source_line(&text)
+                    .with_context(|| format!("`{text}` is not of the form emoji:CLASS:ICON"))?,
+            );
+        } else if arg.is_dir() {
+            let mut files = Vec::new();
+            walk(arg, &mut files)?;
+            if files.is_empty() {
+                bail!("{} holds no image files", arg.display());
+            }
+            out.extend(files.into_iter().map(ImageSource::File));
+        } else if arg.is_file() {
+            out.push(ImageSource::File(arg.clone()));
+        } else {
+            bail!("{} does not exist", arg.display());
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,132 @@
+//! Embedding images with a trained embedder: the test-time transform, batched forward passes
+//! in evaluation mode (running BatchNorm statistics, no autodiff), one row per image.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use burn::module::Module;
+use burn::tensor::Device;
+
+use crate::data::Sample;
+use crate::data::loader::{ImageStore, Loader, LoaderConfig, sequential_plan};
+use crate::data::tensor::images_tensor;
+use crate::data::transform::{Normalisation, Transform};
+use crate::eval::metrics::Embeddings;
+use crate::method::embedder::Embedder;
+
+/// How images are prepared for embedding.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EmbedSettings {
+    /// Resize the shorter side to this...
+    pub resize: u32,
+    /// ...then take the centred square of this side.
+    pub crop: u32,
+    pub normalisation: Normalisation,
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Decoding threads.
+    pub threads: usize,
+    /// Leave out unreadable images instead of stopping.
+    pub skip_bad_images: bool,
+}
+
+/// Embeddings of a list of samples.
+#[derive(Clone, Debug, Default)]
+pub struct EmbeddingSet {
+    /// Row-major `[rows, dim]`, not normalised.
+    pub values: Vec<f32>,
+    pub dim: usize,
+    /// Index into the input samples of every row (all of them unless images were skipped).
+    pub samples: Vec<usize>,
+    /// Label of every row.
+    pub labels: Vec<usize>,
+}
+
+impl EmbeddingSet {
+    pub fn rows(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// The labels as the metrics take them.
+    pub fn labels_i64(&self) -> Vec<i64> {
+        self.labels.iter().map(|&l| l as i64).collect()
+    }
+
+    /// A view for [`crate::eval::metrics`], with `labels` from [`labels_i64`](Self::labels_i64).
+    pub fn as_embeddings<'a>(&'a self, labels: &'a [i64]) -> Embeddings<'a> {
+        Embeddings {
+            values: &self.values,
+            labels,
+            dim: self.dim,
+        }
+    }
+}
+
+/// What [`embed_samples`] returns for each image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbedOutput {
+    /// The embedding `z` (what retrieval uses).
+    Embedding,
+    /// The backbone's pooled features, before the embedding head.
+    BackboneFeatures,
+}
+
+/// Embeds `samples` with `embedder`, calling `progress(done, total)` after every batch.
+pub fn embed_samples(
+    embedder: &Embedder,
+    output: EmbedOutput,
+    samples: Arc<Vec<Sample>>,
+    store: Arc<ImageStore>,
+    settings: &EmbedSettings,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EmbeddingSet> {
+    // Evaluation mode: BatchNorm on running statistics, dropout off, no autodiff graph.
+    let embedder = embedder.valid();
+    let device = device.clone().inner();
+    let total = samples.len();
+    let plan = sequential_plan(total, settings.batch);
+    let loader = Loader::spawn(
+        samples,
+        store,
+        plan,
+        Transform::Eval {
+            resize: settings.resize,
+            crop: settings.crop,
+        },
+        0,
+        LoaderConfig {
+            threads: settings.threads.max(1),
+            prefetch: 2,
+            seed: 0,
+            normalisation: settings.normalisation,
+            skip_bad_images: settings.skip_bad_images,
+            skip_batches: 0,
+        },
+    )?;
+    let mut out = EmbeddingSet::default();
+    let mut done = 0;
+    for batch in loader {
+        let batch = batch?;
+        done += batch.rows() + batch.skipped.len();
+        if batch.rows() > 0 {
+            let images = images_tensor(&batch, &device);
+            let z = match output {
+                EmbedOutput::Embedding => embedder.forward(images),
+                EmbedOutput::BackboneFeatures => embedder.backbone.forward(images),
+            };
+            let [_, dim] = z.dims();
+            out.dim = dim;
+            out.values.extend(
+                z.into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .map_err(|e| anyhow::anyhow!("reading embeddings: {e:?}"))?,
+            );
+            out.samples.extend_from_slice(&batch.samples);
+            out.labels.extend_from_slice(&batch.labels);
+        }
+        progress(done, total);
+    }
+    Ok(out)
+}

@@ -1,0 +1,439 @@
+//! Retrieval metrics (METHOD.md section 8): Recall@k, MAP@R, R-Precision and NMI.
+//!
+//! Embeddings are L2-normalised and compared by cosine similarity. Similarities are computed
+//! one block of queries at a time on the chosen device (never an N x N matrix), and each block's
+//! rows are ranked on the host in parallel. All values are reported x100, like the release.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::eval::nmi::nmi_of_kmeans;
+
+/// Queries per block are chosen so that one block of similarities stays under this many floats
+/// (256 MB).
+const BLOCK_FLOATS: usize = 64 << 20;
+
+/// The metrics of one evaluation, x100.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalMetrics {
+    /// Recall@k for each requested k (keys are k).
+    pub recall: BTreeMap<String, f64>,
+    pub map_at_r: f64,
+    pub r_precision: f64,
+    /// Normalised mutual information of a seeded k-means clustering (k = number of classes);
+    /// `None` when not computed.
+    pub nmi: Option<f64>,
+    /// Queries that have no other item of their label: they count in Recall@k as misses, and are
+    /// left out of MAP@R and R-Precision (their R is 0).
+    pub queries_without_positives: usize,
+}
+
+/// A set of L2-normalisable embeddings with labels.
+pub struct Embeddings<'a> {
+    /// Row-major `[n, dim]`.
+    pub values: &'a [f32],
+    pub labels: &'a [i64],
+    pub dim: usize,
+}
+
+impl Embeddings<'_> {
+    fn check(&self, what: &str) -> Result<usize> {
+        if self.dim == 0 || !self.values.len().is_multiple_of(self.dim) {
+            bail!(
+                "{what}: {} values do not form rows of width {}",
+                self.values.len(),
+                self.dim
+            );
+        }
+        let n = self.values.len() / self.dim;
+        if n != self.labels.len() {
+            bail!("{what}: {n} embeddings but {} labels", self.labels.len());
+        }
+        if n == 0 {
+            bail!("{what}: no embeddings");
+        }
+        if let Some(i) = self.values.iter().position(|v| !v.is_finite()) {
+            bail!("{what}: value {i} (row {}) is not finite", i / self.dim);
+        }
+        Ok(n)
+    }
+
+    fn normalized(&self) -> Vec<f32> {
+        let mut out = self.values.to_vec();
+        out.par_chunks_mut(self.dim).for_each(|row| {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|v| *v /= norm);
+        });
+        out
+    }
+}
+
+/// What one query's ranking yields.
+#[derive(Clone, Copy, Debug, Default)]
+struct QueryOutcome {
+    /// Rank (0-based) of the first same-label item in the tie-broken ranking, if any.
+    first_hit: Option<usize>,
+    /// Other-label items scoring strictly above the best same-label item (In-Shop's rule).
+    above_best: usize,
+    /// Average precision at R and R-Precision; `None` when R = 0.
+    ap_at_r: Option<f64>,
+    r_precision: Option<f64>,
+}
+
+/// Ranks one row of similarities. `exclude` is the query's own index in the gallery, if any.
+fn rank_row(
+    scores: &[f32],
+    gallery_labels: &[i64],
+    label: i64,
+    exclude: Option<usize>,
+    r: usize,
+    top: usize,
+) -> QueryOutcome {
+    let mut best_same = f32::NEG_INFINITY;
+    for (j, (&s, &l)) in scores.iter().zip(gallery_labels).enumerate() {
+        if l == label && Some(j) != exclude && s > best_same {
+            best_same = s;
+        }
+    }
+    let above_best = if best_same == f32::NEG_INFINITY {
+        usize::MAX
+    } else {
+        scores
+            .iter()
+            .zip(gallery_labels)
+            .enumerate()
+            .filter(|(j, (s, l))| **l != label && Some(*j) != exclude && **s > best_same)
+            .count()
+    };
+    // The top `top` items, best first; ties go to the lower index so results are reproducible.
+    let mut idx: Vec<usize> = (0..scores.len()).filter(|&j| Some(j) != exclude).collect();
+    let top = top.min(idx.len());
+    let order = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+    if top < idx.len() && top > 0 {
+        idx.select_nth_unstable_by(top - 1, order);
+        idx.truncate(top);
+    }
+    idx.sort_unstable_by(order);
+    let hits: Vec<bool> = idx.iter().map(|&j| gallery_labels[j] == label).collect();
+    let first_hit = hits.iter().position(|&h| h);
+    let (ap_at_r, r_precision) = if r == 0 {
+        (None, None)
+    } else {
+        let mut found = 0usize;
+        let mut ap = 0.0;
+        for (i, &h) in hits.iter().take(r).enumerate() {
+            if h {
+                found += 1;
+                ap += found as f64 / (i + 1) as f64;
+            }
+        }
+        (Some(ap / r as f64), Some(found as f64 / r as f64))
+    };
+    QueryOutcome {
+        first_hit,
+        above_best,
+        ap_at_r,
+        r_precision,
+    }
+}
+
+/// Normalised rows and their labels.
+struct Side<'a> {
+    values: &'a [f32],
+    labels: &'a [i64],
+}
+
+/// Ranks every query against the gallery; `same_set` excludes each query from its own ranking.
+fn outcomes(
+    queries: Side,
+    gallery: Side,
+    dim: usize,
+    same_set: bool,
+    top: usize,
+    device: &Device,
+) -> Vec<QueryOutcome> {
+    let (query_labels, gallery_labels) = (queries.labels, gallery.labels);
+    let (queries, gallery) = (queries.values, gallery.values);
+    let nq = query_labels.len();
+    let ng = gallery_labels.len();
+    let mut counts: HashMap<i64, usize> = HashMap::new();
+    for &l in gallery_labels {
+        *counts.entry(l).or_default() += 1;
+    }
+    let g =
+        Tensor::<2>::from_data(TensorData::new(gallery.to_vec(), [ng, dim]), device).transpose();
+    let block = (BLOCK_FLOATS / ng.max(1)).clamp(1, nq);
+    let mut out = Vec::with_capacity(nq);
+    for start in (0..nq).step_by(block) {
+        let rows = block.min(nq - start);
+        let q = Tensor::<2>::from_data(
+            TensorData::new(
+                queries[start * dim..(start + rows) * dim].to_vec(),
+                [rows, dim],
+            ),
+            device,
+        );
+        let sims: Vec<f32> = q
+            .matmul(g.clone())
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32 similarities");
+        let block_out: Vec<QueryOutcome> = sims
+            .par_chunks(ng)
+            .enumerate()
+            .map(|(i, row)| {
+                let qi = start + i;
+                let label = query_labels[qi];
+                let exclude = same_set.then_some(qi);
+                let r = counts.get(&label).copied().unwrap_or(0) - usize::from(same_set);
+                rank_row(row, gallery_labels, label, exclude, r, top.max(r))
+            })
+            .collect();
+        out.extend(block_out);
+    }
+    out
+}
+
+fn summarize(outcomes: &[QueryOutcome], ks: &[usize], in_shop: bool) -> RetrievalMetrics {
+    let n = outcomes.len() as f64;
+    let mut recall = BTreeMap::new();
+    for &k in ks {
+        let hits = outcomes
+            .iter()
+            .filter(|o| {
+                if in_shop {
+                    o.above_best < k
+                } else {
+                    o.first_hit.is_some_and(|r| r < k)
+                }
+            })
+            .count();
+        recall.insert(k.to_string(), 100.0 * hits as f64 / n);
+    }
+    let with_r: Vec<&QueryOutcome> = outcomes.iter().filter(|o| o.ap_at_r.is_some()).collect();
+    let mean = |f: &dyn Fn(&QueryOutcome) -> f64| {
+        if with_r.is_empty() {
+            0.0
+        } else {
+            100.0 * with_r.iter().map(|o| f(o)).sum::<f64>() / with_r.len() as f64
+        }
+    };
+    RetrievalMetrics {
+        recall,
+        map_at_r: mean(&|o| o.ap_at_r.unwrap_or(0.0)),
+        r_precision: mean(&|o| o.r_precision.unwrap_or(0.0)),
+        nmi: None,
+        queries_without_positives: outcomes.len() - with_r.len(),
+    }
+}
+
+/// Every item queries all others (CUB-200-2011, Cars196, SOP). `nmi_seed` adds NMI.
+pub fn evaluate(
+    set: &Embeddings,
+    ks: &[usize],
+    nmi_seed: Option<u64>,
+    device: &Device,
+) -> Result<RetrievalMetrics> {
+    let n = set.check("embeddings")?;
+    if ks.is_empty() || ks.contains(&0) {
+        bail!("recall needs k values of at least 1");
+    }
+    let x = set.normalized();
+    let top = *ks.iter().max().expect("non-empty");
+    let side = || Side {
+        values: &x,
+        labels: set.labels,
+    };
+    let outcomes = outcomes(side(), side(), set.dim, true, top.min(n - 1), device);
+    let mut metrics = summarize(&outcomes, ks, false);
+    if let Some(seed) = nmi_seed {
+        metrics.nmi = Some(100.0 * nmi_of_kmeans(&x, set.labels, set.dim, seed, device));
+    }
+    Ok(metrics)
+}
+
+/// Queries against a separate gallery (In-Shop): a query counts at k when fewer than k gallery
+/// items of other labels score above its best same-label gallery item.
+pub fn evaluate_query_gallery(
+    queries: &Embeddings,
+    gallery: &Embeddings,
+    ks: &[usize],
+    device: &Device,
+) -> Result<RetrievalMetrics> {
+    queries.check("query embeddings")?;
+    gallery.check("gallery embeddings")?;
+    if queries.dim != gallery.dim {
+        bail!(
+            "query embeddings have width {}, gallery {}",
+            queries.dim,
+            gallery.dim
+        );
+    }
+    if ks.is_empty() || ks.contains(&0) {
+        bail!("recall needs k values of at least 1");
+    }
+    let q = queries.normalized();
+    let g = gallery.normalized();
+    let top = *ks.iter().max().expect("non-empty");
+    let outcomes = outcomes(
+        Side {
+            values: &q,
+            labels: queries.labels,
+        },
+        Side {
+            values: &g,
+            labels: gallery.labels,
+        },
+        queries.dim,
+        false,
+        top,
+        device,
+    );
+    Ok(summarize(&outcomes, ks, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::nmi::normalized_mutual_information;
+
+    fn device() -> Device {
+        Device::flex()
+    }
+
+    #[test]
+    fn recall_and_map_on_a_hand_checked_case() {
+        // 1-D-like embeddings on a circle: items 0,1 (label 0) close; 2,3 (label 1) close;
+        // item 4 (label 0) sits next to label 1's items.
+        let pts: [(f32, f32); 5] = [
+            (1.0, 0.0),
+            (0.99, 0.14),
+            (0.0, 1.0),
+            (0.14, 0.99),
+            (0.3, 0.95),
+        ];
+        let values: Vec<f32> = pts.iter().flat_map(|&(a, b)| [a, b]).collect();
+        let labels = [0, 0, 1, 1, 0];
+        let set = Embeddings {
+            values: &values,
+            labels: &labels,
+            dim: 2,
+        };
+        let m = evaluate(&set, &[1, 2], None, &device()).unwrap();
+        // Angles: 0 -> 0°, 1 -> 8.0°, 4 -> 72.5°, 3 -> 82.0°, 2 -> 90°.
+        // Nearest neighbours: 0->1 hit, 1->0 hit, 2->3 hit, 3->2 hit (8.0° < 9.5°), 4->3 miss.
+        assert!((m.recall["1"] - 80.0).abs() < 1e-9, "{m:?}");
+        // Item 4's two nearest (3, 2) are both label 1: still a miss at k = 2.
+        assert!((m.recall["2"] - 80.0).abs() < 1e-9, "{m:?}");
+        // AP@R: items 0 and 1 (R = 2) find both others first: 1; items 2 and 3 (R = 1): 1;
+        // item 4 (R = 2) ranks 3 and 2 first: 0. Mean 4/5.
+        assert!((m.map_at_r - 80.0).abs() < 1e-9, "{m:?}");
+        assert!((m.r_precision - 80.0).abs() < 1e-9, "{m:?}");
+    }
+
+    #[test]
+    fn in_shop_rule_counts_items_above_the_best_positive() {
+        let q = [1.0f32, 0.0];
+        let g = [0.9f32, 0.1, 0.8, 0.2, 0.7, 0.3, 0.0, 1.0];
+        let ql = [5];
+        let gl = [1, 2, 5, 5];
+        let m = evaluate_query_gallery(
+            &Embeddings {
+                values: &q,
+                labels: &ql,
+                dim: 2,
+            },
+            &Embeddings {
+                values: &g,
+                labels: &gl,
+                dim: 2,
+            },
+            &[1, 2, 3],
+            &device(),
+        )
+        .unwrap();
+        // Two other-label items score above the best positive: a hit from k = 3 on.
+        assert_eq!(m.recall["1"], 0.0);
+        assert_eq!(m.recall["2"], 0.0);
+        assert_eq!(m.recall["3"], 100.0);
+    }
+
+    #[test]
+    fn queries_without_positives_are_counted_not_averaged() {
+        let values = [1.0f32, 0.0, 0.9, 0.1, 0.0, 1.0];
+        let labels = [0, 0, 7];
+        let m = evaluate(
+            &Embeddings {
+                values: &values,
+                labels: &labels,
+                dim: 2,
+            },
+            &[1],
+            None,
+            &device(),
+        )
+        .unwrap();
+        assert_eq!(m.queries_without_positives, 1);
+        assert!((m.map_at_r - 100.0).abs() < 1e-9);
+        assert!((m.recall["1"] - 200.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn nmi_is_one_for_separated_clusters_and_low_for_noise() {
+        let mut values = Vec::new();
+        let mut labels = Vec::new();
+        for c in 0..4 {
+            for i in 0..10 {
+                let angle = c as f32 * 1.5 + i as f32 * 0.001;
+                values.extend([angle.cos(), angle.sin()]);
+                labels.push(c);
+            }
+        }
+        let set = Embeddings {
+            values: &values,
+            labels: &labels,
+            dim: 2,
+        };
+        let m = evaluate(&set, &[1], Some(3), &device()).unwrap();
+        assert!((m.nmi.unwrap() - 100.0).abs() < 1e-6, "{m:?}");
+        let shuffled: Vec<i64> = (0..40).map(|i| (i * 7 % 4) as i64).collect();
+        let clusters: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+        assert!(normalized_mutual_information(&clusters, &shuffled) < 0.2);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let values = [1.0f32, 0.0, 1.0];
+        let labels = [0, 1];
+        let err = evaluate(
+            &Embeddings {
+                values: &values,
+                labels: &labels,
+                dim: 2,
+            },
+            &[1],
+            None,
+            &device(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("width 2"));
+        let values = [1.0f32, f32::NAN];
+        let err = evaluate(
+            &Embeddings {
+                values: &values,
+                labels: &[0],
+                dim: 2,
+            },
+            &[1],
+            None,
+            &device(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not finite"));
+    }
+}

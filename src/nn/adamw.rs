@@ -1,0 +1,301 @@
+//! AdamW that keeps PyTorch 1.x's gradient bookkeeping (METHOD.md section 7, "Gradients").
+//!
+//! burn's optimiser skips a parameter whenever the current backward pass did not reach it.
+//! PyTorch's `zero_grad()` instead fills an existing gradient with zeros, so a parameter that
+//! has had a gradient once keeps taking AdamW steps (moment decay, momentum, weight decay) with
+//! a zero gradient. The release's exact parameter values depend on that, so this optimiser
+//! tracks which parameters have had a gradient. The update itself is burn's `AdamW`.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::optim::{
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
+};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::io::state_dict::{HostTensor, StateDict, TorchParam};
+
+/// Settings of one AdamW optimiser, PyTorch's defaults unless stated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWSettings {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    /// PyTorch's 1e-8 (burn's default is 1e-5).
+    pub epsilon: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+impl AdamWSettings {
+    pub fn with_weight_decay(weight_decay: f32) -> Self {
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay,
+        }
+    }
+}
+
+/// AdamW over any number of parameter groups (sub-modules), each stepped with its own
+/// learning rate, with optional clipping of gradients by value.
+#[derive(Clone)]
+pub struct TorchAdamW {
+    inner: AdamW,
+    /// Flattened state of every parameter that has had a gradient.
+    states: HashMap<ParamId, AdamWState<1>>,
+    /// Clip every gradient element to [-c, c] before the step.
+    pub clip_value: Option<f64>,
+}
+
+impl TorchAdamW {
+    pub fn new(settings: AdamWSettings, clip_value: Option<f64>) -> Self {
+        let inner = AdamWConfig::new()
+            .with_beta_1(settings.beta_1)
+            .with_beta_2(settings.beta_2)
+            .with_epsilon(settings.epsilon)
+            .with_weight_decay(settings.weight_decay)
+            .build();
+        Self {
+            inner,
+            states: HashMap::new(),
+            clip_value,
+        }
+    }
+
+    /// Steps every parameter of `module` that has a gradient in `grads` or has had one before.
+    pub fn step<M: Module>(&mut self, lr: f64, module: M, grads: &mut GradientsParams) -> M {
+        let mut mapper = StepMapper {
+            optim: self,
+            lr,
+            grads,
+        };
+        module.map(&mut mapper)
+    }
+
+    /// Writes the state of every parameter that has had a gradient into `dict` as
+    /// `{prefix}{name}.exp_avg`, `.exp_avg_sq` and `.step` (PyTorch's names), flattened.
+    /// `names` maps the model's parameters to names.
+    pub fn export_state(&self, names: &[TorchParam], prefix: &str, dict: &mut StateDict) {
+        for p in names {
+            let Some(state) = self.states.get(&p.id) else {
+                continue;
+            };
+            let m = &state.momentum;
+            let key = format!("{prefix}{}", p.name);
+            dict.insert(
+                format!("{key}.exp_avg"),
+                HostTensor::from_tensor_data(m.moment_1.clone().into_data()),
+            );
+            dict.insert(
+                format!("{key}.exp_avg_sq"),
+                HostTensor::from_tensor_data(m.moment_2.clone().into_data()),
+            );
+            dict.insert(
+                format!("{key}.step"),
+                HostTensor::new(vec![1], vec![m.time as f64]),
+            );
+        }
+    }
+
+    /// Replaces the state with the one [`export_state`](Self::export_state) wrote under
+    /// `prefix`. Entries that name no parameter, or whose size does not match it, are errors.
+    pub fn import_state(
+        &mut self,
+        dict: &StateDict,
+        names: &[TorchParam],
+        sizes: &HashMap<ParamId, usize>,
+        prefix: &str,
+        device: &Device,
+    ) -> Result<()> {
+        let device = device.clone().inner();
+        let mut states = HashMap::new();
+        let mut used = 0;
+        for p in names {
+            let key = format!("{prefix}{}", p.name);
+            let Some(step) = dict.get(&format!("{key}.step")) else {
+                continue;
+            };
+            let moment = |what: &str| -> Result<Tensor<1>> {
+                let t = dict
+                    .get(&format!("{key}.{what}"))
+                    .with_context(|| format!("`{key}.{what}` is missing"))?;
+                let want = sizes.get(&p.id).copied().unwrap_or(0);
+                anyhow::ensure!(
+                    t.numel() == want,
+                    "`{key}.{what}` has {} values, the parameter {want}",
+                    t.numel()
+                );
+                Ok(Tensor::from_data(
+                    TensorData::new(t.to_f32(), [t.numel()]),
+                    &device,
+                ))
+            };
+            let momentum = AdaptiveMomentumState::new(
+                step.data.first().copied().unwrap_or(0.0) as usize,
+                moment("exp_avg")?,
+                moment("exp_avg_sq")?,
+            );
+            states.insert(p.id, AdamWState { momentum });
+            used += 3;
+        }
+        let total = dict
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .count();
+        anyhow::ensure!(
+            used == total,
+            "{} optimiser entries under `{prefix}` name no parameter of the model",
+            total - used
+        );
+        self.states = states;
+        Ok(())
+    }
+
+    /// Number of AdamW steps taken by a parameter (0 if it never had a gradient).
+    pub fn steps_of(&self, id: ParamId) -> usize {
+        self.states.get(&id).map(|s| s.momentum.time).unwrap_or(0)
+    }
+}
+
+struct StepMapper<'a> {
+    optim: &'a mut TorchAdamW,
+    lr: f64,
+    grads: &'a mut GradientsParams,
+}
+
+impl ModuleMapper for StepMapper<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let grad = self.grads.remove::<D>(id);
+        let state = self.optim.states.remove(&id);
+        let value = tensor.clone().inner();
+        let grad = match (grad, &state) {
+            (Some(g), _) => g,
+            (None, Some(_)) => value.zeros_like(),
+            (None, None) => return Param::from_mapped_value(id, tensor, mapper),
+        };
+        let grad = match self.optim.clip_value {
+            Some(c) => grad.clamp(-c, c),
+            None => grad,
+        };
+        let shape = value.shape();
+        let numel = shape.num_elements();
+        let (updated, state) = self.optim.inner.step::<1>(
+            self.lr,
+            value.reshape([numel]),
+            grad.reshape([numel]),
+            state,
+        );
+        if let Some(state) = state {
+            self.optim.states.insert(id, state);
+        }
+        let updated = updated.reshape(shape);
+        let mut updated: Tensor<D> = if tensor.is_autodiff() {
+            Tensor::from_inner(updated)
+        } else {
+            updated
+        };
+        if tensor.is_require_grad() {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+
+    /// PyTorch's AdamW for one scalar, step by step.
+    struct Reference {
+        p: f64,
+        m: f64,
+        v: f64,
+        t: i32,
+    }
+
+    impl Reference {
+        fn step(&mut self, g: f64, lr: f64, wd: f64) {
+            self.t += 1;
+            self.p *= 1.0 - lr * wd;
+            self.m = 0.9 * self.m + 0.1 * g;
+            self.v = 0.999 * self.v + 0.001 * g * g;
+            let mh = self.m / (1.0 - 0.9f64.powi(self.t));
+            let denom = self.v.sqrt() / (1.0 - 0.999f64.powi(self.t)).sqrt() + 1e-8;
+            self.p -= lr * mh / denom;
+        }
+    }
+
+    fn linear(device: &Device) -> Linear {
+        let mut l = LinearConfig::new(1, 1).init(device);
+        l.weight = Param::from_data(TensorData::new(vec![1.0f32], [1, 1]), device);
+        l.bias = Some(Param::from_data(
+            TensorData::new(vec![-0.5f32], [1]),
+            device,
+        ));
+        l
+    }
+
+    fn grads_for(l: &Linear, weight: Option<f32>, device: &Device) -> GradientsParams {
+        let mut g = GradientsParams::new();
+        if let Some(w) = weight {
+            g.register::<2>(
+                l.weight.id,
+                Tensor::from_data(TensorData::new(vec![w], [1, 1]), device),
+            );
+        }
+        g
+    }
+
+    fn value(p: &Param<Tensor<2>>) -> f64 {
+        p.val().into_data().try_to_vec::<f32>().unwrap()[0] as f64
+    }
+
+    #[test]
+    fn matches_pytorch_with_zero_grad_bookkeeping_and_value_clipping() {
+        let device = Device::flex();
+        let mut l = linear(&device);
+        let (lr, wd) = (0.1, 0.01);
+        let mut opt = TorchAdamW::new(AdamWSettings::with_weight_decay(wd as f32), Some(0.5));
+        let mut reference = Reference {
+            p: 1.0,
+            m: 0.0,
+            v: 0.0,
+            t: 0,
+        };
+        // Before any gradient nothing moves, weight decay included.
+        let mut g = grads_for(&l, None, &device);
+        l = opt.step(lr, l, &mut g);
+        assert_eq!(value(&l.weight), 1.0);
+        assert_eq!(opt.steps_of(l.weight.id), 0);
+        // A gradient of 2.0 is clipped to 0.5; then a step without a gradient still moves the
+        // parameter (zero gradient, as after PyTorch's zero_grad); then a small gradient.
+        for (g, clipped) in [(Some(2.0f32), 0.5), (None, 0.0), (Some(-0.2f32), -0.2)] {
+            let mut g = grads_for(&l, g, &device);
+            l = opt.step(lr, l, &mut g);
+            reference.step(clipped, lr, wd);
+            assert!(
+                (value(&l.weight) - reference.p).abs() < 1e-6,
+                "{} vs {}",
+                value(&l.weight),
+                reference.p
+            );
+        }
+        assert_eq!(opt.steps_of(l.weight.id), 3);
+        // The bias never had a gradient: untouched.
+        let bias = l
+            .bias
+            .as_ref()
+            .unwrap()
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()[0];
+        assert_eq!(bias, -0.5);
+    }
+}

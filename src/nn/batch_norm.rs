@@ -1,0 +1,176 @@
+//! Normalisation layers with PyTorch's exact semantics.
+
+use burn::config::Config;
+use burn::module::{Flag, Initializer, Module, Param, RunningState};
+use burn::nn::LayerNorm;
+use burn::tensor::activation::gelu;
+use burn::tensor::{Device, Tensor};
+
+use crate::io::state_dict::{Layout, TorchNamed, TorchParam, push};
+
+/// Configuration of a [`BatchNorm1d`].
+#[derive(Config, Debug)]
+pub struct BatchNorm1dConfig {
+    /// Number of features (channels).
+    pub num_features: usize,
+    /// Added to the variance before the square root. Default: 1e-5 (PyTorch's).
+    #[config(default = 1e-5)]
+    pub epsilon: f64,
+    /// Weight of the newest batch in the running statistics. Default: 0.1 (PyTorch's).
+    #[config(default = 0.1)]
+    pub momentum: f64,
+    /// Whether the bias is trained. The GCA-HNG heads freeze it. Default: true.
+    #[config(default = true)]
+    pub trainable_bias: bool,
+}
+
+/// BatchNorm over `[batch, features]` (or `[batch, channels, ...]`) that keeps its running
+/// statistics the way PyTorch does.
+///
+/// burn's own `BatchNorm` folds the *biased* batch variance into `running_var`; PyTorch folds
+/// the unbiased one (`n / (n - 1)` times larger) and counts batches in `num_batches_tracked`.
+/// The reference dumps record PyTorch's buffers after each step, so this layer matches them.
+#[derive(Module, Debug)]
+pub struct BatchNorm1d {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub running_mean: RunningState<Tensor<1>>,
+    pub running_var: RunningState<Tensor<1>>,
+    /// A one-element float tensor (exact for counts below 2^24).
+    pub num_batches_tracked: RunningState<Tensor<1>>,
+    /// Batch statistics when enabled and the device records gradients; running ones otherwise.
+    pub training: Param<Flag>,
+    pub momentum: f64,
+    pub epsilon: f64,
+}
+
+impl BatchNorm1dConfig {
+    pub fn init(&self, device: &Device) -> BatchNorm1d {
+        let weight = Initializer::Ones.init([self.num_features], device);
+        let bias = Initializer::Zeros.init([self.num_features], device);
+        let bias = if self.trainable_bias {
+            bias
+        } else {
+            bias.set_require_grad(false)
+        };
+        BatchNorm1d {
+            weight,
+            bias,
+            running_mean: RunningState::new(Tensor::zeros([self.num_features], device)),
+            running_var: RunningState::new(Tensor::ones([self.num_features], device)),
+            num_batches_tracked: RunningState::new(Tensor::zeros([1], device)),
+            training: Param::from_bool(true),
+            momentum: self.momentum,
+            epsilon: self.epsilon,
+        }
+    }
+}
+
+impl BatchNorm1d {
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        if input.device().is_autodiff() && self.training.is_enabled() {
+            self.forward_train(input)
+        } else {
+            let device = input.device();
+            burn::tensor::module::batch_norm(
+                input,
+                self.weight.val(),
+                self.bias.val(),
+                self.running_mean.value().to_device(&device),
+                self.running_var.value().to_device(&device),
+                self.epsilon,
+            )
+        }
+    }
+
+    fn forward_train<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        let dims = input.dims();
+        let count: usize = dims
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, d)| d)
+            .product();
+        let result = burn::tensor::module::batch_norm_train(
+            input,
+            self.weight.val(),
+            self.bias.val(),
+            self.epsilon,
+        );
+        let m = self.momentum;
+        let unbiased = if count > 1 {
+            count as f64 / (count as f64 - 1.0)
+        } else {
+            1.0
+        };
+        let mean = self.running_mean.value_sync().inner();
+        let var = self.running_var.value_sync().inner();
+        let batch_mean = result.mean.detach().inner();
+        let batch_var = result.variance.detach().inner();
+        self.running_mean
+            .update(mean.mul_scalar(1.0 - m).add(batch_mean.mul_scalar(m)));
+        self.running_var.update(
+            var.mul_scalar(1.0 - m)
+                .add(batch_var.mul_scalar(m * unbiased)),
+        );
+        let tracked = self.num_batches_tracked.value_sync().inner();
+        self.num_batches_tracked.update(tracked.add_scalar(1.0));
+        // A running state keeps updates per thread until it is read with `value_sync`; fold
+        // them in now so that exports and checkpoints see them.
+        for state in [
+            &self.running_mean,
+            &self.running_var,
+            &self.num_batches_tracked,
+        ] {
+            let _ = state.value_sync();
+        }
+        result.output
+    }
+
+    /// Switches between batch statistics (`true`) and running statistics (`false`).
+    pub fn set_training(mut self, training: bool) -> Self {
+        self.training = self.training.with_value(training);
+        self
+    }
+}
+
+impl TorchNamed for BatchNorm1d {
+    fn torch_names(&self, prefix: &str, out: &mut Vec<TorchParam>) {
+        push(out, prefix, "weight", &self.weight, Layout::Plain);
+        push(out, prefix, "bias", &self.bias, Layout::Plain);
+        for (name, state, layout) in [
+            ("running_mean", &self.running_mean, Layout::Plain),
+            ("running_var", &self.running_var, Layout::Plain),
+            (
+                "num_batches_tracked",
+                &self.num_batches_tracked,
+                Layout::Counter,
+            ),
+        ] {
+            out.push(TorchParam {
+                name: crate::io::state_dict::join(prefix, name),
+                id: running_state_id(state),
+                layout,
+            });
+        }
+    }
+}
+
+/// burn keeps a running state's id private; a visitor sees it.
+fn running_state_id(state: &RunningState<Tensor<1>>) -> burn::module::ParamId {
+    struct Grab(Option<burn::module::ParamId>);
+    impl burn::module::ModuleVisitor for Grab {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0 = Some(param.id);
+        }
+    }
+    let mut grab = Grab(None);
+    state.visit(&mut grab);
+    grab.0.expect("a running state visits its tensor")
+}
+
+/// The release's `norm` block: GELU, then LayerNorm. One instance is reused at several places
+/// of a layer, exactly as the release reuses one `Sequential(GELU, LayerNorm)`.
+pub fn gelu_norm<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    norm.forward(gelu(x))
+}

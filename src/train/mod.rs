@@ -1,0 +1,15 @@
+//! Training: the three-optimiser GCA-HNG step, the run loop around it (epochs, schedules,
+//! evaluation, model selection), run checkpoints, the run folder and its plots.
+
+pub mod checkpoint;
+pub mod evaluator;
+pub mod plots;
+pub mod run;
+pub mod run_dir;
+pub mod setup;
+pub mod step;
+
+pub use run::{
+    EpochRecord, Observer, RunOptions, RunOutcome, RunSummary, Silent, embed_settings, image_store,
+    train,
+};

@@ -1,0 +1,509 @@
+//! A training run: epochs of class-balanced batches through the GCA-HNG step (METHOD.md
+//! section 7), with the warm-up, the learning-rate schedules, the previous-epoch loss means,
+//! periodic evaluation and model selection, and a run folder with resumable checkpoints.
+//!
+//! Everything random is drawn from the run's seed and the position in training (epoch, step,
+//! image), never from state that a restart would lose: the sampler is replayed, crops come from
+//! `(seed, epoch, position)`, and the dropout and ρ draws of step `s` of epoch `e` from
+//! `(seed, e, s)`. So a run resumed from any checkpoint continues exactly as it would have.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DatasetKind, ExperimentConfig, SelectOn};
+use crate::data::loader::{ImageStore, Loader, LoaderConfig, sample_seed};
+use crate::data::sampler::{BalancedSampler, SamplerConfig, ShortClass, view_major};
+use crate::data::tensor::images_tensor;
+use crate::data::transform::{RandomResizedCropConfig, Transform};
+use crate::device::DeviceSpec;
+use crate::eval::embed::EmbedSettings;
+use crate::eval::metrics::RetrievalMetrics;
+use crate::io::embedding_files::EmbeddingFiles;
+use crate::method::model::GcaHng;
+use crate::method::synthesis::SeededMix;
+use crate::train::step::{Batch, LearningRates, StepInputs, StepMetrics, Trainer};
+
+use super::checkpoint::{Best, CheckpointMeta, Progress};
+use super::evaluator::Evaluator;
+use super::run_dir::RunDir;
+use super::setup::RunData;
+use super::{checkpoint, plots, setup};
+
+/// Stream tags mixed into the seed so that the run's random streams are unrelated.
+const DROPOUT_STREAM: u64 = 0xD80F_0A7E;
+const MIX_STREAM: u64 = 0x313C_5EED;
+
+/// How a run is carried out (as opposed to what it trains, which is the configuration).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The run folder.
+    pub out: PathBuf,
+    /// Continue the run in `out` from its `last` checkpoint.
+    pub resume: bool,
+    /// Overrides `data.root`.
+    pub data_root: Option<PathBuf>,
+    /// Set (by a signal handler) to stop after the current step with a resumable checkpoint.
+    pub stop: Arc<AtomicBool>,
+    /// Cap on steps per epoch (smoke runs).
+    pub max_steps_per_epoch: Option<usize>,
+    /// Also evaluate the model before training (recorded as epoch 0).
+    pub evaluate_untrained: bool,
+    /// Leave out unreadable images (a batch that loses rows is skipped).
+    pub skip_bad_images: bool,
+    /// Where rasterised emoji are cached between runs.
+    pub emoji_cache: Option<PathBuf>,
+    /// Evaluate on the first N classes of each evaluation split only (smoke runs).
+    pub eval_class_limit: Option<usize>,
+}
+
+impl RunOptions {
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        Self {
+            out: out.into(),
+            resume: false,
+            data_root: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            max_steps_per_epoch: None,
+            evaluate_untrained: false,
+            skip_bad_images: false,
+            emoji_cache: None,
+            eval_class_limit: None,
+        }
+    }
+}
+
+/// What happened in one epoch (epoch 0: the untrained model).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epochs trained when this was recorded.
+    pub epoch: usize,
+    /// Mean of every step loss over the epoch.
+    pub losses: BTreeMap<String, f64>,
+    pub lr: Option<LearningRates>,
+    /// Whether the backbone trained (false during warm-up).
+    pub backbone_trained: bool,
+    pub steps: usize,
+    pub train_seconds: f64,
+    pub images_per_second: f64,
+    /// Batches left out because unreadable images were skipped.
+    pub skipped_batches: usize,
+    pub validation: Option<RetrievalMetrics>,
+    pub test: Option<RetrievalMetrics>,
+    pub eval_seconds: f64,
+}
+
+/// Callbacks for a progress display.
+pub trait Observer {
+    fn epoch_started(&mut self, _epoch: usize, _epochs: usize, _steps: usize, _done: usize) {}
+    fn step_done(&mut self, _metrics: &StepMetrics, _images: usize) {}
+    fn epoch_done(&mut self, _record: &EpochRecord) {}
+    fn evaluating(&mut self, _split: &str, _done: usize, _total: usize) {}
+    fn note(&mut self, _message: &str) {}
+}
+
+/// An observer that shows nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// The result of a finished run, as `summary.json` records it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Where the best epoch was chosen: `validation` (classes held out of training) or `test`
+    /// (the release's protocol, optimistic).
+    pub selected_on: SelectOn,
+    pub best_epoch: usize,
+    /// Recall@1 on the selection split at the best epoch.
+    pub best_selection_recall_at_1: f64,
+    /// Test metrics of the selected model.
+    pub test_at_best: Option<RetrievalMetrics>,
+    /// Test metrics after the last epoch.
+    pub final_test: Option<RetrievalMetrics>,
+    pub epochs: usize,
+    pub seconds: f64,
+    pub backbone_weights: String,
+    pub device: String,
+    pub records: Vec<EpochRecord>,
+}
+
+pub enum RunOutcome {
+    Finished(Box<RunSummary>),
+    /// Stopped on request; `last` holds the state to resume from.
+    Interrupted {
+        epoch: usize,
+        step: usize,
+    },
+}
+
+/// Validation (when carved) and test metrics of `model`.
+fn evaluate_run(
+    evaluator: &Evaluator,
+    data: &RunData,
+    model: &GcaHng,
+    keep_test: Option<&EmbeddingFiles>,
+    observer: &mut dyn Observer,
+) -> Result<(Option<RetrievalMetrics>, RetrievalMetrics)> {
+    let validation = match &data.validation {
+        Some(v) => Some(evaluator.metrics(&model.embedder, v, "validation", None, observer)?),
+        None => None,
+    };
+    let test = evaluator.metrics(&model.embedder, &data.test, "test", keep_test, observer)?;
+    Ok((validation, test))
+}
+
+/// Recall@1 of the split the run selects on.
+fn selection_score(select_on: SelectOn, record: &EpochRecord) -> Option<f64> {
+    let m = match select_on {
+        SelectOn::Validation => record.validation.as_ref(),
+        SelectOn::Test => record.test.as_ref(),
+    }?;
+    m.recall.get("1").copied()
+}
+
+/// The store that decodes the run's images.
+pub fn image_store(config: &ExperimentConfig, emoji_cache: Option<PathBuf>) -> Result<ImageStore> {
+    Ok(if config.data.kind == DatasetKind::Emoji {
+        ImageStore::with_emoji(config.data.resize as u32, emoji_cache)?
+    } else {
+        ImageStore::files()
+    })
+}
+
+/// The test-time transform and batching of a configuration.
+pub fn embed_settings(config: &ExperimentConfig, skip_bad_images: bool) -> EmbedSettings {
+    EmbedSettings {
+        resize: config.data.resize as u32,
+        crop: config.data.image_size as u32,
+        normalisation: setup::normalisation(config.model.backbone),
+        batch: 64,
+        threads: config.data.workers.max(1),
+        skip_bad_images,
+    }
+}
+
+/// Trains the model `config` describes, writing the run folder `opts.out`.
+pub fn train(
+    config: &ExperimentConfig,
+    opts: &RunOptions,
+    observer: &mut dyn Observer,
+) -> Result<RunOutcome> {
+    config.validate()?;
+    let run = RunDir::new(&opts.out);
+    let config_toml = config.to_toml();
+    if opts.resume {
+        run.check_resumable(&config_toml)?;
+    } else {
+        run.check_fresh()?;
+    }
+    // Weights and data are checked before the run folder is made, so that a run that cannot
+    // start leaves nothing behind.
+    let (weights, weights_source) = setup::pretrained_weights(config)?;
+    let mut data = setup::run_data(config, opts.data_root.as_deref())?;
+    if let Some(n) = opts.eval_class_limit {
+        data.test = data.test.limited(n);
+        data.validation = data.validation.map(|v| v.limited(n));
+    }
+    let store = Arc::new(image_store(config, opts.emoji_cache.clone())?);
+    let spec: DeviceSpec = config
+        .train
+        .device
+        .parse()
+        .map_err(|e| anyhow::anyhow!("`train.device`: {e}"))?;
+    let device = spec.open().map_err(anyhow::Error::msg)?;
+    let ad = device.clone().autodiff();
+    let seed = config.train.seed;
+    ad.seed(seed);
+
+    let num_classes = data.train.classes.len();
+    let mut model = setup::build_model(config, num_classes, &weights, &ad)?;
+    drop(weights);
+    if !opts.resume {
+        run.create()?;
+        run.write_config(&config_toml)?;
+    }
+    let layout = setup::layout(config);
+    let mut trainer = Trainer::new(
+        setup::step_config(config),
+        setup::weight_decays(config),
+        layout,
+    );
+    let mut progress = Progress::default();
+    if opts.resume {
+        let (dict, meta) = checkpoint::read(&run.last())?;
+        model = checkpoint::load_model(model, &dict, &ad)
+            .with_context(|| format!("{}", run.last().display()))?;
+        checkpoint::load_optimisers(&mut trainer, &model, &dict, &ad)
+            .with_context(|| format!("{}", run.last().display()))?;
+        progress = meta
+            .progress
+            .with_context(|| format!("{} holds no training progress", run.last().display()))?;
+        observer.note(&format!(
+            "resuming {} at epoch {} step {}",
+            run.root().display(),
+            progress.epoch + 1,
+            progress.step
+        ));
+    }
+
+    let train_split = &data.train;
+    let mut sampler = BalancedSampler::new(
+        &train_split.labels(),
+        SamplerConfig {
+            classes_per_batch: layout.classes,
+            per_class: layout.per_class,
+            seed,
+            short_class: ShortClass::Resample,
+        },
+        |l| {
+            train_split.classes[l]
+                .name
+                .clone()
+                .unwrap_or_else(|| train_split.classes[l].original_id.clone())
+        },
+    )?;
+    // The sampler's state carries over between epochs: replay the finished ones.
+    for _ in 0..progress.epoch {
+        sampler.epoch();
+    }
+    let samples = Arc::new(train_split.samples.clone());
+    let evaluator = Evaluator::new(
+        config,
+        store.clone(),
+        data.ks.clone(),
+        &device,
+        opts.skip_bad_images,
+    );
+    let meta = |progress: Option<Progress>| CheckpointMeta {
+        config_toml: config_toml.clone(),
+        num_classes,
+        progress,
+    };
+    let epochs = config.train.epochs;
+    let (c, p) = (layout.classes, layout.per_class);
+    let started = Instant::now() - std::time::Duration::from_secs_f64(progress.elapsed_s);
+
+    if opts.evaluate_untrained && progress.records.is_empty() && progress.epoch == 0 {
+        let t = Instant::now();
+        let (validation, test) = evaluate_run(&evaluator, &data, &model, None, observer)?;
+        let record = EpochRecord {
+            epoch: 0,
+            losses: BTreeMap::new(),
+            lr: None,
+            backbone_trained: false,
+            steps: 0,
+            train_seconds: 0.0,
+            images_per_second: 0.0,
+            skipped_batches: 0,
+            validation,
+            test: Some(test),
+            eval_seconds: t.elapsed().as_secs_f64(),
+        };
+        observer.epoch_done(&record);
+        progress.records.push(record);
+        run.write_records(&progress.records)?;
+    }
+
+    while progress.epoch < epochs {
+        let epoch = progress.epoch;
+        let mut plan: Vec<Vec<usize>> = sampler
+            .epoch()
+            .into_iter()
+            .map(|b| view_major(&b, c, p))
+            .collect();
+        if let Some(cap) = opts.max_steps_per_epoch {
+            plan.truncate(cap.max(1));
+        }
+        let steps = plan.len();
+        if steps == 0 {
+            bail!(
+                "the training split has {} images, fewer than one batch of {c} x {p}",
+                samples.len()
+            );
+        }
+        let lr = config.learning_rates(epoch);
+        progress.lr = Some(lr);
+        let train_backbone = epoch >= config.optim.warm_up_epochs;
+        let history = progress.history.unwrap_or_default();
+        observer.epoch_started(epoch + 1, epochs, steps, progress.step);
+        let crop = RandomResizedCropConfig {
+            scale: (config.data.crop_scale[0], config.data.crop_scale[1]),
+            ratio: (config.data.crop_ratio[0], config.data.crop_ratio[1]),
+            ..RandomResizedCropConfig::new(config.data.image_size as u32)
+        };
+        let loader = Loader::spawn(
+            samples.clone(),
+            store.clone(),
+            plan,
+            Transform::Train { crop, flip_p: 0.5 },
+            epoch as u64,
+            LoaderConfig {
+                threads: config.data.workers.max(1),
+                prefetch: 2,
+                seed,
+                normalisation: setup::normalisation(config.model.backbone),
+                skip_bad_images: opts.skip_bad_images,
+                skip_batches: progress.step,
+            },
+        )?;
+        let epoch_start = Instant::now();
+        let mut trained_steps = 0usize;
+        let mut skipped_batches = 0usize;
+        for host in loader {
+            let host = host?;
+            let step = progress.step;
+            progress.step += 1;
+            if host.rows() != c * p {
+                skipped_batches += 1;
+                observer.note(&format!(
+                    "epoch {} step {}: batch left out ({} unreadable images)",
+                    epoch + 1,
+                    step + 1,
+                    host.skipped.len()
+                ));
+            } else {
+                ad.seed(sample_seed(
+                    seed ^ DROPOUT_STREAM,
+                    epoch as u64,
+                    step as u64,
+                ));
+                let mut mix =
+                    SeededMix::new(sample_seed(seed ^ MIX_STREAM, epoch as u64, step as u64));
+                let batch = Batch {
+                    images: images_tensor(&host, &ad),
+                    labels: host.labels.clone(),
+                };
+                let inputs = StepInputs {
+                    lr,
+                    history,
+                    train_backbone,
+                };
+                let (next, metrics) = trainer.step(model, &batch, inputs, &mut mix);
+                model = next;
+                if !metrics.j_metric.is_finite() {
+                    bail!(
+                        "the loss became {} at epoch {} step {}; lower the learning rates",
+                        metrics.j_metric,
+                        epoch + 1,
+                        step + 1
+                    );
+                }
+                progress.sums.add(&metrics);
+                trained_steps += 1;
+                observer.step_done(&metrics, c * p);
+            }
+            if opts.stop.load(Ordering::SeqCst) {
+                progress.elapsed_s = started.elapsed().as_secs_f64();
+                checkpoint::save(
+                    &run.last(),
+                    &model,
+                    Some(&trainer),
+                    &meta(Some(progress.clone())),
+                )?;
+                return Ok(RunOutcome::Interrupted {
+                    epoch: progress.epoch,
+                    step: progress.step,
+                });
+            }
+        }
+        let train_seconds = epoch_start.elapsed().as_secs_f64();
+
+        let mut record = EpochRecord {
+            epoch: epoch + 1,
+            losses: progress
+                .sums
+                .means()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            lr: Some(lr),
+            backbone_trained: train_backbone,
+            steps: progress.sums.steps,
+            train_seconds,
+            images_per_second: (trained_steps * c * p) as f64 / train_seconds.max(1e-9),
+            skipped_batches,
+            validation: None,
+            test: None,
+            eval_seconds: 0.0,
+        };
+        let due = (epoch + 1) % config.train.eval_every == 0 || epoch + 1 == epochs;
+        if due {
+            let t = Instant::now();
+            let keep = (epoch + 1 == epochs).then(|| run.test_embeddings());
+            let (validation, test) =
+                evaluate_run(&evaluator, &data, &model, keep.as_ref(), observer)?;
+            record.validation = validation;
+            record.test = Some(test);
+            record.eval_seconds = t.elapsed().as_secs_f64();
+        }
+        progress.history = Some(progress.sums.history());
+        progress.sums = Default::default();
+        progress.epoch += 1;
+        progress.step = 0;
+        if let Some(score) = selection_score(config.train.select_on, &record)
+            && progress.best.as_ref().is_none_or(|b| score > b.score)
+        {
+            progress.best = Some(Best {
+                epoch: epoch + 1,
+                score,
+            });
+            checkpoint::save(&run.best(), &model, None, &meta(None))?;
+        }
+        observer.epoch_done(&record);
+        progress.records.push(record);
+        progress.elapsed_s = started.elapsed().as_secs_f64();
+        run.write_records(&progress.records)?;
+        checkpoint::save(
+            &run.last(),
+            &model,
+            Some(&trainer),
+            &meta(Some(progress.clone())),
+        )?;
+        if let Err(e) = plots::run_plots(&run, &progress.records) {
+            observer.note(&format!("could not draw the plots: {e:#}"));
+        }
+        if opts.stop.load(Ordering::SeqCst) && progress.epoch < epochs {
+            return Ok(RunOutcome::Interrupted {
+                epoch: progress.epoch,
+                step: 0,
+            });
+        }
+    }
+
+    let summary = summarise(config, &progress, started, weights_source, &spec);
+    run.write_summary(&summary)?;
+    Ok(RunOutcome::Finished(Box::new(summary)))
+}
+
+fn summarise(
+    config: &ExperimentConfig,
+    progress: &Progress,
+    started: Instant,
+    weights_source: String,
+    spec: &DeviceSpec,
+) -> RunSummary {
+    let best = progress.best.clone();
+    let at = |epoch: usize| {
+        progress
+            .records
+            .iter()
+            .find(|r| r.epoch == epoch)
+            .and_then(|r| r.test.clone())
+    };
+    RunSummary {
+        selected_on: config.train.select_on,
+        best_epoch: best.as_ref().map_or(0, |b| b.epoch),
+        best_selection_recall_at_1: best.as_ref().map_or(0.0, |b| b.score),
+        test_at_best: best.as_ref().and_then(|b| at(b.epoch)),
+        final_test: progress.records.last().and_then(|r| r.test.clone()),
+        epochs: progress.epoch,
+        seconds: started.elapsed().as_secs_f64(),
+        backbone_weights: weights_source,
+        device: spec.to_string(),
+        records: progress.records.clone(),
+    }
+}

@@ -1,0 +1,407 @@
+//! From an experiment configuration to the things a run needs: the splits (with the
+//! validation classes carved out), the model with its pretrained backbone, and the step's
+//! settings.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::backbones::{
+    self, BackboneConfig, EfficientNetLiteConfig, GoogLeNetConfig, ResNet50Config, VitConfig,
+};
+use crate::config::{BackboneKind, BaseLoss, BatchNormMode, ExperimentConfig, SelectOn};
+use crate::data::transform::Normalisation;
+use crate::data::{Dataset, DatasetKind, Split};
+use crate::io::state_dict::{StateDict, load_torch};
+use crate::io::weights::read_weights;
+use crate::method::embedder::EmbedderConfig;
+use crate::method::gnn::GnnConfig;
+use crate::method::graph::BatchLayout;
+use crate::method::losses::proxy_anchor::ProxyAnchorConfig;
+use crate::method::model::{GcaHng, GcaHngConfig};
+use crate::train::step::{StepConfig, WeightDecays};
+
+/// EfficientNet-Lite0's ImageNet weights (Apache-2.0, see `assets/efficientnet-lite0/`),
+/// embedded so that the demo and emoji runs need no download.
+const EFFICIENTNET_LITE0_F16: &[u8] =
+    include_bytes!("../../assets/efficientnet-lite0/efficientnet-lite0-f16.safetensors");
+
+/// The embedded EfficientNet-Lite0 weights.
+pub fn embedded_efficientnet_lite0() -> StateDict {
+    StateDict::from_safetensors_bytes(EFFICIENTNET_LITE0_F16)
+        .expect("the embedded EfficientNet-Lite0 asset is a valid safetensors file")
+}
+
+/// What a run evaluates on.
+#[derive(Clone, Debug)]
+pub enum EvalSet {
+    /// Every image queries all the others (CUB, Cars, SOP, emoji, a validation split).
+    Single(Split),
+    /// In-Shop: queries against a separate gallery.
+    QueryGallery { query: Split, gallery: Split },
+}
+
+impl EvalSet {
+    pub fn images(&self) -> usize {
+        match self {
+            EvalSet::Single(s) => s.samples.len(),
+            EvalSet::QueryGallery { query, gallery } => query.samples.len() + gallery.samples.len(),
+        }
+    }
+}
+
+/// The splits of a run.
+#[derive(Clone, Debug)]
+pub struct RunData {
+    pub train: Split,
+    /// Classes held out of `train` for model selection.
+    pub validation: Option<EvalSet>,
+    pub test: EvalSet,
+    /// Recall@k of this dataset's protocol.
+    pub ks: Vec<usize>,
+}
+
+/// The k of Recall@k each benchmark reports (METHOD.md section 8).
+pub fn recall_ks(kind: DatasetKind) -> Vec<usize> {
+    match kind {
+        DatasetKind::Sop => vec![1, 10, 100, 1000],
+        DatasetKind::Inshop => vec![1, 10, 20, 30, 40, 50],
+        _ => vec![1, 2, 4, 8],
+    }
+}
+
+fn take_split(dataset: &Dataset, name: &str) -> Result<Split> {
+    dataset
+        .split(name)
+        .cloned()
+        .with_context(|| format!("the {} dataset has no `{name}` split", dataset.kind))
+}
+
+/// Reads the dataset of `config` and carves the validation classes out of its training split
+/// when the configuration selects on validation.
+pub fn run_data(config: &ExperimentConfig, root_override: Option<&Path>) -> Result<RunData> {
+    let d = &config.data;
+    let root = match (root_override, &d.root) {
+        (Some(r), _) => r.to_path_buf(),
+        (None, Some(r)) => r.into(),
+        (None, None) if d.kind == DatasetKind::Emoji => Default::default(),
+        (None, None) => bail!("`data.root` is not set: give --data-root DIR"),
+    };
+    let dataset = Dataset::open(d.kind, &root)?;
+    let train = take_split(&dataset, "train")?;
+    let test = match d.kind {
+        DatasetKind::Inshop => EvalSet::QueryGallery {
+            query: take_split(&dataset, "query")?,
+            gallery: take_split(&dataset, "gallery")?,
+        },
+        _ => EvalSet::Single(take_split(&dataset, "test")?),
+    };
+    let (train, validation) = match config.train.select_on {
+        SelectOn::Test => (train, None),
+        SelectOn::Validation => {
+            if d.validation_fraction <= 0.0 {
+                bail!(
+                    "`train.select_on = \"validation\"` needs `data.validation_fraction` > 0 (or select on the test set with `train.select_on = \"test\"`)"
+                );
+            }
+            let (train, validation) =
+                carve_validation(&train, d.validation_fraction, config.train.seed)?;
+            (train, Some(EvalSet::Single(validation)))
+        }
+    };
+    Ok(RunData {
+        train,
+        validation,
+        test,
+        ks: recall_ks(d.kind),
+    })
+}
+
+/// Splits `train` by class: a seeded `fraction` of its classes (at least 2) become the
+/// validation split; both parts are relabelled `0..K` in their original order.
+pub fn carve_validation(train: &Split, fraction: f64, seed: u64) -> Result<(Split, Split)> {
+    let k = train.classes.len();
+    let held = ((k as f64 * fraction).round() as usize).max(2);
+    if held + 2 > k {
+        bail!("`data.validation_fraction` = {fraction} leaves too few of the {k} training classes");
+    }
+    let mut order: Vec<usize> = (0..k).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5A11_DA7E));
+    let mut is_val = vec![false; k];
+    for &c in &order[..held] {
+        is_val[c] = true;
+    }
+    let part = |want: bool, name: &str| {
+        let mut new_label = vec![usize::MAX; k];
+        let mut classes = Vec::new();
+        for c in 0..k {
+            if is_val[c] == want {
+                new_label[c] = classes.len();
+                classes.push(train.classes[c].clone());
+            }
+        }
+        let samples = train
+            .samples
+            .iter()
+            .filter(|s| is_val[s.label] == want)
+            .map(|s| crate::data::Sample {
+                source: s.source.clone(),
+                label: new_label[s.label],
+            })
+            .collect();
+        Split {
+            name: name.into(),
+            samples,
+            classes,
+        }
+    };
+    Ok((part(false, "train"), part(true, "validation")))
+}
+
+/// Keeps the first `classes` classes of an evaluation split (smoke runs).
+pub fn limit_classes(split: &Split, classes: usize) -> Split {
+    Split {
+        name: split.name.clone(),
+        samples: split
+            .samples
+            .iter()
+            .filter(|s| s.label < classes)
+            .cloned()
+            .collect(),
+        classes: split.classes.iter().take(classes).cloned().collect(),
+    }
+}
+
+impl EvalSet {
+    /// The same set restricted to its first `classes` classes.
+    pub fn limited(&self, classes: usize) -> EvalSet {
+        match self {
+            EvalSet::Single(s) => EvalSet::Single(limit_classes(s, classes)),
+            EvalSet::QueryGallery { query, gallery } => EvalSet::QueryGallery {
+                query: limit_classes(query, classes),
+                gallery: limit_classes(gallery, classes),
+            },
+        }
+    }
+}
+
+/// Input normalisation each backbone's pretrained weights expect.
+pub fn normalisation(kind: BackboneKind) -> Normalisation {
+    match kind {
+        BackboneKind::EfficientnetLite0 => Normalisation::EfficientNet,
+        _ => Normalisation::ImageNet,
+    }
+}
+
+fn batch_norm(mode: BatchNormMode) -> backbones::BatchNormMode {
+    match mode {
+        BatchNormMode::Train => backbones::BatchNormMode::Train,
+        BatchNormMode::Eval => backbones::BatchNormMode::Eval,
+        BatchNormMode::Frozen => backbones::BatchNormMode::Frozen,
+    }
+}
+
+/// The backbone a configuration describes (no classification head).
+pub fn backbone_config(config: &ExperimentConfig) -> Result<BackboneConfig> {
+    let m = &config.model;
+    let bn = batch_norm(m.batch_norm);
+    Ok(match m.backbone {
+        BackboneKind::Resnet50 => BackboneConfig::ResNet50(
+            ResNet50Config::new()
+                .with_batch_norm(bn)
+                .with_pooling(m.pooling.parse().map_err(anyhow::Error::msg)?),
+        ),
+        BackboneKind::Googlenet => {
+            BackboneConfig::GoogLeNet(GoogLeNetConfig::new().with_batch_norm(bn))
+        }
+        BackboneKind::VitS16 => BackboneConfig::Vit(VitConfig::new()),
+        BackboneKind::EfficientnetLite0 => {
+            BackboneConfig::EfficientNetLite0(EfficientNetLiteConfig::new().with_batch_norm(bn))
+        }
+    })
+}
+
+/// Whether a pretrained checkpoint's tensor belongs to a classification head the embedding
+/// backbone does not have (torchvision's `fc`, GoogLeNet's auxiliary heads, EfficientNet's
+/// `_fc`, a DINO checkpoint's `head`). Everything else must match strictly.
+fn is_classifier_head(kind: BackboneKind, name: &str) -> bool {
+    let heads: &[&str] = match kind {
+        BackboneKind::Resnet50 => &["fc."],
+        BackboneKind::Googlenet => &["fc.", "aux1.", "aux2."],
+        BackboneKind::VitS16 => &["head."],
+        BackboneKind::EfficientnetLite0 => &["_fc."],
+    };
+    heads.iter().any(|h| name.starts_with(h))
+}
+
+/// The pretrained weights of the configured backbone: `model.weights`, or the embedded
+/// EfficientNet-Lite0 when that is the backbone and no file is given. Returns the weights
+/// without classification heads and a description of where they came from.
+pub fn pretrained_weights(config: &ExperimentConfig) -> Result<(StateDict, String)> {
+    let kind = config.model.backbone;
+    let (mut dict, source) = match (&config.model.weights, kind) {
+        (Some(path), _) => (read_weights(Path::new(path))?, path.clone()),
+        (None, BackboneKind::EfficientnetLite0) => (
+            embedded_efficientnet_lite0(),
+            "embedded EfficientNet-Lite0 (ImageNet)".to_string(),
+        ),
+        (None, other) => {
+            let hint = match other {
+                BackboneKind::Resnet50 => {
+                    "torchvision's resnet50-0676ba61.pth or resnet50-19c8e357.pth"
+                }
+                BackboneKind::Googlenet => "torchvision's googlenet-1378be20.pth",
+                BackboneKind::VitS16 => "DINO's dino_deitsmall16_pretrain.pth",
+                BackboneKind::EfficientnetLite0 => unreachable!(),
+            };
+            bail!(
+                "`model.weights` is not set: the {} backbone needs ImageNet weights ({hint}); give --weights FILE",
+                serde_json::to_value(other)?.as_str().unwrap_or("chosen")
+            )
+        }
+    };
+    dict.tensors
+        .retain(|name, _| !is_classifier_head(kind, name));
+    Ok((dict, source))
+}
+
+/// The model a configuration describes, freshly initialised (backbone included) on `device`.
+pub fn init_model(
+    config: &ExperimentConfig,
+    num_classes: usize,
+    device: &Device,
+) -> Result<GcaHng> {
+    let m = &config.model;
+    let embedder = EmbedderConfig::new(backbone_config(config)?, m.embedding);
+    let gnn = GnnConfig::new(m.embedding, num_classes)
+        .with_num_layers(m.gnn_layers)
+        .with_num_heads(m.heads)
+        .with_attention_dropout(m.attention_dropout);
+    let proxy_anchor = (config.loss.base == BaseLoss::ProxyAnchor).then(|| {
+        ProxyAnchorConfig::new(num_classes, m.embedding)
+            .with_margin(config.loss.proxy_margin)
+            .with_alpha(config.loss.proxy_alpha)
+    });
+    Ok(GcaHngConfig::new(embedder, gnn)
+        .with_proxy_anchor(proxy_anchor)
+        .init(device))
+}
+
+/// The model of a run at the start of training: its backbone loaded from `weights`.
+pub fn build_model(
+    config: &ExperimentConfig,
+    num_classes: usize,
+    weights: &StateDict,
+    device: &Device,
+) -> Result<GcaHng> {
+    let mut model = init_model(config, num_classes, device)?;
+    model.embedder.backbone = load_torch(model.embedder.backbone, weights, "", device)
+        .context("the pretrained weights do not fit the configured backbone")?;
+    Ok(model)
+}
+
+/// A trained model and its configuration from a checkpoint file (`best` or `last`).
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(GcaHng, ExperimentConfig)> {
+    let (dict, meta) = super::checkpoint::read(path)?;
+    let config: ExperimentConfig = toml::from_str(&meta.config_toml)
+        .with_context(|| format!("{}: the configuration inside is invalid", path.display()))?;
+    let model = init_model(&config, meta.num_classes, device)?;
+    let model = super::checkpoint::load_model(model, &dict, device)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok((model, config))
+}
+
+/// The step's loss settings.
+pub fn step_config(config: &ExperimentConfig) -> StepConfig {
+    let l = &config.loss;
+    StepConfig {
+        alpha: l.alpha,
+        beta: l.beta,
+        softmax_factor: l.softmax_factor,
+        div_weight: l.div_weight,
+        dot_weight: l.dot_weight,
+        grad_clip: (config.optim.grad_clip > 0.0).then_some(config.optim.grad_clip),
+        masking: l.masking,
+        generation: l.generation,
+    }
+}
+
+pub fn weight_decays(config: &ExperimentConfig) -> WeightDecays {
+    WeightDecays {
+        metric: config.optim.weight_decay,
+        gnn: config.optim.weight_decay,
+        classifier: config.optim.classifier_weight_decay,
+    }
+}
+
+pub fn layout(config: &ExperimentConfig) -> BatchLayout {
+    BatchLayout::new(config.data.classes_per_batch, config.data.per_class)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{ClassInfo, ImageSource, Sample};
+
+    fn split(classes: usize, per: usize) -> Split {
+        Split {
+            name: "train".into(),
+            samples: (0..classes * per)
+                .map(|i| Sample {
+                    source: ImageSource::File(format!("{i}.jpg").into()),
+                    label: i / per,
+                })
+                .collect(),
+            classes: (0..classes)
+                .map(|c| ClassInfo {
+                    original_id: c.to_string(),
+                    name: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn validation_takes_whole_classes_and_relabels_both_parts() {
+        let s = split(20, 3);
+        let (train, val) = carve_validation(&s, 0.25, 7).unwrap();
+        assert_eq!((train.classes.len(), val.classes.len()), (15, 5));
+        assert_eq!((train.samples.len(), val.samples.len()), (45, 15));
+        let ids = |s: &Split| -> Vec<String> {
+            s.classes.iter().map(|c| c.original_id.clone()).collect()
+        };
+        assert!(ids(&train).iter().all(|c| !ids(&val).contains(c)));
+        assert!(train.samples.iter().all(|x| x.label < 15));
+        assert!(val.samples.iter().all(|x| x.label < 5));
+        // Same seed, same classes; another seed, (here) other classes.
+        assert_eq!(ids(&carve_validation(&s, 0.25, 7).unwrap().1), ids(&val));
+        assert_ne!(ids(&carve_validation(&s, 0.25, 8).unwrap().1), ids(&val));
+        assert!(carve_validation(&split(3, 2), 0.5, 0).is_err());
+    }
+
+    #[test]
+    fn heads_are_dropped_and_the_rest_must_fit() {
+        assert!(is_classifier_head(BackboneKind::Resnet50, "fc.weight"));
+        assert!(!is_classifier_head(
+            BackboneKind::Resnet50,
+            "layer1.0.conv1.weight"
+        ));
+        assert!(is_classifier_head(
+            BackboneKind::Googlenet,
+            "aux2.fc1.weight"
+        ));
+        let mut config = ExperimentConfig::preset("cub-resnet50").unwrap();
+        let err = pretrained_weights(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("model.weights") && err.contains("resnet50"),
+            "{err}"
+        );
+        config.model.weights = Some("/nonexistent/w.pth".into());
+        let err = format!("{:#}", pretrained_weights(&config).unwrap_err());
+        assert!(err.contains("/nonexistent/w.pth"), "{err}");
+    }
+}

@@ -1,0 +1,356 @@
+//! One GCA-HNG training step, exactly as released (METHOD.md section 7): the metric update of
+//! embedder and GNN, the classifier update, and the generator update of the GNN.
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, Tensor as T};
+use serde::{Deserialize, Serialize};
+
+use crate::method::graph::{BatchLayout, CorrelationGraph};
+use crate::method::losses::{
+    HardnessMasking, cross_entropy, diversity_loss, hardness_loss, npair_loss, synthetic_npair_loss,
+};
+use crate::method::model::GcaHng;
+use crate::method::synthesis::{MixSource, hardness, synthesize};
+use crate::nn::adamw::{AdamWSettings, TorchAdamW};
+
+/// The classifier's cross-entropy is scaled by this in the release.
+const CLASSIFIER_LOSS_SCALE: f64 = 10.0;
+/// J_div enters with this factor before `div_weight`.
+const DIVERSITY_SCALE: f64 = 0.01;
+
+/// Hyper-parameters of the loss and the update (METHOD.md sections 6, 7 and 9).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepConfig {
+    /// Hardness schedule: `λ = exp(-alpha / J̄_m)`.
+    pub alpha: f64,
+    /// Weight of J_syn: `1 - exp(-beta / J̄_gen)`.
+    pub beta: f64,
+    /// Weight of J_cls in J_gen.
+    pub softmax_factor: f64,
+    /// Weight of J_div in J_gen.
+    pub div_weight: f64,
+    /// Weight of J_hard in J_gen.
+    pub dot_weight: f64,
+    /// Clip gradients of the embedder and the GNN by value (`None`: no clipping).
+    pub grad_clip: Option<f64>,
+    /// Which rows J_hard zeroes.
+    pub masking: HardnessMasking,
+    /// `false` trains the plain N-pair baseline: no graph, no synthesis.
+    pub generation: bool,
+}
+
+/// Learning rates of one step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LearningRates {
+    pub backbone: f64,
+    /// Embedding head (`lr * embedding_ratio` in the release).
+    pub head: f64,
+    pub gnn: f64,
+    pub classifier: f64,
+    /// Proxy-Anchor proxies (`lr * proxy_lr_ratio`); unused with N-pair.
+    pub proxies: f64,
+}
+
+/// Weight decays of the three optimisers.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightDecays {
+    /// Embedder (backbone and head).
+    pub metric: f64,
+    pub gnn: f64,
+    pub classifier: f64,
+}
+
+/// Previous-epoch means that drive the schedules (1e6 in the first epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossHistory {
+    /// J̄_m.
+    pub metric: f64,
+    /// J̄_gen.
+    pub generator: f64,
+}
+
+impl Default for LossHistory {
+    fn default() -> Self {
+        Self {
+            metric: 1e6,
+            generator: 1e6,
+        }
+    }
+}
+
+/// The losses of one step, named as the release logs them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    #[serde(rename = "J_m")]
+    pub j_m: f64,
+    #[serde(rename = "J_gnnce")]
+    pub j_gnnce: f64,
+    /// After its weight.
+    #[serde(rename = "J_syn")]
+    pub j_syn: f64,
+    #[serde(rename = "J_metric")]
+    pub j_metric: f64,
+    #[serde(rename = "J_softce")]
+    pub j_softce: f64,
+    /// After the 0.01 factor.
+    #[serde(rename = "J_div")]
+    pub j_div: f64,
+    #[serde(rename = "J_gence")]
+    pub j_gence: f64,
+    #[serde(rename = "J_gen")]
+    pub j_gen: f64,
+}
+
+impl StepMetrics {
+    /// `(name, value)` pairs in the release's order.
+    pub fn named(&self) -> [(&'static str, f64); 8] {
+        [
+            ("J_m", self.j_m),
+            ("J_gnnce", self.j_gnnce),
+            ("J_syn", self.j_syn),
+            ("J_metric", self.j_metric),
+            ("J_softce", self.j_softce),
+            ("J_div", self.j_div),
+            ("J_gence", self.j_gence),
+            ("J_gen", self.j_gen),
+        ]
+    }
+}
+
+/// A batch in view-major order: row `v*C + c` is the v-th image of class slot c.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub images: Tensor<4>,
+    /// Training-class index of every row.
+    pub labels: Vec<usize>,
+}
+
+/// The three optimisers of the release.
+#[derive(Clone)]
+pub struct Optimisers {
+    /// Backbone and embedding head (two parameter groups).
+    pub embedder: TorchAdamW,
+    pub gnn: TorchAdamW,
+    pub classifier: TorchAdamW,
+}
+
+impl Optimisers {
+    pub fn new(decays: WeightDecays, grad_clip: Option<f64>) -> Self {
+        Self {
+            embedder: TorchAdamW::new(
+                AdamWSettings::with_weight_decay(decays.metric as f32),
+                grad_clip,
+            ),
+            gnn: TorchAdamW::new(
+                AdamWSettings::with_weight_decay(decays.gnn as f32),
+                grad_clip,
+            ),
+            classifier: TorchAdamW::new(
+                AdamWSettings::with_weight_decay(decays.classifier as f32),
+                None,
+            ),
+        }
+    }
+}
+
+/// Reads a one-element tensor.
+pub fn scalar(t: &Tensor<1>) -> f64 {
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data")[0] as f64
+}
+
+/// The training procedure of one batch: the three optimisers, the loss settings and the batch
+/// layout they apply to.
+#[derive(Clone)]
+pub struct Trainer {
+    pub optim: Optimisers,
+    pub config: StepConfig,
+    pub layout: BatchLayout,
+}
+
+impl Trainer {
+    pub fn new(config: StepConfig, decays: WeightDecays, layout: BatchLayout) -> Self {
+        Self {
+            optim: Optimisers::new(decays, config.grad_clip),
+            config,
+            layout,
+        }
+    }
+
+    /// Runs one training step on `batch` and returns the updated model with the step's losses.
+    /// The base loss is Proxy-Anchor when the model carries proxies, N-pair otherwise.
+    pub fn step(
+        &mut self,
+        model: GcaHng,
+        batch: &Batch,
+        inputs: StepInputs,
+        mix: &mut dyn MixSource,
+    ) -> (GcaHng, StepMetrics) {
+        train_step(
+            model,
+            &mut self.optim,
+            &self.config,
+            self.layout,
+            batch,
+            inputs,
+            mix,
+        )
+    }
+}
+
+/// Per-step inputs that change over training.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInputs {
+    pub lr: LearningRates,
+    pub history: LossHistory,
+    /// `false` during warm-up: the backbone is frozen (it runs without gradients, so no
+    /// backward pass runs through it and its optimiser group is not stepped), while the
+    /// embedding head, the GNN and the classifier train.
+    pub train_backbone: bool,
+}
+
+impl StepInputs {
+    pub fn new(lr: LearningRates, history: LossHistory) -> Self {
+        Self {
+            lr,
+            history,
+            train_backbone: true,
+        }
+    }
+}
+
+fn train_step(
+    mut model: GcaHng,
+    optim: &mut Optimisers,
+    config: &StepConfig,
+    layout: BatchLayout,
+    batch: &Batch,
+    inputs: StepInputs,
+    mix: &mut dyn MixSource,
+) -> (GcaHng, StepMetrics) {
+    let StepInputs {
+        lr,
+        history,
+        train_backbone,
+    } = inputs;
+    let labels = &batch.labels;
+    let lambda = hardness(config.alpha, history.metric);
+    let syn_weight = 1.0 - (-config.beta / history.generator).exp();
+    let mut metrics = StepMetrics::default();
+
+    // 1-4: metric update of the embedder (and of the GNN through J_gce).
+    let features = if train_backbone {
+        model.embedder.backbone.forward(batch.images.clone())
+    } else {
+        // Frozen during warm-up: run it with no parameter requiring a gradient, so that
+        // autodiff records nothing. (Detaching its output instead leaves the recorded forward
+        // graph behind, never freed: about 300 MB per step here.) BatchNorm still follows its
+        // mode, running statistics included, as the release's `requires_grad = False` does.
+        model
+            .embedder
+            .backbone
+            .clone()
+            .no_grad()
+            .forward(batch.images.clone())
+    };
+    let z = model.embedder.head.forward(features);
+    let j_m = match &model.proxies {
+        Some(proxies) => proxies.forward(z.clone(), labels),
+        None => npair_loss(z.clone(), labels, layout),
+    };
+    metrics.j_m = scalar(&j_m);
+    let j_metric = if config.generation {
+        let graph = CorrelationGraph::build(z.clone(), layout);
+        let out = model.gnn.forward(&graph);
+        let j_gce = cross_entropy(out.node_logits, labels);
+        let syn = synthesize(z.clone(), out.edge_coeff.detach(), layout, lambda, mix);
+        let j_syn = match &model.proxies {
+            Some(proxies) => proxies.synthetic(syn.negatives, labels, layout),
+            None => synthetic_npair_loss(z.clone(), syn.negatives, layout),
+        }
+        .mul_scalar(syn_weight);
+        metrics.j_gnnce = scalar(&j_gce);
+        metrics.j_syn = scalar(&j_syn);
+        j_m + j_syn + j_gce
+    } else {
+        j_m
+    };
+    metrics.j_metric = scalar(&j_metric);
+    let mut grads = j_metric.backward();
+    let mut g_backbone = GradientsParams::from_module(&mut grads, &model.embedder.backbone);
+    let mut g_head = GradientsParams::from_module(&mut grads, &model.embedder.head);
+    let mut g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
+    let mut g_proxies = model
+        .proxies
+        .as_ref()
+        .map(|p| GradientsParams::from_module(&mut grads, p));
+    drop(grads);
+    if train_backbone {
+        model.embedder.backbone =
+            optim
+                .embedder
+                .step(lr.backbone, model.embedder.backbone, &mut g_backbone);
+    }
+    if let (Some(proxies), Some(g)) = (model.proxies.take(), g_proxies.as_mut()) {
+        model.proxies = Some(optim.embedder.step(lr.proxies, proxies, g));
+    }
+    model.embedder.head = optim
+        .embedder
+        .step(lr.head, model.embedder.head, &mut g_head);
+    if config.generation {
+        model.gnn = optim.gnn.step(lr.gnn, model.gnn, &mut g_gnn);
+    }
+
+    if !config.generation {
+        // The baseline has no synthetic negatives for the classifier to judge.
+        return (model, metrics);
+    }
+
+    // 5: the classifier learns the training classes on detached embeddings.
+    let z = z.detach();
+    let j_softce = cross_entropy(model.classifier.forward(z.clone()), labels)
+        .mul_scalar(CLASSIFIER_LOSS_SCALE);
+    metrics.j_softce = scalar(&j_softce);
+    let mut grads = j_softce.backward();
+    let mut g_cls = GradientsParams::from_module(&mut grads, &model.classifier);
+    drop(grads);
+    model.classifier = optim
+        .classifier
+        .step(lr.classifier, model.classifier, &mut g_cls);
+
+    // 6: generator update: the GNN learns coefficients whose negatives are hard (close to the
+    // anchor), still classified as their own class, and diverse across edges.
+    let graph = CorrelationGraph::build(z.clone(), layout);
+    let out = model.gnn.forward(&graph);
+    let syn = synthesize(z.clone(), out.edge_coeff.clone(), layout, lambda, mix);
+    let j_div = diversity_loss(out.edge_coeff, layout.nodes()).mul_scalar(DIVERSITY_SCALE);
+    let c = layout.classes;
+    let mix_labels: Vec<usize> = (0..layout.per_class * c * c)
+        .map(|k| labels[k % c])
+        .collect();
+    let j_cls = cross_entropy(model.classifier.forward(syn.negatives.clone()), &mix_labels)
+        .mul_scalar(config.softmax_factor);
+    let j_hard = hardness_loss(z, syn.negatives, layout, config.masking);
+    let j_gen = (j_cls.clone()
+        + j_hard.mul_scalar(config.dot_weight)
+        + j_div.clone().mul_scalar(config.div_weight))
+    .mul_scalar(0.5);
+    metrics.j_div = scalar(&j_div);
+    metrics.j_gence = scalar(&j_cls);
+    metrics.j_gen = scalar(&j_gen);
+    let mut grads = j_gen.backward();
+    let mut g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
+    drop(grads);
+    model.gnn = optim.gnn.step(lr.gnn, model.gnn, &mut g_gnn);
+    (model, metrics)
+}
+
+/// `log(sum(exp(x)))` over each row, `[rows, cols] -> [rows, 1]`.
+pub fn logsumexp_rows(x: T<2>) -> T<2> {
+    let max = x.clone().max_dim(1).detach();
+    (x - max.clone()).exp().sum_dim(1).log() + max
+}

@@ -1,0 +1,529 @@
+//! Checking this implementation against a dump of the authors' release
+//! (`../shared/fixtures/reference/README.md` describes the format).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::Deserialize;
+
+use crate::backbones::{BackboneConfig, LinearBackboneConfig};
+use crate::io::state_dict::{HostTensor, StateDict, export_grads, export_torch, load_torch};
+use crate::method::embedder::EmbedderConfig;
+use crate::method::gnn::GnnConfig;
+use crate::method::graph::{BatchLayout, CorrelationGraph};
+use crate::method::losses::{HardnessMasking, diversity_loss, npair_loss, synthetic_npair_loss};
+use crate::method::model::{GcaHng, GcaHngConfig};
+use crate::method::synthesis::{ReplayMix, draws_per_call, hardness, synthesize};
+use crate::train::step::{
+    Batch, LearningRates, LossHistory, StepConfig, StepInputs, Trainer, WeightDecays,
+    logsumexp_rows,
+};
+
+/// Learning rates recorded in a dump.
+#[derive(Clone, Debug, Deserialize)]
+pub struct DumpLr {
+    pub classifier: f64,
+    pub gnn: f64,
+    pub backbone: f64,
+    pub fc: f64,
+}
+
+/// Weight decays recorded in a dump.
+#[derive(Clone, Debug, Deserialize)]
+pub struct DumpWeightDecay {
+    pub classifier: f64,
+    pub gnn: f64,
+    pub metric: f64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DumpStep {
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The metadata of a dump (`__metadata__["meta"]`, also written as `tiny.json`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct DumpMeta {
+    pub classes_per_batch: usize,
+    pub per_class: usize,
+    pub embedding: usize,
+    pub gnn_layers: usize,
+    pub heads: usize,
+    pub n_class: usize,
+    pub input_shape: Vec<usize>,
+    pub backbone_width: usize,
+    pub j_avg: f64,
+    pub j_gen: f64,
+    pub alpha: f64,
+    pub beta: f64,
+    pub softmax_factor: f64,
+    pub div_weight: f64,
+    pub dot_weight: f64,
+    pub grad_clip_value: Option<f64>,
+    pub lr: DumpLr,
+    pub weight_decay: DumpWeightDecay,
+    pub steps: Vec<DumpStep>,
+    /// Absent in dumps of the release, which always uses its own masking.
+    #[serde(default)]
+    pub hardness_masking: Option<HardnessMasking>,
+}
+
+impl DumpMeta {
+    pub fn layout(&self) -> BatchLayout {
+        BatchLayout::new(self.classes_per_batch, self.per_class)
+    }
+
+    pub fn model_config(&self) -> GcaHngConfig {
+        let d_input = self.input_shape.iter().product();
+        GcaHngConfig::new(
+            EmbedderConfig::new(
+                BackboneConfig::Linear(LinearBackboneConfig::new(d_input, self.backbone_width)),
+                self.embedding,
+            ),
+            GnnConfig::new(self.embedding, self.n_class)
+                .with_num_layers(self.gnn_layers)
+                .with_num_heads(self.heads)
+                // The dumps were made with attention dropout 0.
+                .with_attention_dropout(0.0),
+        )
+    }
+
+    pub fn step_config(&self) -> StepConfig {
+        StepConfig {
+            alpha: self.alpha,
+            beta: self.beta,
+            softmax_factor: self.softmax_factor,
+            div_weight: self.div_weight,
+            dot_weight: self.dot_weight,
+            grad_clip: self.grad_clip_value,
+            masking: self.hardness_masking.unwrap_or(HardnessMasking::Release),
+            generation: true,
+        }
+    }
+}
+
+/// How a tensor is judged.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Tolerance {
+    /// Stage outputs and losses: max abs error / max abs reference value.
+    Relative(f64),
+    /// Gradients: max abs error <= factor * max abs reference + absolute.
+    Gradient { factor: f64, absolute: f64 },
+    /// Parameters after a step: max abs error.
+    Absolute(f64),
+    /// Integers: identical.
+    Exact,
+}
+
+impl Tolerance {
+    pub const STAGE: Self = Self::Relative(1e-4);
+    pub const GRADIENT: Self = Self::Gradient {
+        factor: 1e-3,
+        absolute: 1e-5,
+    };
+    pub const PARAMETER: Self = Self::Absolute(5e-5);
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Relative(r) => format!("rel {r:.0e}"),
+            Self::Gradient { factor, absolute } => format!("{factor:.0e}*max+{absolute:.0e}"),
+            Self::Absolute(a) => format!("abs {a:.0e}"),
+            Self::Exact => "exact".into(),
+        }
+    }
+}
+
+/// One compared tensor.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub name: String,
+    pub max_abs: f64,
+    pub relative: f64,
+    pub tolerance: String,
+    pub ok: bool,
+    pub note: Option<String>,
+}
+
+/// The outcome of a verification.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    /// Tensors of the dump that nothing used or compared.
+    pub unchecked: Vec<String>,
+}
+
+impl Report {
+    pub fn failures(&self) -> usize {
+        self.rows.iter().filter(|r| !r.ok).count()
+    }
+
+    pub fn passed(&self) -> bool {
+        self.failures() == 0 && self.unchecked.is_empty()
+    }
+}
+
+/// Compares `ours` with `reference` under `tolerance`.
+pub fn compare(name: &str, ours: &HostTensor, reference: &HostTensor, tolerance: Tolerance) -> Row {
+    let tol = tolerance.describe();
+    if ours.numel() != reference.numel() {
+        return Row {
+            name: name.into(),
+            max_abs: f64::NAN,
+            relative: f64::NAN,
+            tolerance: tol,
+            ok: false,
+            note: Some(format!(
+                "shape {:?} against the dump's {:?}",
+                ours.shape, reference.shape
+            )),
+        };
+    }
+    let mut max_abs = 0.0f64;
+    let mut max_ref = 0.0f64;
+    let mut nan = false;
+    for (&a, &b) in ours.data.iter().zip(&reference.data) {
+        if a.is_nan() != b.is_nan() {
+            nan = true;
+        }
+        max_abs = max_abs.max((a - b).abs());
+        max_ref = max_ref.max(b.abs());
+    }
+    let relative = if max_ref > 0.0 {
+        max_abs / max_ref
+    } else {
+        max_abs
+    };
+    let ok = !nan
+        && match tolerance {
+            Tolerance::Relative(r) => relative <= r,
+            Tolerance::Gradient { factor, absolute } => max_abs <= factor * max_ref + absolute,
+            Tolerance::Absolute(a) => max_abs <= a,
+            Tolerance::Exact => max_abs == 0.0,
+        };
+    Row {
+        name: name.into(),
+        max_abs,
+        relative,
+        tolerance: tol,
+        ok,
+        note: nan.then(|| "NaN where the dump has a number".to_string()),
+    }
+}
+
+fn host_of<const D: usize>(t: Tensor<D>) -> HostTensor {
+    let data = t.into_data().convert::<f32>();
+    let shape = data.shape().to_vec();
+    let values: Vec<f32> = data.try_into_vec().expect("f32 data");
+    HostTensor::new(shape, values.into_iter().map(f64::from).collect())
+}
+
+/// A dump with the bookkeeping of which tensors were used.
+struct Dump {
+    dict: StateDict,
+    used: BTreeSet<String>,
+    report: Report,
+}
+
+impl Dump {
+    fn get(&mut self, name: &str) -> Result<&HostTensor> {
+        self.used.insert(name.to_string());
+        self.dict
+            .get(name)
+            .with_context(|| format!("the dump has no tensor `{name}`"))
+    }
+
+    fn check(&mut self, name: &str, ours: HostTensor, tolerance: Tolerance) -> Result<()> {
+        let reference = self.get(name)?.clone();
+        let row = compare(name, &ours, &reference, tolerance);
+        self.report.rows.push(row);
+        Ok(())
+    }
+
+    fn images(&mut self, name: &str, device: &Device) -> Result<Tensor<4>> {
+        let t = self.get(name)?.clone();
+        if t.shape.len() != 4 {
+            bail!("`{name}` has shape {:?}; expected [N, C, H, W]", t.shape);
+        }
+        let shape = [t.shape[0], t.shape[1], t.shape[2], t.shape[3]];
+        Ok(Tensor::from_data(
+            TensorData::new(t.to_f32(), shape),
+            device,
+        ))
+    }
+
+    fn labels(&mut self, name: &str, classes: usize) -> Result<Vec<usize>> {
+        let t = self.get(name)?.clone();
+        t.data
+            .iter()
+            .map(|&v| {
+                if v >= 0.0 && (v as usize) < classes && v.fract() == 0.0 {
+                    Ok(v as usize)
+                } else {
+                    bail!("`{name}` holds label {v}, outside 0..{classes}")
+                }
+            })
+            .collect()
+    }
+
+    fn draws(&mut self, name: &str) -> Result<Vec<f64>> {
+        Ok(self.get(name)?.data.clone())
+    }
+
+    fn draw_row(&mut self, name: &str, mix: &ReplayMix) {
+        let ok = mix.remaining() == 0;
+        self.report.rows.push(Row {
+            name: name.into(),
+            max_abs: 0.0,
+            relative: 0.0,
+            tolerance: "all used".into(),
+            ok,
+            note: (!ok).then(|| format!("{} recorded draws left unused", mix.remaining())),
+        });
+    }
+}
+
+/// Reads the metadata of a dump.
+pub fn read_meta(dict: &StateDict, path: &Path) -> Result<DumpMeta> {
+    let raw = dict.metadata.get("meta").with_context(|| {
+        format!(
+            "{} has no `meta` entry in its safetensors metadata",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(raw)
+        .with_context(|| format!("the `meta` entry of {} is not valid", path.display()))
+}
+
+fn fresh_model(dump: &mut Dump, meta: &DumpMeta, device: &Device) -> Result<GcaHng> {
+    let model = meta.model_config().init(device);
+    let names: Vec<String> = dump
+        .dict
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with("init."))
+        .cloned()
+        .collect();
+    dump.used.extend(names);
+    load_torch(model, &dump.dict, "init.", device).context("loading `init.*` from the dump")
+}
+
+/// Replays a dump and compares every stage, gradient, loss and parameter it records.
+pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
+    let dict = StateDict::read_safetensors(path)?;
+    let meta = read_meta(&dict, path)?;
+    let layout = meta.layout();
+    if layout.per_class < 2 || layout.classes < 2 {
+        bail!(
+            "the dump's batch has {}x{}; at least 2x2 is needed",
+            layout.classes,
+            layout.per_class
+        );
+    }
+    let device = device.clone().autodiff();
+    let mut dump = Dump {
+        dict,
+        used: BTreeSet::new(),
+        report: Report::default(),
+    };
+    let step_config = meta.step_config();
+
+    // One forward pass in training mode on batch 0, from `init`.
+    let model = fresh_model(&mut dump, &meta, &device)?;
+    let x = dump.images("batch0.x", &device)?;
+    let labels = dump.labels("batch0.label", meta.n_class)?;
+    let z = model.embedder.forward(x);
+    dump.check("fwd.embedding", host_of(z.clone()), Tolerance::STAGE)?;
+    let j_npair = npair_loss(z.clone(), &labels, layout);
+    dump.check("fwd.j_npair", host_of(j_npair.clone()), Tolerance::STAGE)?;
+    let graph = CorrelationGraph::build(z.clone(), layout);
+    dump.check(
+        "fwd.graph.edge_attr",
+        host_of(graph.edges.clone()),
+        Tolerance::STAGE,
+    )?;
+    dump.check(
+        "fwd.graph.nodes",
+        host_of(graph.nodes.clone()),
+        Tolerance::STAGE,
+    )?;
+    let edge_index = layout.edge_index();
+    let index = HostTensor::new(
+        vec![edge_index.len(), 2],
+        edge_index
+            .iter()
+            .flat_map(|[a, b]| [*a as f64, *b as f64])
+            .collect(),
+    );
+    dump.check("fwd.graph.edge_index", index, Tolerance::Exact)?;
+    let out = model.gnn.forward(&graph);
+    dump.check(
+        "fwd.gnn.node_logits",
+        host_of(out.node_logits.clone()),
+        Tolerance::STAGE,
+    )?;
+    dump.check(
+        "fwd.gnn.edge_coeff",
+        host_of(out.edge_coeff.clone()),
+        Tolerance::STAGE,
+    )?;
+    let mut mix = ReplayMix::new(dump.draws("fwd.gen.mix_draws")?);
+    if mix.remaining() < draws_per_call(layout) {
+        bail!("`fwd.gen.mix_draws` holds too few draws for one synthesis");
+    }
+    let lambda = hardness(meta.alpha, meta.j_avg);
+    let syn = synthesize(z.clone(), out.edge_coeff.clone(), layout, lambda, &mut mix);
+    dump.draw_row("fwd.gen.mix_draws", &mix);
+    dump.check(
+        "fwd.gen.negatives",
+        host_of(syn.negatives.clone()),
+        Tolerance::STAGE,
+    )?;
+    dump.check(
+        "fwd.gen.all_negatives",
+        host_of(syn.all_negatives.clone()),
+        Tolerance::STAGE,
+    )?;
+    let j_syn = synthetic_npair_loss(z.clone(), syn.negatives.clone(), layout);
+    dump.check("fwd.j_syn_npair", host_of(j_syn.clone()), Tolerance::STAGE)?;
+    let j_div = diversity_loss(out.edge_coeff.clone(), layout.nodes());
+    dump.check("fwd.j_div_raw", host_of(j_div.clone()), Tolerance::STAGE)?;
+
+    // Gradients of the README's probe scalar, with live coefficients.
+    let probe = syn.negatives.square().sum().mul_scalar(1e-3)
+        + logsumexp_rows(out.node_logits).mean()
+        + j_div
+        + j_syn
+        + j_npair;
+    let grads = probe.backward();
+    let ours = export_grads(&model, "", &grads);
+    let expected: Vec<String> = dump
+        .dict
+        .tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("fwd.grad.").map(str::to_string))
+        .collect();
+    for name in &expected {
+        let key = format!("fwd.grad.{name}");
+        match ours.get(name) {
+            Some(t) => dump.check(&key, t.clone(), Tolerance::GRADIENT)?,
+            None => {
+                dump.used.insert(key.clone());
+                dump.report.rows.push(Row {
+                    name: key,
+                    max_abs: f64::NAN,
+                    relative: f64::NAN,
+                    tolerance: Tolerance::GRADIENT.describe(),
+                    ok: false,
+                    note: Some("no gradient here".into()),
+                });
+            }
+        }
+    }
+    for name in ours.tensors.keys().filter(|n| !expected.contains(n)) {
+        dump.report.rows.push(Row {
+            name: format!("fwd.grad.{name}"),
+            max_abs: f64::NAN,
+            relative: f64::NAN,
+            tolerance: Tolerance::GRADIENT.describe(),
+            ok: false,
+            note: Some("gradient here, none in the dump".into()),
+        });
+    }
+    drop(grads);
+
+    // Full training steps from `init`.
+    let mut model = fresh_model(&mut dump, &meta, &device)?;
+    let mut trainer = Trainer::new(
+        step_config,
+        WeightDecays {
+            metric: meta.weight_decay.metric,
+            gnn: meta.weight_decay.gnn,
+            classifier: meta.weight_decay.classifier,
+        },
+        layout,
+    );
+    let lr = LearningRates {
+        backbone: meta.lr.backbone,
+        head: meta.lr.fc,
+        gnn: meta.lr.gnn,
+        classifier: meta.lr.classifier,
+        proxies: 0.0,
+    };
+    let history = LossHistory {
+        metric: meta.j_avg,
+        generator: meta.j_gen,
+    };
+    for (k, step) in meta.steps.iter().enumerate() {
+        let images = dump.images(&format!("step{k}.x"), &device)?;
+        let labels = dump.labels(&format!("step{k}.label"), meta.n_class)?;
+        let draws_key = format!("step{k}.mix_draws");
+        let mut mix = ReplayMix::new(dump.draws(&draws_key)?);
+        if mix.remaining() < 2 * draws_per_call(layout) {
+            bail!("`{draws_key}` holds too few draws for the two syntheses of a step");
+        }
+        let batch = Batch { images, labels };
+        let (next, metrics) = trainer.step(model, &batch, StepInputs::new(lr, history), &mut mix);
+        model = next;
+        dump.draw_row(&draws_key, &mix);
+        for (name, value) in metrics.named() {
+            let key = format!("step{k}.metrics.{name}");
+            match step.metrics.get(name) {
+                Some(&reference) => dump.report.rows.push(compare(
+                    &key,
+                    &HostTensor::new(vec![], vec![value]),
+                    &HostTensor::new(vec![], vec![reference]),
+                    Tolerance::STAGE,
+                )),
+                None => dump.report.rows.push(Row {
+                    name: key,
+                    max_abs: f64::NAN,
+                    relative: f64::NAN,
+                    tolerance: Tolerance::STAGE.describe(),
+                    ok: false,
+                    note: Some("the dump does not record this loss".into()),
+                }),
+            }
+        }
+        let params = export_torch(&model, "");
+        let prefix = format!("step{k}.after.");
+        let expected: Vec<String> = dump
+            .dict
+            .tensors
+            .keys()
+            .filter_map(|key| key.strip_prefix(&prefix).map(str::to_string))
+            .collect();
+        for name in &expected {
+            let key = format!("{prefix}{name}");
+            let tolerance = if name.ends_with("num_batches_tracked") {
+                Tolerance::Exact
+            } else {
+                Tolerance::PARAMETER
+            };
+            match params.get(name) {
+                Some(t) => dump.check(&key, t.clone(), tolerance)?,
+                None => {
+                    dump.used.insert(key.clone());
+                    dump.report.rows.push(Row {
+                        name: key,
+                        max_abs: f64::NAN,
+                        relative: f64::NAN,
+                        tolerance: tolerance.describe(),
+                        ok: false,
+                        note: Some("the model has no such parameter".into()),
+                    });
+                }
+            }
+        }
+    }
+    let unchecked: Vec<String> = dump
+        .dict
+        .tensors
+        .keys()
+        .filter(|k| !dump.used.contains(*k))
+        .cloned()
+        .collect();
+    dump.report.unchecked = unchecked;
+    Ok(dump.report)
+}
