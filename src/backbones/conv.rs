@@ -92,11 +92,9 @@ fn tap(
 }
 
 /// From this many output pixels per image on, [`im2col_matmul`] multiplies image by image;
-/// below it, channels first with one GEMM for the whole batch. Measured on the 2-core CPU:
-/// channels first everywhere was 6-9 % faster than image by image everywhere on ResNet-50 at
-/// 224 px and ~20 % faster on EfficientNet-Lite0 at 64 px (whose per-image matrices are
-/// tiny); image by image for the 112, 56 and 28 px maps saved another ~4 % on ResNet-50
-/// (no transposing copies of the large activations) and changed nothing on EfficientNet-Lite0.
+/// below it, channels first with one GEMM for the whole batch. Small maps make per-image
+/// matrices too small to keep the GEMM busy; large maps would pay for transposing copies of
+/// big activations. The threshold and its measurements: BENCHMARKS.md, "What changed".
 const PER_IMAGE_MIN_PIXELS: usize = 700;
 
 /// A dense convolution of the already padded `xp` as im2col and matmul: the `k*k` strided

@@ -248,7 +248,7 @@ fn train_step(
     } else {
         // Frozen during warm-up: run it with no parameter requiring a gradient, so that
         // autodiff records nothing. (Detaching its output instead leaves the recorded forward
-        // graph behind, never freed: about 300 MB per step here.) BatchNorm still follows its
+        // graph behind, never freed: `tests/warm_up_memory.rs`.) BatchNorm still follows its
         // mode, running statistics included, as the release's `requires_grad = False` does.
         model
             .embedder
