@@ -30,7 +30,7 @@ use crate::train::{self, Observer, RunOptions, RunOutcome, RunSummary, setup};
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
     pub out: PathBuf,
-    /// Smoke-sized: 32 px, two steps per epoch, two epochs, 24 test classes.
+    /// Smoke-sized: [`QUICK`].
     pub quick: bool,
     pub seeds: Vec<u64>,
     /// Epochs per run; default [`DEFAULT_EPOCHS`] (2 with `quick`).
@@ -45,6 +45,25 @@ pub struct DemoOptions {
 /// eight epochs the two methods end within seed noise on this small dataset.
 pub const DEFAULT_EPOCHS: usize = 3;
 
+/// The smoke-sized demo of `--quick`.
+pub const QUICK: QuickSize = QuickSize {
+    image_size: 32,
+    steps_per_epoch: 2,
+    epochs: 2,
+    test_classes: 24,
+};
+
+/// How small the smoke-sized demo is.
+#[derive(Clone, Copy, Debug)]
+pub struct QuickSize {
+    /// Training crop and test resize, pixels.
+    pub image_size: usize,
+    pub steps_per_epoch: usize,
+    pub epochs: usize,
+    /// Evaluation on the first this many test classes only.
+    pub test_classes: usize,
+}
+
 /// The two methods, as named in the summary.
 pub const METHODS: [(&str, bool); 2] = [("gca_hng", true), ("baseline", false)];
 
@@ -56,9 +75,9 @@ pub fn demo_config(opts: &DemoOptions, generation: bool, seed: u64) -> Result<Ex
     c.train.device = opts.device.clone();
     c.train.epochs = DEFAULT_EPOCHS;
     if opts.quick {
-        c.data.image_size = 32;
-        c.data.resize = 32;
-        c.train.epochs = 2;
+        c.data.image_size = QUICK.image_size;
+        c.data.resize = QUICK.image_size;
+        c.train.epochs = QUICK.epochs;
         c.train.eval_every = 1;
     }
     if let Some(e) = opts.epochs {
@@ -104,6 +123,75 @@ pub struct DemoSummary {
     pub seconds: f64,
 }
 
+/// The demo's results as text: final test metrics of the pretrained features and both
+/// methods (means over the seeds), then each seed's learning curves side by side. Every
+/// line ends in a newline.
+pub struct ResultsTable<'a> {
+    pub summary: &'a DemoSummary,
+    /// Width of the pretrained backbone's features, named in their row.
+    pub feature_width: usize,
+}
+
+impl std::fmt::Display for ResultsTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.summary;
+        let mut ks: Vec<String> = s.gca_hng.mean.recall.keys().cloned().collect();
+        ks.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
+        let header: Vec<String> = ks
+            .iter()
+            .map(|k| format!("{:>6}", format!("R@{k}")))
+            .collect();
+        writeln!(
+            f,
+            "{:<34}{} {:>7} {:>7}",
+            format!(
+                "test classes, final epoch ({} seed{})",
+                s.seeds.len(),
+                if s.seeds.len() > 1 { "s, mean" } else { "" }
+            ),
+            header.join(""),
+            "MAP@R",
+            "RP"
+        )?;
+        let row = |f: &mut std::fmt::Formatter<'_>, name: &str, m: &RetrievalMetrics| {
+            let cells: Vec<String> = ks
+                .iter()
+                .map(|k| format!("{:>6.1}", m.recall.get(k).copied().unwrap_or(f64::NAN)))
+                .collect();
+            writeln!(
+                f,
+                "{name:<34}{} {:>7.1} {:>7.1}",
+                cells.join(""),
+                m.map_at_r,
+                m.r_precision
+            )
+        };
+        if let Some(features) = &s.pretrained_features {
+            let name = format!("pretrained features ({}-d)", self.feature_width);
+            row(f, &name, features)?;
+        }
+        row(f, "baseline (N-pair)", &s.baseline.mean)?;
+        row(f, "GCA-HNG", &s.gca_hng.mean)?;
+        writeln!(f, "\nlearning curves, test R@1 (epoch 0: untrained):")?;
+        for (seed, curve) in &s.gca_hng.curves {
+            let base = s.baseline.curves.get(seed).cloned().unwrap_or_default();
+            writeln!(f, "  seed {seed}: epoch   GCA-HNG   baseline   margin")?;
+            for (e, g) in curve {
+                match base.iter().find(|(x, _)| x == e).map(|p| p.1) {
+                    Some(b) => writeln!(
+                        f,
+                        "          {:>5}   {g:>7.1}   {b:>8.1}   {:>+6.1}",
+                        e,
+                        g - b
+                    )?,
+                    None => writeln!(f, "          {:>5}   {g:>7.1}", e)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Mean of several metric sets (recall keys of the first).
 fn mean_metrics(sets: &[&RetrievalMetrics]) -> RetrievalMetrics {
     let n = sets.len().max(1) as f64;
@@ -146,8 +234,8 @@ fn run_one(
     ro.evaluate_untrained = true;
     ro.emoji_cache = Some(opts.out.join("emoji-cache"));
     if opts.quick {
-        ro.max_steps_per_epoch = Some(2);
-        ro.eval_class_limit = Some(24);
+        ro.max_steps_per_epoch = Some(QUICK.steps_per_epoch);
+        ro.eval_class_limit = Some(QUICK.test_classes);
     }
     match train::train(&config, &ro, observer)? {
         RunOutcome::Finished(s) => Ok(Some(*s)),
@@ -172,7 +260,7 @@ fn pretrained_features(
     let model = setup::build_model(config, 2, &weights, &device)?;
     let mut data = setup::run_data(config, None)?;
     if opts.quick {
-        data.test = data.test.limited(24);
+        data.test = data.test.limited(QUICK.test_classes);
     }
     let store = Arc::new(train::image_store(
         config,
@@ -269,7 +357,7 @@ pub fn run_demo(
         verdict,
         seeds: opts.seeds.clone(),
         epochs: config.train.epochs,
-        steps_per_epoch: opts.quick.then_some(2),
+        steps_per_epoch: opts.quick.then_some(QUICK.steps_per_epoch),
         test_images: 0,
         seconds: 0.0,
     };
