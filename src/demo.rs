@@ -109,7 +109,7 @@ pub struct MethodResults {
 pub struct DemoSummary {
     pub gca_hng: MethodResults,
     pub baseline: MethodResults,
-    /// The pretrained backbone's pooled 1280-d features, no training at all.
+    /// The pretrained backbone's pooled features, no training at all.
     pub pretrained_features: Option<RetrievalMetrics>,
     /// GCA-HNG's mean final R@1 minus the baseline's.
     pub margin_r_at_1: f64,
