@@ -30,7 +30,7 @@ use crate::train::{self, Observer, RunOptions, RunOutcome, RunSummary, setup};
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
     pub out: PathBuf,
-    /// Smoke-sized: 32 px, two steps per epoch, two epochs, 24 test classes.
+    /// Smoke-sized: [`QUICK`].
     pub quick: bool,
     pub seeds: Vec<u64>,
     /// Epochs per run; default [`DEFAULT_EPOCHS`] (2 with `quick`).
@@ -45,6 +45,25 @@ pub struct DemoOptions {
 /// eight epochs the two methods end within seed noise on this small dataset.
 pub const DEFAULT_EPOCHS: usize = 3;
 
+/// The smoke-sized demo of `--quick`.
+pub const QUICK: QuickSize = QuickSize {
+    image_size: 32,
+    steps_per_epoch: 2,
+    epochs: 2,
+    test_classes: 24,
+};
+
+/// How small the smoke-sized demo is.
+#[derive(Clone, Copy, Debug)]
+pub struct QuickSize {
+    /// Training crop and test resize, pixels.
+    pub image_size: usize,
+    pub steps_per_epoch: usize,
+    pub epochs: usize,
+    /// Evaluation on the first this many test classes only.
+    pub test_classes: usize,
+}
+
 /// The two methods, as named in the summary.
 pub const METHODS: [(&str, bool); 2] = [("gca_hng", true), ("baseline", false)];
 
@@ -56,9 +75,9 @@ pub fn demo_config(opts: &DemoOptions, generation: bool, seed: u64) -> Result<Ex
     c.train.device = opts.device.clone();
     c.train.epochs = DEFAULT_EPOCHS;
     if opts.quick {
-        c.data.image_size = 32;
-        c.data.resize = 32;
-        c.train.epochs = 2;
+        c.data.image_size = QUICK.image_size;
+        c.data.resize = QUICK.image_size;
+        c.train.epochs = QUICK.epochs;
         c.train.eval_every = 1;
     }
     if let Some(e) = opts.epochs {
@@ -90,7 +109,7 @@ pub struct MethodResults {
 pub struct DemoSummary {
     pub gca_hng: MethodResults,
     pub baseline: MethodResults,
-    /// The pretrained backbone's pooled 1280-d features, no training at all.
+    /// The pretrained backbone's pooled features, no training at all.
     pub pretrained_features: Option<RetrievalMetrics>,
     /// GCA-HNG's mean final R@1 minus the baseline's.
     pub margin_r_at_1: f64,
@@ -102,6 +121,75 @@ pub struct DemoSummary {
     pub steps_per_epoch: Option<usize>,
     pub test_images: usize,
     pub seconds: f64,
+}
+
+/// The demo's results as text: final test metrics of the pretrained features and both
+/// methods (means over the seeds), then each seed's learning curves side by side. Every
+/// line ends in a newline.
+pub struct ResultsTable<'a> {
+    pub summary: &'a DemoSummary,
+    /// Width of the pretrained backbone's features, named in their row.
+    pub feature_width: usize,
+}
+
+impl std::fmt::Display for ResultsTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.summary;
+        let mut ks: Vec<String> = s.gca_hng.mean.recall.keys().cloned().collect();
+        ks.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
+        let header: Vec<String> = ks
+            .iter()
+            .map(|k| format!("{:>6}", format!("R@{k}")))
+            .collect();
+        writeln!(
+            f,
+            "{:<34}{} {:>7} {:>7}",
+            format!(
+                "test classes, final epoch ({} seed{})",
+                s.seeds.len(),
+                if s.seeds.len() > 1 { "s, mean" } else { "" }
+            ),
+            header.join(""),
+            "MAP@R",
+            "RP"
+        )?;
+        let row = |f: &mut std::fmt::Formatter<'_>, name: &str, m: &RetrievalMetrics| {
+            let cells: Vec<String> = ks
+                .iter()
+                .map(|k| format!("{:>6.1}", m.recall.get(k).copied().unwrap_or(f64::NAN)))
+                .collect();
+            writeln!(
+                f,
+                "{name:<34}{} {:>7.1} {:>7.1}",
+                cells.join(""),
+                m.map_at_r,
+                m.r_precision
+            )
+        };
+        if let Some(features) = &s.pretrained_features {
+            let name = format!("pretrained features ({}-d)", self.feature_width);
+            row(f, &name, features)?;
+        }
+        row(f, "baseline (N-pair)", &s.baseline.mean)?;
+        row(f, "GCA-HNG", &s.gca_hng.mean)?;
+        writeln!(f, "\nlearning curves, test R@1 (epoch 0: untrained):")?;
+        for (seed, curve) in &s.gca_hng.curves {
+            let base = s.baseline.curves.get(seed).cloned().unwrap_or_default();
+            writeln!(f, "  seed {seed}: epoch   GCA-HNG   baseline   margin")?;
+            for (e, g) in curve {
+                match base.iter().find(|(x, _)| x == e).map(|p| p.1) {
+                    Some(b) => writeln!(
+                        f,
+                        "          {:>5}   {g:>7.1}   {b:>8.1}   {:>+6.1}",
+                        e,
+                        g - b
+                    )?,
+                    None => writeln!(f, "          {:>5}   {g:>7.1}", e)?,
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Mean of several metric sets (recall keys of the first).
@@ -146,8 +234,8 @@ fn run_one(
     ro.evaluate_untrained = true;
     ro.emoji_cache = Some(opts.out.join("emoji-cache"));
     if opts.quick {
-        ro.max_steps_per_epoch = Some(2);
-        ro.eval_class_limit = Some(24);
+        ro.max_steps_per_epoch = Some(QUICK.steps_per_epoch);
+        ro.eval_class_limit = Some(QUICK.test_classes);
     }
     match train::train(&config, &ro, observer)? {
         RunOutcome::Finished(s) => Ok(Some(*s)),
@@ -172,7 +260,7 @@ fn pretrained_features(
     let model = setup::build_model(config, 2, &weights, &device)?;
     let mut data = setup::run_data(config, None)?;
     if opts.quick {
-        data.test = data.test.limited(24);
+        data.test = data.test.limited(QUICK.test_classes);
     }
     let store = Arc::new(train::image_store(
         config,
@@ -269,7 +357,7 @@ pub fn run_demo(
         verdict,
         seeds: opts.seeds.clone(),
         epochs: config.train.epochs,
-        steps_per_epoch: opts.quick.then_some(2),
+        steps_per_epoch: opts.quick.then_some(QUICK.steps_per_epoch),
         test_images: 0,
         seconds: 0.0,
     };
@@ -348,4 +436,64 @@ pub fn write_gallery(
     let store = train::image_store(config, Some(opts.out.join("emoji-cache")))?;
     save_png(&result_grid(&store, &rows, 64)?, path)?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(r1: f64, r10: f64) -> RetrievalMetrics {
+        RetrievalMetrics {
+            recall: [("1".to_string(), r1), ("10".to_string(), r10)].into(),
+            map_at_r: 12.34,
+            r_precision: 20.0,
+            ..RetrievalMetrics::default()
+        }
+    }
+
+    fn method(r1: f64, curve: Vec<(f64, f64)>) -> MethodResults {
+        MethodResults {
+            mean: metrics(r1, 90.0),
+            curves: [("0".to_string(), curve)].into(),
+            ..MethodResults::default()
+        }
+    }
+
+    #[test]
+    fn results_table_lists_recalls_in_k_order_and_the_curves_side_by_side() {
+        let summary = DemoSummary {
+            gca_hng: method(55.0, vec![(0.0, 50.0), (1.0, 55.0)]),
+            baseline: method(52.5, vec![(0.0, 50.0)]),
+            pretrained_features: Some(metrics(40.0, 80.0)),
+            margin_r_at_1: 2.5,
+            seed_spread_r_at_1: None,
+            verdict: String::new(),
+            seeds: vec![0],
+            epochs: 1,
+            steps_per_epoch: None,
+            test_images: 0,
+            seconds: 0.0,
+        };
+        let table = ResultsTable {
+            summary: &summary,
+            feature_width: 321,
+        }
+        .to_string();
+        let lines: Vec<&str> = table.lines().collect();
+        // "10" sorts before "2" as text; the table orders k as numbers.
+        assert!(lines[0].starts_with("test classes, final epoch (1 seed)"));
+        assert!(lines[0].find("R@1").unwrap() < lines[0].find("R@10").unwrap());
+        assert!(
+            lines[1].starts_with("pretrained features (321-d)"),
+            "{table}"
+        );
+        assert!(lines[1].contains("  40.0  80.0    12.3    20.0"), "{table}");
+        assert!(lines[2].starts_with("baseline (N-pair)"));
+        assert!(lines[3].starts_with("GCA-HNG"));
+        assert_eq!(lines[4], "");
+        assert!(lines[7].ends_with("50.0       50.0     +0.0"), "{table}");
+        // Epoch 1 has no baseline value: no margin.
+        assert_eq!(lines[8].trim_end(), "              1      55.0");
+        assert!(table.ends_with('\n'));
+    }
 }

@@ -1,13 +1,16 @@
 //! Experiment configuration: every setting of a training run, the release's twelve presets and
-//! the demo, TOML in and out, and `key=value` overrides.
+//! the demo, TOML in and out, `key=value` overrides, and a run's configuration
+//! assembled from a preset or file and typed settings.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+mod assemble;
 mod presets;
 
+pub use assemble::{ConfigBase, RunSettings};
 pub use presets::PRESETS;
 
 pub use crate::method::losses::{BaseLoss, HardnessMasking};

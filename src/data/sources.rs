@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::data::ImageSource;
+use crate::data::{ImageSource, Sample};
 use crate::io::embedding_files::parse_source_line;
 
 /// Image files given on a command line: files as they are, folders expanded to the image
@@ -52,4 +52,12 @@ pub fn collect_images(args: &[PathBuf]) -> Result<Vec<ImageSource>> {
         }
     }
     Ok(out)
+}
+
+/// Samples of images that have no class: label 0, which embedding ignores.
+pub fn unlabelled_samples(sources: impl IntoIterator<Item = ImageSource>) -> Vec<Sample> {
+    sources
+        .into_iter()
+        .map(|source| Sample { source, label: 0 })
+        .collect()
 }

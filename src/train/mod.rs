@@ -11,5 +11,5 @@ pub mod step;
 
 pub use run::{
     EpochRecord, Observer, RunOptions, RunOutcome, RunSummary, Silent, embed_settings, image_store,
-    train,
+    image_store_for, train,
 };

@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DatasetKind, ExperimentConfig, SelectOn};
+use crate::data::ImageSource;
 use crate::data::loader::{ImageStore, Loader, LoaderConfig, sample_seed};
 use crate::data::sampler::{BalancedSampler, SamplerConfig, ShortClass, view_major};
 use crate::data::tensor::images_tensor;
@@ -172,6 +173,22 @@ pub fn image_store(config: &ExperimentConfig, emoji_cache: Option<PathBuf>) -> R
     } else {
         ImageStore::files()
     })
+}
+
+/// The configuration's image store, able to draw embedded emoji whenever `sources` name some:
+/// a model trained on image files can still embed icons.
+pub fn image_store_for<'a>(
+    config: &ExperimentConfig,
+    sources: impl IntoIterator<Item = &'a ImageSource>,
+) -> Result<ImageStore> {
+    if sources
+        .into_iter()
+        .any(|s| matches!(s, ImageSource::Emoji { .. }))
+    {
+        Ok(ImageStore::with_emoji(config.data.resize as u32, None)?)
+    } else {
+        image_store(config, None)
+    }
 }
 
 /// The test-time transform and batching of a configuration.

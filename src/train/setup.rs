@@ -15,7 +15,7 @@ use crate::backbones::{
 };
 use crate::config::{BackboneKind, BaseLoss, BatchNormMode, ExperimentConfig, SelectOn};
 use crate::data::transform::Normalisation;
-use crate::data::{Dataset, DatasetKind, Split};
+use crate::data::{Dataset, DatasetKind, Sample, Split};
 use crate::io::state_dict::{StateDict, load_torch};
 use crate::io::weights::read_weights;
 use crate::method::embedder::EmbedderConfig;
@@ -119,6 +119,29 @@ pub fn run_data(config: &ExperimentConfig, root_override: Option<&Path>) -> Resu
         test,
         ks: recall_ks(d.kind),
     })
+}
+
+/// The samples of the split `name` of the configuration's dataset (`root_override` replaces
+/// `data.root`), as the dataset lists them: no validation classes carved out.
+pub fn split_samples(
+    config: &ExperimentConfig,
+    root_override: Option<&Path>,
+    name: &str,
+) -> Result<Vec<Sample>> {
+    let kind = config.data.kind;
+    let root = match root_override {
+        Some(r) => r.to_path_buf(),
+        None => config.data.root.clone().map(Into::into).unwrap_or_default(),
+    };
+    let dataset = Dataset::open(kind, &root)?;
+    let split = dataset.split(name).with_context(|| {
+        let names: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
+        format!(
+            "the {kind} dataset has no split `{name}` (it has {})",
+            names.join(", ")
+        )
+    })?;
+    Ok(split.samples.clone())
 }
 
 /// Splits `train` by class: a seeded `fraction` of its classes (at least 2) become the
@@ -381,6 +404,21 @@ mod tests {
         assert_eq!(ids(&carve_validation(&s, 0.25, 7).unwrap().1), ids(&val));
         assert_ne!(ids(&carve_validation(&s, 0.25, 8).unwrap().1), ids(&val));
         assert!(carve_validation(&split(3, 2), 0.5, 0).is_err());
+    }
+
+    #[test]
+    fn split_samples_are_the_dataset_split_and_a_missing_split_names_the_others() {
+        let config = ExperimentConfig::demo();
+        let test = split_samples(&config, None, "test").unwrap();
+        let dataset = Dataset::open(DatasetKind::Emoji, Path::new("")).unwrap();
+        assert_eq!(test, dataset.split("test").unwrap().samples);
+        let err = split_samples(&config, None, "query")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no split `query` (it has train, test)"),
+            "{err}"
+        );
     }
 
     #[test]

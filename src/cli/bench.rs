@@ -1,0 +1,242 @@
+//! `gca-hng bench`: timings of the training step, a backbone and the input pipeline.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use gca_hng::backbones::{
+    BackboneConfig, BatchNormMode, EfficientNetLiteConfig, GoogLeNetConfig, ResNet50Config,
+    VitConfig,
+};
+use gca_hng::bench::data::{DataBench, bench_data};
+use gca_hng::bench::{StepBench, bench_backbone, bench_step, median};
+use gca_hng::data::DatasetKind;
+use gca_hng::data::loader::LoaderConfig;
+use gca_hng::device::DeviceSpec;
+use gca_hng::verify::backbone::Arch;
+
+use crate::shared::{Outcome, open_dataset, open_device};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// One full training step without the backbone (embedding head, graph, GNN twice,
+    /// synthesis, all losses, three optimiser steps); prints the median.
+    Step {
+        #[arg(long, default_value_t = 27)]
+        classes: usize,
+        #[arg(long, default_value_t = 3)]
+        per_class: usize,
+        #[arg(long, default_value_t = 512)]
+        dim: usize,
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Width of the backbone features entering the embedding head.
+        #[arg(long, default_value_t = 1024)]
+        feature_width: usize,
+        /// Number of training classes.
+        #[arg(long, default_value_t = 100)]
+        num_classes: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Print `{"median_s": ...}` only.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward + backward pass of a backbone (BatchNorm on batch statistics) on random
+    /// images; prints the median.
+    Backbone {
+        #[arg(long, default_value = "resnet50")]
+        arch: Arch,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Print `{"median_s": ...}` only.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Training batches through the input pipeline (sampler, decode, RandomResizedCrop, flip,
+    /// normalisation); prints images per second.
+    Data {
+        /// cub, cars, sop, inshop, folder or emoji.
+        #[arg(long)]
+        kind: DatasetKind,
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long, default_value_t = 27)]
+        classes: usize,
+        #[arg(long, default_value_t = 3)]
+        per_class: usize,
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        /// Decoding threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        batches: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        skip_bad_images: bool,
+        /// Print `{"images_per_s": ...}` only.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Prints the median of benchmark times, or `{"median_s": ...}` with `json`.
+fn report_times(what: &str, device: &DeviceSpec, times: &[f64], json: bool) {
+    let m = median(times);
+    if json {
+        println!("{{\"median_s\": {m}}}");
+    } else {
+        println!(
+            "{what} on {device}: median {m:.3} s over {} runs (min {:.3}, max {:.3})",
+            times.len(),
+            times.iter().cloned().fold(f64::INFINITY, f64::min),
+            times.iter().cloned().fold(0.0, f64::max),
+        );
+    }
+}
+
+pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
+    match what {
+        BenchCommand::Step {
+            classes,
+            per_class,
+            dim,
+            layers,
+            heads,
+            feature_width,
+            num_classes,
+            warmup,
+            iters,
+            json,
+        } => {
+            let (spec, device) = open_device(device)?;
+            anyhow::ensure!(
+                classes >= 2 && per_class >= 2,
+                "--classes and --per-class must be at least 2"
+            );
+            anyhow::ensure!(
+                heads > 0 && dim % heads == 0,
+                "--heads ({heads}) must divide --dim ({dim})"
+            );
+            anyhow::ensure!(iters > 0, "--iters must be at least 1");
+            let cfg = StepBench {
+                classes,
+                per_class,
+                dim,
+                layers,
+                heads,
+                feature_width,
+                num_classes,
+                warmup,
+                iters,
+            };
+            let times = bench_step(&cfg, &device);
+            report_times(
+                &format!("bench step {classes}x{per_class} d={dim} L={layers} H={heads}"),
+                &spec,
+                &times,
+                json,
+            );
+        }
+        BenchCommand::Backbone {
+            arch,
+            batch,
+            size,
+            warmup,
+            iters,
+            json,
+        } => {
+            let (spec, device) = open_device(device)?;
+            anyhow::ensure!(
+                iters > 0 && batch > 0,
+                "--iters and --batch must be at least 1"
+            );
+            let train = BatchNormMode::Train;
+            let cfg = match arch {
+                Arch::ResNet50 => {
+                    BackboneConfig::ResNet50(ResNet50Config::new().with_batch_norm(train))
+                }
+                Arch::GoogLeNet => {
+                    BackboneConfig::GoogLeNet(GoogLeNetConfig::new().with_batch_norm(train))
+                }
+                Arch::VitS16 => BackboneConfig::Vit(VitConfig::new()),
+                Arch::EfficientNetLite0 => BackboneConfig::EfficientNetLite0(
+                    EfficientNetLiteConfig::new().with_batch_norm(train),
+                ),
+            };
+            let times = bench_backbone(&cfg, batch, size, warmup, iters, &device);
+            report_times(
+                &format!("bench backbone {arch} batch {batch} {size}px forward+backward"),
+                &spec,
+                &times,
+                json,
+            );
+        }
+        // The input pipeline runs on the CPU whatever `--device` says.
+        BenchCommand::Data {
+            kind,
+            root,
+            classes,
+            per_class,
+            size,
+            threads,
+            warmup,
+            batches,
+            seed,
+            skip_bad_images,
+            json,
+        } => {
+            let dataset = open_dataset(kind, root)?;
+            let mut loader = LoaderConfig {
+                seed,
+                skip_bad_images,
+                ..LoaderConfig::default()
+            };
+            if let Some(t) = threads {
+                loader.threads = t;
+            }
+            let cfg = DataBench {
+                classes_per_batch: classes,
+                per_class,
+                size,
+                warmup,
+                batches,
+                loader,
+            };
+            anyhow::ensure!(batches > 0, "--batches must be at least 1");
+            let r = bench_data(&dataset, &cfg)?;
+            if json {
+                println!("{{\"images_per_s\": {}}}", r.images_per_second());
+            } else {
+                println!(
+                    "bench data {kind} {classes}x{per_class} at {size} px, {} threads: {:.1} images/s ({} images in {:.2} s{})",
+                    loader.threads,
+                    r.images_per_second(),
+                    r.images,
+                    r.seconds,
+                    if r.skipped > 0 {
+                        format!(", {} unreadable images skipped", r.skipped)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+    }
+    Ok(Outcome::Success)
+}

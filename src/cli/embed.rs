@@ -1,0 +1,93 @@
+//! `gca-hng embed`: embeddings of images or of a dataset split, written as `.npy` files.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use gca_hng::data::sources::{collect_images, unlabelled_samples};
+use gca_hng::device::DeviceSpec;
+use gca_hng::eval::embed::{EmbedOutput, embed_samples};
+use gca_hng::io::embedding_files::EmbeddingFiles;
+use gca_hng::train::{self, Observer, setup};
+
+use crate::progress::TerminalProgress;
+use crate::shared::{ModelArgs, Outcome, open_device};
+
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Images, folders of images (searched recursively) or `emoji:CLASS:ICON`.
+    #[arg(required_unless_present = "split", conflicts_with = "split")]
+    images: Vec<PathBuf>,
+    /// A split of the model's dataset instead: train, test, query or gallery.
+    #[arg(long)]
+    split: Option<String>,
+    /// The dataset's folder, if it moved since training.
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// Output prefix: writes PREFIX.npy, PREFIX.paths.txt (and PREFIX.labels.npy).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    skip_bad_images: bool,
+}
+
+pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
+    let (_, device) = open_device(device)?;
+    let path = args.model.path();
+    let (model, config) = setup::load_checkpoint(&path, &device)?;
+    let (samples, labelled) = match &args.split {
+        Some(name) => (
+            setup::split_samples(&config, args.data_root.as_deref(), name)?,
+            true,
+        ),
+        None => (unlabelled_samples(collect_images(&args.images)?), false),
+    };
+    let store = train::image_store_for(&config, samples.iter().map(|s| &s.source))?;
+    let settings = train::embed_settings(&config, args.skip_bad_images);
+    let mut progress = TerminalProgress::new("");
+    let samples = Arc::new(samples);
+    let e = embed_samples(
+        &model.embedder,
+        EmbedOutput::Embedding,
+        samples.clone(),
+        Arc::new(store),
+        &settings,
+        &device,
+        &mut |d, t| progress.evaluating("images", d, t),
+    )?;
+    let sources: Vec<_> = e
+        .samples
+        .iter()
+        .map(|&i| samples[i].source.clone())
+        .collect();
+    let labels: Vec<i64> = e.labels.iter().map(|&l| l as i64).collect();
+    let files = EmbeddingFiles::new(&args.out);
+    files.write(
+        &e.values,
+        e.dim,
+        &sources,
+        labelled.then_some(labels.as_slice()),
+    )?;
+    println!(
+        "embedded {} images (d = {}) -> {}, {}{}",
+        e.rows(),
+        e.dim,
+        files.embeddings().display(),
+        files.paths().display(),
+        if labelled {
+            format!(", {}", files.labels().display())
+        } else {
+            String::new()
+        }
+    );
+    if e.rows() < samples.len() {
+        println!(
+            "{} unreadable images were left out",
+            samples.len() - e.rows()
+        );
+    }
+    Ok(Outcome::Success)
+}

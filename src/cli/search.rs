@@ -1,0 +1,107 @@
+//! `gca-hng search`: the nearest gallery images of query images.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use gca_hng::data::sources::{collect_images, unlabelled_samples};
+use gca_hng::device::DeviceSpec;
+use gca_hng::eval::embed::{EmbedOutput, embed_samples};
+use gca_hng::eval::grid::{GridRow, result_grid, save_png};
+use gca_hng::eval::topk::nearest;
+use gca_hng::io::embedding_files::{EmbeddingFiles, source_line};
+use gca_hng::train::{self, setup};
+
+use crate::shared::{ModelArgs, Outcome, open_device};
+
+#[derive(clap::Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Gallery embeddings: the prefix `embed --out` wrote, or a run's `test-embeddings`.
+    #[arg(long)]
+    gallery: PathBuf,
+    /// Query images, folders or `emoji:CLASS:ICON`.
+    #[arg(required = true)]
+    queries: Vec<PathBuf>,
+    /// Results per query.
+    #[arg(long, default_value_t = 8)]
+    top: usize,
+    /// Also draw the queries and their results into this PNG.
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
+    let (_, device) = open_device(device)?;
+    anyhow::ensure!(args.top > 0, "--top must be at least 1");
+    let path = args.model.path();
+    let (model, config) = setup::load_checkpoint(&path, &device)?;
+    let gallery = EmbeddingFiles::new(&args.gallery);
+    let (matrix, sources) = gallery.read()?;
+    let queries = collect_images(&args.queries)?;
+    let store = Arc::new(train::image_store_for(
+        &config,
+        queries.iter().chain(&sources),
+    )?);
+    let e = embed_samples(
+        &model.embedder,
+        EmbedOutput::Embedding,
+        Arc::new(unlabelled_samples(queries.iter().cloned())),
+        store.clone(),
+        &train::embed_settings(&config, false),
+        &device,
+        &mut |_, _| {},
+    )?;
+    anyhow::ensure!(
+        e.dim == matrix.cols,
+        "the model embeds into {} dimensions but {} has {}",
+        e.dim,
+        gallery.embeddings().display(),
+        matrix.cols
+    );
+    let hits = nearest(&e.values, &matrix.values, e.dim, args.top);
+    if args.json {
+        let out: Vec<serde_json::Value> = queries
+            .iter()
+            .zip(&hits)
+            .map(|(q, h)| {
+                serde_json::json!({
+                    "query": source_line(q),
+                    "results": h.iter().map(|&(i, score)| serde_json::json!({"path": source_line(&sources[i]), "score": score})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for (q, h) in queries.iter().zip(&hits) {
+            println!("{}", source_line(q));
+            for (rank, &(i, score)) in h.iter().enumerate() {
+                println!(
+                    "  {:>3}. {score:.4}  {}",
+                    rank + 1,
+                    source_line(&sources[i])
+                );
+            }
+        }
+    }
+    if let Some(grid) = &args.grid {
+        let rows: Vec<GridRow> = queries
+            .iter()
+            .zip(&hits)
+            .map(|(q, h)| GridRow {
+                query: q.clone(),
+                results: h.iter().map(|&(i, _)| (sources[i].clone(), None)).collect(),
+            })
+            .collect();
+        save_png(&result_grid(&store, &rows, 96)?, grid)?;
+        if !args.json {
+            println!("wrote {}", grid.display());
+        }
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,112 @@
+//! What several commands share: how a command ends, which trained model to use, the device,
+//! a dataset named by kind and root, and stopping on Ctrl-C.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Result;
+use burn::tensor::Device;
+
+use gca_hng::data::{Dataset, DatasetKind};
+use gca_hng::device::DeviceSpec;
+
+/// How a command that did not fail with an error ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// A check ran and did not pass.
+    Failed,
+    /// Stopped by Ctrl-C or SIGTERM, leaving something to continue from.
+    Interrupted,
+}
+
+impl From<Outcome> for ExitCode {
+    fn from(outcome: Outcome) -> ExitCode {
+        match outcome {
+            Outcome::Success => ExitCode::SUCCESS,
+            Outcome::Failed => ExitCode::FAILURE,
+            // The shell's status for a program ended by SIGINT.
+            Outcome::Interrupted => ExitCode::from(130),
+        }
+    }
+}
+
+impl Outcome {
+    pub fn passed(passed: bool) -> Outcome {
+        if passed {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        }
+    }
+}
+
+/// The device named by `--device` (default: the CPU), opened.
+pub fn open_device(spec: Option<DeviceSpec>) -> Result<(DeviceSpec, Device)> {
+    let spec = spec.unwrap_or(DeviceSpec::Cpu);
+    let device = spec.open().map_err(anyhow::Error::msg)?;
+    Ok((spec, device))
+}
+
+/// Which trained model to use.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// A run folder (uses its best.safetensors, or last with --which last).
+    #[arg(
+        long,
+        required_unless_present = "checkpoint",
+        conflicts_with = "checkpoint"
+    )]
+    run: Option<PathBuf>,
+    /// A checkpoint file written by `train` (it carries its configuration).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// With --run: `best` or `last`.
+    #[arg(long, default_value = "best", value_parser = ["best", "last"])]
+    which: String,
+}
+
+impl ModelArgs {
+    pub fn path(&self) -> PathBuf {
+        match (&self.run, &self.checkpoint) {
+            (_, Some(c)) => c.clone(),
+            (Some(run), None) => run.join(format!("{}.safetensors", self.which)),
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
+}
+
+/// A dataset named by `--kind` and `--root` (the embedded emoji set needs no root).
+pub fn open_dataset(kind: DatasetKind, root: Option<PathBuf>) -> Result<Dataset> {
+    let root = match (kind, root) {
+        (_, Some(r)) => r,
+        (DatasetKind::Emoji, None) => PathBuf::new(),
+        (_, None) => anyhow::bail!("--root is required for --kind {kind}"),
+    };
+    Ok(Dataset::open(kind, &root)?)
+}
+
+/// A flag that Ctrl-C or SIGTERM sets: training stops after the current step with a resumable
+/// checkpoint. A second signal quits at once.
+pub fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopping now");
+            // Returning would wait for the step the first signal is already waiting for.
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nstopping after this step and writing a resumable checkpoint (again to quit at once)"
+        );
+    });
+    if let Err(e) = installed {
+        eprintln!(
+            "warning: cannot handle Ctrl-C ({e}); an interrupted run keeps its last epoch's checkpoint"
+        );
+    }
+    stop
+}
