@@ -8,10 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use gca_hng::backbones::{
-    BackboneConfig, BatchNormMode, EfficientNetLiteConfig, GoogLeNetConfig, ResNet50Config,
-    VitConfig,
-};
+use gca_hng::backbones::{BackboneKind, BatchNormMode, Pooling};
 use gca_hng::bench::data::{DataBench, bench_data};
 use gca_hng::bench::{StepBench, bench_backbone, bench_step, median};
 use gca_hng::config::{ExperimentConfig, PRESETS, SelectOn};
@@ -31,7 +28,7 @@ use gca_hng::io::weights::{inspect_weights, read_weights};
 use gca_hng::train::evaluator::Evaluator;
 use gca_hng::train::setup;
 use gca_hng::train::{self, Observer, RunOptions, RunOutcome};
-use gca_hng::verify::backbone::{Arch, verify_backbone};
+use gca_hng::verify::backbone::verify_backbone;
 use gca_hng::verify::reference::verify_reference;
 use progress::{TerminalProgress, metrics_line};
 
@@ -361,7 +358,7 @@ enum VerifyCommand {
     Backbone {
         /// resnet50, googlenet, vit-s16 or efficientnet-lite0.
         #[arg(long)]
-        arch: Arch,
+        arch: BackboneKind,
         /// Weights: PyTorch `.pth` or safetensors.
         #[arg(long)]
         weights: PathBuf,
@@ -404,7 +401,7 @@ enum BenchCommand {
     /// images; prints the median.
     Backbone {
         #[arg(long, default_value = "resnet50")]
-        arch: Arch,
+        arch: BackboneKind,
         #[arg(long, default_value_t = 8)]
         batch: usize,
         #[arg(long, default_value_t = 224)]
@@ -625,31 +622,13 @@ fn run(cli: Cli) -> Result<bool> {
                 },
         } => {
             let report = verify_backbone(arch, &weights, &expected, &device)?;
+            print!("{report}");
             println!(
-                "{:<24} {:>11} {:>11} {:>10} {:>4}",
-                "output", "max abs err", "rel err", "tolerance", "ok"
-            );
-            for row in &report.rows {
-                println!(
-                    "{:<24} {:>11.3e} {:>11.3e} {:>10.0e} {:>4}{}",
-                    row.name,
-                    row.max_abs,
-                    row.relative,
-                    report.tolerance,
-                    if row.ok { "ok" } else { "FAIL" },
-                    row.problem
-                        .as_ref()
-                        .map(|p| format!("  ({p})"))
-                        .unwrap_or_default()
-                );
-            }
-            let failed = report.rows.iter().filter(|r| !r.ok).count();
-            println!(
-                "verify backbone {arch} {}: {} compared, {failed} failed on {} -> {}",
-                weights.display(),
-                report.rows.len(),
-                spec,
-                if report.passed() { "PASS" } else { "FAIL" }
+                "{}",
+                report.summary(
+                    &format!("backbone {arch} {}", weights.display()),
+                    &spec.to_string()
+                )
             );
             Ok(report.passed())
         }
@@ -704,19 +683,7 @@ fn run(cli: Cli) -> Result<bool> {
                 iters > 0 && batch > 0,
                 "--iters and --batch must be at least 1"
             );
-            let train = BatchNormMode::Train;
-            let cfg = match arch {
-                Arch::ResNet50 => {
-                    BackboneConfig::ResNet50(ResNet50Config::new().with_batch_norm(train))
-                }
-                Arch::GoogLeNet => {
-                    BackboneConfig::GoogLeNet(GoogLeNetConfig::new().with_batch_norm(train))
-                }
-                Arch::VitS16 => BackboneConfig::Vit(VitConfig::new()),
-                Arch::EfficientNetLite0 => BackboneConfig::EfficientNetLite0(
-                    EfficientNetLiteConfig::new().with_batch_norm(train),
-                ),
-            };
+            let cfg = arch.config(BatchNormMode::Train, Pooling::AvgPlusMax);
             let times = bench_backbone(&cfg, batch, size, warmup, iters, &device);
             report_times(
                 &format!("bench backbone {arch} batch {batch} {size}px forward+backward"),
@@ -730,38 +697,10 @@ fn run(cli: Cli) -> Result<bool> {
             what: VerifyCommand::Reference { dump, quiet },
         } => {
             let report = verify_reference(&dump, &device)?;
+            print!("{}", report.table(quiet));
             println!(
-                "{:<72} {:>11} {:>11} {:>16} {:>4}",
-                "tensor", "max abs err", "rel err", "tolerance", "ok"
-            );
-            for row in &report.rows {
-                if quiet && row.ok {
-                    continue;
-                }
-                println!(
-                    "{:<72} {:>11.3e} {:>11.3e} {:>16} {:>4}{}",
-                    row.name,
-                    row.max_abs,
-                    row.relative,
-                    row.tolerance,
-                    if row.ok { "ok" } else { "FAIL" },
-                    row.note
-                        .as_ref()
-                        .map(|n| format!("  ({n})"))
-                        .unwrap_or_default()
-                );
-            }
-            for name in &report.unchecked {
-                println!("{name:<72} not compared: FAIL");
-            }
-            println!(
-                "verify reference {}: {} compared, {} failed, {} not compared on {} -> {}",
-                dump.display(),
-                report.rows.len(),
-                report.failures(),
-                report.unchecked.len(),
-                spec,
-                if report.passed() { "PASS" } else { "FAIL" }
+                "{}",
+                report.summary(&format!("reference {}", dump.display()), &spec.to_string())
             );
             Ok(report.passed())
         }

@@ -14,28 +14,7 @@ pub use crate::method::losses::{BaseLoss, HardnessMasking};
 
 pub use crate::data::DatasetKind;
 
-/// Backbone architectures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackboneKind {
-    Resnet50,
-    Googlenet,
-    VitS16,
-    EfficientnetLite0,
-}
-
-/// What the backbone's BatchNorm layers do while training.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BatchNormMode {
-    /// Batch statistics, affine parameters trained.
-    Train,
-    /// Running statistics, affine parameters trained (the release's `bn_freeze` for GoogLeNet,
-    /// and the demo).
-    Eval,
-    /// Running statistics, affine parameters frozen (the release's `bn_freeze` for ResNet-50).
-    Frozen,
-}
+pub use crate::backbones::{BackboneKind, BatchNormMode};
 
 /// Where the best epoch is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
