@@ -177,12 +177,7 @@ fn outcomes(
             ),
             device,
         );
-        let sims: Vec<f32> = q
-            .matmul(g.clone())
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .expect("f32 similarities");
+        let sims = crate::io::host::host_values(q.matmul(g.clone()));
         let block_out: Vec<QueryOutcome> = sims
             .par_chunks(ng)
             .enumerate()

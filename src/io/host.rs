@@ -43,7 +43,7 @@ impl HostTensor {
         Self::from_tensor_data(t.into_data())
     }
 
-    pub fn from_tensor_data(data: TensorData) -> Self {
+    fn from_tensor_data(data: TensorData) -> Self {
         let shape = data.shape().to_vec();
         let values = data_values(data);
         Self::new(shape, values.into_iter().map(f64::from).collect())

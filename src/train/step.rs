@@ -156,11 +156,7 @@ impl Optimisers {
 
 /// Reads a one-element tensor.
 pub fn scalar(t: &Tensor<1>) -> f64 {
-    t.clone()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 data")[0] as f64
+    crate::io::host::host_values(t.clone())[0] as f64
 }
 
 /// The training procedure of one batch: the three optimisers, the loss settings and the batch
