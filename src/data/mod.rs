@@ -76,6 +76,21 @@ impl Split {
     }
 }
 
+/// The file extensions taken for images, compared case-insensitively: torchvision's
+/// `IMG_EXTENSIONS`, so that a folder dataset holds the images `ImageFolder` finds in the
+/// release. The decoder reads every one of them (the `image` crate's `pnm` feature covers
+/// `ppm` and `pgm`).
+pub const IMAGE_EXTENSIONS: [&str; 9] = [
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp",
+];
+
+/// Whether `path` names a file with one of the [`IMAGE_EXTENSIONS`].
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 /// The dataset layouts this crate reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
