@@ -11,7 +11,7 @@
 /// spells the same) in files is written in one place: the variant itself.
 #[macro_export]
 macro_rules! string_forms_from_value_enum {
-    ($($t:ty),* $(,)?) => {$(
+    ($($t:ty: $what:literal),* $(,)?) => {$(
         impl std::fmt::Display for $t {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 let value = clap::ValueEnum::to_possible_value(self)
@@ -29,7 +29,7 @@ macro_rules! string_forms_from_value_enum {
                         .iter()
                         .map(ToString::to_string)
                         .collect();
-                    format!("unknown value `{s}`: expected one of {}", names.join(", "))
+                    format!("unknown {} `{s}`: expected one of {}", $what, names.join(", "))
                 })
             }
         }

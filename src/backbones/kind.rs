@@ -40,7 +40,7 @@ pub enum BatchNormMode {
     Frozen,
 }
 
-crate::string_forms_from_value_enum!(BackboneKind, BatchNormMode);
+crate::string_forms_from_value_enum!(BackboneKind: "backbone", BatchNormMode: "BatchNorm mode");
 
 impl BackboneKind {
     /// The backbone of this kind without classification head. `pooling` applies to

@@ -799,14 +799,7 @@ fn train_config(args: &TrainArgs, device: Option<&DeviceSpec>) -> Result<Experim
         sets.push(format!("train.out={}", quoted(o)));
     }
     if let Some(s) = args.select_on {
-        sets.push(format!(
-            "train.select_on=\"{}\"",
-            if s == SelectOn::Test {
-                "test"
-            } else {
-                "validation"
-            }
-        ));
+        sets.push(format!("train.select_on=\"{s}\""));
     }
     if args.no_generation {
         sets.push("loss.generation=false".into());
@@ -856,12 +849,8 @@ fn run_train(args: TrainArgs, device: Option<&DeviceSpec>) -> Result<bool> {
             .root
             .as_deref()
             .unwrap_or("the embedded emoji set"),
-        serde_json::to_value(config.model.backbone)?
-            .as_str()
-            .unwrap_or("?"),
-        serde_json::to_value(config.loss.base)?
-            .as_str()
-            .unwrap_or("?"),
+        config.model.backbone,
+        config.loss.base,
         if config.loss.generation {
             " + GCA-HNG"
         } else {

@@ -26,6 +26,8 @@ pub enum SelectOn {
     Test,
 }
 
+crate::string_forms_from_value_enum!(SelectOn: "selection split");
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
@@ -386,6 +388,36 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let err = format!("{:#}", ExperimentConfig::from_file(&path).unwrap_err());
         assert!(err.contains("x.toml") && err.contains("typo"), "{err}");
+    }
+
+    /// Config files and the command line spell every variant alike.
+    #[test]
+    fn serde_and_display_agree_on_every_enum() {
+        fn check<T>()
+        where
+            T: clap::ValueEnum + Serialize + std::fmt::Display + std::str::FromStr + PartialEq,
+            <T as std::str::FromStr>::Err: std::fmt::Debug,
+        {
+            for v in T::value_variants() {
+                let json = serde_json::to_value(v).unwrap();
+                assert_eq!(json.as_str(), Some(v.to_string().as_str()));
+                assert!(v.to_string().parse::<T>().unwrap() == *v);
+            }
+        }
+        check::<DatasetKind>();
+        check::<BaseLoss>();
+        check::<HardnessMasking>();
+        check::<SelectOn>();
+        check::<BackboneKind>();
+        check::<BatchNormMode>();
+        use crate::io::state_dict::StoredDtype;
+        assert_eq!("float16".parse::<StoredDtype>(), Ok(StoredDtype::F16));
+        assert_eq!(StoredDtype::F32.to_string(), "f32");
+        let err = "imagenet".parse::<DatasetKind>().unwrap_err();
+        assert!(
+            err.contains("dataset kind") && err.contains("inshop"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -92,7 +92,9 @@ pub fn has_image_extension(path: &Path) -> bool {
 }
 
 /// The dataset layouts this crate reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum DatasetKind {
     /// CUB-200-2011: `images.txt`, `image_class_labels.txt`, `images/`.
@@ -109,47 +111,7 @@ pub enum DatasetKind {
     Emoji,
 }
 
-impl DatasetKind {
-    pub const ALL: [DatasetKind; 6] = [
-        DatasetKind::Cub,
-        DatasetKind::Cars,
-        DatasetKind::Sop,
-        DatasetKind::Inshop,
-        DatasetKind::Folder,
-        DatasetKind::Emoji,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DatasetKind::Cub => "cub",
-            DatasetKind::Cars => "cars",
-            DatasetKind::Sop => "sop",
-            DatasetKind::Inshop => "inshop",
-            DatasetKind::Folder => "folder",
-            DatasetKind::Emoji => "emoji",
-        }
-    }
-}
-
-impl std::str::FromStr for DatasetKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        DatasetKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = DatasetKind::ALL.iter().map(|k| k.name()).collect();
-                format!("unknown dataset kind `{s}` (one of {})", names.join(", "))
-            })
-    }
-}
-
-impl std::fmt::Display for DatasetKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::string_forms_from_value_enum!(DatasetKind: "dataset kind");
 
 /// A dataset's splits, in a fixed order (`train` first).
 #[derive(Clone, Debug)]

@@ -111,23 +111,15 @@ impl StateDict {
 }
 
 /// The element type a safetensors file is written in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoredDtype {
+    #[value(alias = "float32")]
     F32,
+    #[value(alias = "float16")]
     F16,
 }
 
-impl std::str::FromStr for StoredDtype {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "f32" | "float32" => Ok(Self::F32),
-            "f16" | "float16" => Ok(Self::F16),
-            _ => Err(format!("unknown dtype `{s}`: expected f16 or f32")),
-        }
-    }
-}
+crate::string_forms_from_value_enum!(StoredDtype: "dtype");
 
 /// How a parameter's PyTorch tensor relates to burn's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
