@@ -49,9 +49,14 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
-/// A device named in a configuration (`train.device`), parsed and opened; errors name the key.
+/// The device a configuration names (`train.device`); errors name the key.
+pub fn configured(name: &str) -> Result<DeviceSpec, String> {
+    name.parse().map_err(|e| format!("`train.device`: {e}"))
+}
+
+/// The device a configuration names, opened.
 pub fn open_configured(name: &str) -> Result<(DeviceSpec, Device), String> {
-    let spec: DeviceSpec = name.parse().map_err(|e| format!("`train.device`: {e}"))?;
+    let spec = configured(name)?;
     Ok((spec, spec.open()?))
 }
 

@@ -258,10 +258,7 @@ impl ExperimentConfig {
             "train.eval_every",
             "must be at least 1",
         )?;
-        self.train
-            .device
-            .parse::<crate::device::DeviceSpec>()
-            .map_err(|e| anyhow::anyhow!("`train.device`: {e}"))?;
+        crate::device::configured(&self.train.device).map_err(anyhow::Error::msg)?;
         Ok(())
     }
 
