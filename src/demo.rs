@@ -249,13 +249,8 @@ fn pretrained_features(
     opts: &DemoOptions,
     observer: &mut dyn Observer,
 ) -> Result<RetrievalMetrics> {
-    let device = config
-        .train
-        .device
-        .parse::<crate::device::DeviceSpec>()
-        .map_err(anyhow::Error::msg)?
-        .open()
-        .map_err(anyhow::Error::msg)?;
+    let (_, device) =
+        crate::device::open_configured(&config.train.device).map_err(anyhow::Error::msg)?;
     let (weights, _) = setup::pretrained_weights(config)?;
     let model = setup::build_model(config, 2, &weights, &device)?;
     let mut data = setup::run_data(config, None)?;

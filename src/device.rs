@@ -49,6 +49,17 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
+/// The device a configuration names (`train.device`); errors name the key.
+pub fn configured(name: &str) -> Result<DeviceSpec, String> {
+    name.parse().map_err(|e| format!("`train.device`: {e}"))
+}
+
+/// The device a configuration names, opened.
+pub fn open_configured(name: &str) -> Result<(DeviceSpec, Device), String> {
+    let spec = configured(name)?;
+    Ok((spec, spec.open()?))
+}
+
 impl DeviceSpec {
     /// The burn device after a small computation on it succeeded, so that a missing GPU or
     /// driver is a clear error here rather than a panic deep inside the backend later.
@@ -59,11 +70,7 @@ impl DeviceSpec {
         std::panic::set_hook(Box::new(|_| {}));
         let outcome = std::panic::catch_unwind(move || {
             let t = burn::tensor::Tensor::<1>::ones([4], &probe).sum();
-            t.into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .map(|v| v[0])
-                .ok()
+            crate::io::host::host_values(t).first().copied()
         });
         std::panic::set_hook(previous);
         match outcome {

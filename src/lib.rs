@@ -6,6 +6,36 @@
 //! runs the step and the run loop, [`eval`] measures and retrieves, [`io`] reads and writes
 //! files, [`verify`] checks everything against the authors' release, [`bench`] times it.
 
+/// `Display` and `FromStr` of enums that derive `clap::ValueEnum`, so that a variant's name
+/// on the command line, in messages and (through serde's `rename_all = "kebab-case"`, which
+/// spells the same) in files is written in one place: the variant itself.
+#[macro_export]
+macro_rules! string_forms_from_value_enum {
+    ($($t:ty: $what:literal),* $(,)?) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let value = clap::ValueEnum::to_possible_value(self)
+                    .expect("no variant is skipped");
+                f.write_str(value.get_name())
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                <Self as clap::ValueEnum>::from_str(s, false).map_err(|_| {
+                    let names: Vec<String> = <Self as clap::ValueEnum>::value_variants()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    format!("unknown {} `{s}`: expected one of {}", $what, names.join(", "))
+                })
+            }
+        }
+    )*};
+}
+
 pub mod backbones;
 pub mod bench;
 pub mod config;

@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use gca_hng::backbones::BackboneKind;
 use gca_hng::backbones::EfficientNetLiteConfig;
 use gca_hng::io::state_dict::{HostTensor, load_torch};
 use gca_hng::io::weights::read_weights;
-use gca_hng::verify::backbone::{Arch, verify_backbone};
+use gca_hng::verify::backbone::verify_backbone;
 
 fn fixtures() -> Option<PathBuf> {
     let dir = std::env::var_os("GCA_HNG_BACKBONE_DIR")
@@ -31,13 +32,13 @@ fn asset() -> PathBuf {
         .join("assets/efficientnet-lite0/efficientnet-lite0-f16.safetensors")
 }
 
-fn assert_verifies(arch: Arch, weights: &Path, expected: &Path, outputs: usize) {
+fn assert_verifies(arch: BackboneKind, weights: &Path, expected: &Path, outputs: usize) {
     let report = verify_backbone(arch, weights, expected, &Device::flex())
         .unwrap_or_else(|e| panic!("{arch}: {e:#}"));
     for row in &report.rows {
         eprintln!(
             "{arch} {:<20} rel {:.3e} {:?}",
-            row.name, row.relative, row.problem
+            row.name, row.relative, row.note
         );
     }
     assert_eq!(report.rows.len(), outputs, "{arch}: outputs compared");
@@ -48,7 +49,7 @@ fn assert_verifies(arch: Arch, weights: &Path, expected: &Path, outputs: usize) 
 fn resnet50_matches_torchvision() {
     let Some(dir) = fixtures() else { return };
     assert_verifies(
-        Arch::ResNet50,
+        BackboneKind::Resnet50,
         &dir.join("resnet50.pth"),
         &dir.join("resnet50_expected.safetensors"),
         6,
@@ -59,7 +60,7 @@ fn resnet50_matches_torchvision() {
 fn googlenet_matches_torchvision_in_eval_and_train_mode() {
     let Some(dir) = fixtures() else { return };
     assert_verifies(
-        Arch::GoogLeNet,
+        BackboneKind::Googlenet,
         &dir.join("googlenet.pth"),
         &dir.join("googlenet_expected.safetensors"),
         2,
@@ -70,7 +71,7 @@ fn googlenet_matches_torchvision_in_eval_and_train_mode() {
 fn vit_s16_matches_dino_at_224_and_160_px() {
     let Some(dir) = fixtures() else { return };
     assert_verifies(
-        Arch::VitS16,
+        BackboneKind::VitS16,
         &dir.join("vit_s16_dino.pth"),
         &dir.join("vit_s16_expected.safetensors"),
         2,
@@ -81,7 +82,7 @@ fn vit_s16_matches_dino_at_224_and_160_px() {
 fn committed_efficientnet_lite0_asset_matches_the_f16_reference() {
     let Some(dir) = fixtures() else { return };
     assert_verifies(
-        Arch::EfficientNetLite0,
+        BackboneKind::EfficientnetLite0,
         &asset(),
         &dir.join("efficientnet_lite0_f16_expected.safetensors"),
         6,
@@ -120,7 +121,7 @@ fn efficientnet_asset_loads_strictly_and_wrong_shapes_are_named() {
 fn weights_of_another_architecture_are_rejected_with_their_keys() {
     let Some(dir) = fixtures() else { return };
     let err = verify_backbone(
-        Arch::GoogLeNet,
+        BackboneKind::Googlenet,
         &dir.join("resnet50.pth"),
         &dir.join("googlenet_expected.safetensors"),
         &Device::flex(),
@@ -146,7 +147,7 @@ fn a_missing_expected_output_is_a_failure() {
     let path = tmp.path().join("partial.safetensors");
     expected.write_safetensors(&path).unwrap();
     let report = verify_backbone(
-        Arch::GoogLeNet,
+        BackboneKind::Googlenet,
         &dir.join("googlenet.pth"),
         &path,
         &Device::flex(),
@@ -158,7 +159,7 @@ fn a_missing_expected_output_is_a_failure() {
         .iter()
         .find(|r| r.name == "pooled_train")
         .unwrap();
-    assert!(!row.ok && row.problem.is_some());
+    assert!(!row.ok && row.note.is_some());
 }
 
 /// The original float32 `.pth` (legacy `torch.save` format) from the pinned wheel, when
@@ -181,7 +182,7 @@ fn original_efficientnet_lite0_pth_matches_the_f32_reference() {
         return;
     }
     assert_verifies(
-        Arch::EfficientNetLite0,
+        BackboneKind::EfficientnetLite0,
         &pth,
         &dir.join("efficientnet_lite0_expected.safetensors"),
         6,

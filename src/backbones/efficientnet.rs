@@ -8,7 +8,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use super::layers::{BatchNormMode, ConvBn, ConvBnConfig, global_avg_pool};
+use super::BatchNormMode;
+use super::layers::{ConvBn, ConvBnConfig, global_avg_pool};
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 
 const EPS: f64 = 1e-3;

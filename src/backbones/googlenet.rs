@@ -7,7 +7,8 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 
-use super::layers::{BatchNormMode, ConvBn, ConvBnConfig, global_avg_pool};
+use super::BatchNormMode;
+use super::layers::{ConvBn, ConvBnConfig, global_avg_pool};
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 
 /// torchvision's `BasicConv2d` BatchNorm epsilon.

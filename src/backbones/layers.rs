@@ -7,20 +7,9 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use super::BatchNormMode;
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 use crate::nn::batch_norm::{BatchNorm1d, BatchNorm1dConfig};
-
-/// How a backbone's BatchNorm layers normalise.
-#[derive(Config, Debug, PartialEq, Eq)]
-pub enum BatchNormMode {
-    /// Batch statistics while training (on an autodiff device), running ones otherwise.
-    Train,
-    /// Always running statistics; the affine parameters still train.
-    Eval,
-    /// Running statistics and affine parameters fixed: the usual fine-tuning of an
-    /// ImageNet trunk on small retrieval batches.
-    Frozen,
-}
 
 impl BatchNormMode {
     /// Puts a BatchNorm layer into this mode.

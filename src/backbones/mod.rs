@@ -8,6 +8,7 @@ pub mod classify;
 pub mod conv;
 pub mod efficientnet;
 pub mod googlenet;
+pub mod kind;
 pub mod layers;
 pub mod resnet;
 pub mod vit;
@@ -22,7 +23,7 @@ use crate::io::state_dict::{TorchNamed, TorchParam, join};
 
 pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 pub use googlenet::{GoogLeNet, GoogLeNetConfig};
-pub use layers::BatchNormMode;
+pub use kind::{BackboneKind, BatchNormMode};
 pub use resnet::{Pooling, ResNet50, ResNet50Config};
 pub use vit::{Vit, VitConfig};
 

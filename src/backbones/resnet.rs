@@ -8,7 +8,8 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use super::layers::{BatchNormMode, ConvBn, ConvBnConfig, global_avg_pool, global_max_pool};
+use super::BatchNormMode;
+use super::layers::{ConvBn, ConvBnConfig, global_avg_pool, global_max_pool};
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 
 /// How the final feature map becomes one vector per image.

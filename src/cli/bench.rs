@@ -5,16 +5,12 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
-use gca_hng::backbones::{
-    BackboneConfig, BatchNormMode, EfficientNetLiteConfig, GoogLeNetConfig, ResNet50Config,
-    VitConfig,
-};
+use gca_hng::backbones::{BackboneKind, BatchNormMode, Pooling};
 use gca_hng::bench::data::{DataBench, bench_data};
 use gca_hng::bench::{StepBench, bench_backbone, bench_step, median};
 use gca_hng::data::DatasetKind;
 use gca_hng::data::loader::LoaderConfig;
 use gca_hng::device::DeviceSpec;
-use gca_hng::verify::backbone::Arch;
 
 use crate::shared::{Outcome, open_dataset, open_device};
 
@@ -51,7 +47,7 @@ pub enum BenchCommand {
     /// images; prints the median.
     Backbone {
         #[arg(long, default_value = "resnet50")]
-        arch: Arch,
+        arch: BackboneKind,
         #[arg(long, default_value_t = 8)]
         batch: usize,
         #[arg(long, default_value_t = 224)]
@@ -166,19 +162,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                 iters > 0 && batch > 0,
                 "--iters and --batch must be at least 1"
             );
-            let train = BatchNormMode::Train;
-            let cfg = match arch {
-                Arch::ResNet50 => {
-                    BackboneConfig::ResNet50(ResNet50Config::new().with_batch_norm(train))
-                }
-                Arch::GoogLeNet => {
-                    BackboneConfig::GoogLeNet(GoogLeNetConfig::new().with_batch_norm(train))
-                }
-                Arch::VitS16 => BackboneConfig::Vit(VitConfig::new()),
-                Arch::EfficientNetLite0 => BackboneConfig::EfficientNetLite0(
-                    EfficientNetLiteConfig::new().with_batch_norm(train),
-                ),
-            };
+            let cfg = arch.config(BatchNormMode::Train, Pooling::AvgPlusMax);
             let times = bench_backbone(&cfg, batch, size, warmup, iters, &device);
             report_times(
                 &format!("bench backbone {arch} batch {batch} {size}px forward+backward"),

@@ -6,7 +6,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use gca_hng::eval::metrics::RetrievalMetrics;
-use gca_hng::train::step::StepMetrics;
+use gca_hng::train::step::{Loss, StepMetrics};
 use gca_hng::train::{EpochRecord, Observer};
 
 /// Shows a run's progress on the terminal (bars only when stderr is one).
@@ -100,8 +100,10 @@ impl Observer for TerminalProgress {
             let rate = self.images as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
             let n = self.steps as f64;
             bar.set_message(format!(
-                "J_metric {:.3} J_gen {:.3} | {rate:.0} img/s",
+                "{} {:.3} {} {:.3} | {rate:.0} img/s",
+                Loss::Metric.name(),
                 self.sum_metric / n,
+                Loss::Gen.name(),
                 self.sum_gen / n
             ));
             bar.inc(1);
@@ -130,9 +132,10 @@ impl Observer for TerminalProgress {
         let mut line = if r.epoch == 0 {
             "untrained:".to_string()
         } else {
-            let losses: Vec<String> = ["J_m", "J_syn", "J_gen"]
+            let losses: Vec<String> = [Loss::M, Loss::Syn, Loss::Gen]
                 .iter()
-                .filter_map(|k| Some(format!("{k} {:.3}", r.losses.get(*k)?)))
+                .map(|l| l.name())
+                .filter_map(|k| Some(format!("{k} {:.3}", r.losses.get(k)?)))
                 .collect();
             format!(
                 "epoch {}/{}: {}  ({:.0} s, {:.0} img/s{})",

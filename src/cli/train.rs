@@ -111,12 +111,8 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             .root
             .as_deref()
             .unwrap_or("the embedded emoji set"),
-        serde_json::to_value(config.model.backbone)?
-            .as_str()
-            .unwrap_or("?"),
-        serde_json::to_value(config.loss.base)?
-            .as_str()
-            .unwrap_or("?"),
+        config.model.backbone,
+        config.loss.base,
         if config.loss.generation {
             " + GCA-HNG"
         } else {

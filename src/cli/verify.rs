@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
+use gca_hng::backbones::BackboneKind;
 use gca_hng::device::DeviceSpec;
-use gca_hng::verify::backbone::{Arch, verify_backbone};
+use gca_hng::verify::backbone::verify_backbone;
 use gca_hng::verify::reference::verify_reference;
 
 use crate::shared::{Outcome, open_device};
@@ -27,7 +28,7 @@ pub enum VerifyCommand {
     Backbone {
         /// resnet50, googlenet, vit-s16 or efficientnet-lite0.
         #[arg(long)]
-        arch: Arch,
+        arch: BackboneKind,
         /// Weights: PyTorch `.pth` or safetensors.
         #[arg(long)]
         weights: PathBuf,
@@ -46,68 +47,22 @@ pub fn run(what: VerifyCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             expected,
         } => {
             let report = verify_backbone(arch, &weights, &expected, &device)?;
+            print!("{report}");
             println!(
-                "{:<24} {:>11} {:>11} {:>10} {:>4}",
-                "output", "max abs err", "rel err", "tolerance", "ok"
-            );
-            for row in &report.rows {
-                println!(
-                    "{:<24} {:>11.3e} {:>11.3e} {:>10.0e} {:>4}{}",
-                    row.name,
-                    row.max_abs,
-                    row.relative,
-                    report.tolerance,
-                    if row.ok { "ok" } else { "FAIL" },
-                    row.problem
-                        .as_ref()
-                        .map(|p| format!("  ({p})"))
-                        .unwrap_or_default()
-                );
-            }
-            let failed = report.rows.iter().filter(|r| !r.ok).count();
-            println!(
-                "verify backbone {arch} {}: {} compared, {failed} failed on {} -> {}",
-                weights.display(),
-                report.rows.len(),
-                spec,
-                if report.passed() { "PASS" } else { "FAIL" }
+                "{}",
+                report.summary(
+                    &format!("backbone {arch} {}", weights.display()),
+                    &spec.to_string()
+                )
             );
             Ok(Outcome::passed(report.passed()))
         }
         VerifyCommand::Reference { dump, quiet } => {
             let report = verify_reference(&dump, &device)?;
+            print!("{}", report.table(quiet));
             println!(
-                "{:<72} {:>11} {:>11} {:>16} {:>4}",
-                "tensor", "max abs err", "rel err", "tolerance", "ok"
-            );
-            for row in &report.rows {
-                if quiet && row.ok {
-                    continue;
-                }
-                println!(
-                    "{:<72} {:>11.3e} {:>11.3e} {:>16} {:>4}{}",
-                    row.name,
-                    row.max_abs,
-                    row.relative,
-                    row.tolerance,
-                    if row.ok { "ok" } else { "FAIL" },
-                    row.note
-                        .as_ref()
-                        .map(|n| format!("  ({n})"))
-                        .unwrap_or_default()
-                );
-            }
-            for name in &report.unchecked {
-                println!("{name:<72} not compared: FAIL");
-            }
-            println!(
-                "verify reference {}: {} compared, {} failed, {} not compared on {} -> {}",
-                dump.display(),
-                report.rows.len(),
-                report.failures(),
-                report.unchecked.len(),
-                spec,
-                if report.passed() { "PASS" } else { "FAIL" }
+                "{}",
+                report.summary(&format!("reference {}", dump.display()), &spec.to_string())
             );
             Ok(Outcome::passed(report.passed()))
         }

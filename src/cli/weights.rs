@@ -49,7 +49,7 @@ pub fn run(what: WeightsCommand) -> Result<Outcome> {
             let dict = read_weights(&input)?;
             dict.write_safetensors_as(&output, dtype)?;
             println!(
-                "{} -> {} ({} tensors, {dtype:?})",
+                "{} -> {} ({} tensors, {dtype})",
                 input.display(),
                 output.display(),
                 dict.tensors.len()

@@ -17,28 +17,7 @@ pub use crate::method::losses::{BaseLoss, HardnessMasking};
 
 pub use crate::data::DatasetKind;
 
-/// Backbone architectures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackboneKind {
-    Resnet50,
-    Googlenet,
-    VitS16,
-    EfficientnetLite0,
-}
-
-/// What the backbone's BatchNorm layers do while training.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BatchNormMode {
-    /// Batch statistics, affine parameters trained.
-    Train,
-    /// Running statistics, affine parameters trained (the release's `bn_freeze` for GoogLeNet,
-    /// and the demo).
-    Eval,
-    /// Running statistics, affine parameters frozen (the release's `bn_freeze` for ResNet-50).
-    Frozen,
-}
+pub use crate::backbones::{BackboneKind, BatchNormMode};
 
 /// Where the best epoch is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -49,6 +28,8 @@ pub enum SelectOn {
     /// The test set (the release's protocol; optimistic).
     Test,
 }
+
+crate::string_forms_from_value_enum!(SelectOn: "selection split");
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,10 +261,7 @@ impl ExperimentConfig {
             "train.eval_every",
             "must be at least 1",
         )?;
-        self.train
-            .device
-            .parse::<crate::device::DeviceSpec>()
-            .map_err(|e| anyhow::anyhow!("`train.device`: {e}"))?;
+        crate::device::configured(&self.train.device).map_err(anyhow::Error::msg)?;
         Ok(())
     }
 
@@ -410,6 +388,36 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let err = format!("{:#}", ExperimentConfig::from_file(&path).unwrap_err());
         assert!(err.contains("x.toml") && err.contains("typo"), "{err}");
+    }
+
+    /// Config files and the command line spell every variant alike.
+    #[test]
+    fn serde_and_display_agree_on_every_enum() {
+        fn check<T>()
+        where
+            T: clap::ValueEnum + Serialize + std::fmt::Display + std::str::FromStr + PartialEq,
+            <T as std::str::FromStr>::Err: std::fmt::Debug,
+        {
+            for v in T::value_variants() {
+                let json = serde_json::to_value(v).unwrap();
+                assert_eq!(json.as_str(), Some(v.to_string().as_str()));
+                assert!(v.to_string().parse::<T>().unwrap() == *v);
+            }
+        }
+        check::<DatasetKind>();
+        check::<BaseLoss>();
+        check::<HardnessMasking>();
+        check::<SelectOn>();
+        check::<BackboneKind>();
+        check::<BatchNormMode>();
+        use crate::io::state_dict::StoredDtype;
+        assert_eq!("float16".parse::<StoredDtype>(), Ok(StoredDtype::F16));
+        assert_eq!(StoredDtype::F32.to_string(), "f32");
+        let err = "imagenet".parse::<DatasetKind>().unwrap_err();
+        assert!(
+            err.contains("dataset kind") && err.contains("inshop"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,12 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::labels::{Entry, labelled_split};
-use super::{DataError, ImageSource, Split};
-
-/// torchvision's `IMG_EXTENSIONS`, compared case-insensitively.
-const IMAGE_EXTENSIONS: [&str; 9] = [
-    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp",
-];
+use super::{DataError, ImageSource, Split, has_image_extension};
 
 pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
     Ok(vec![read_split(root, "train")?, read_split(root, "test")?])
@@ -29,11 +24,7 @@ fn read_split(root: &Path, split: &str) -> Result<Split, DataError> {
             .ok_or_else(|| DataError::file(&class_dir, "class folder name is not UTF-8"))?
             .to_string();
         for file in sorted_entries(&class_dir)? {
-            let is_image = file
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-            if is_image && file.is_file() {
+            if has_image_extension(&file) && file.is_file() {
                 entries.push(Entry {
                     key: class.clone(),
                     original_id: class.clone(),

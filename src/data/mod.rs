@@ -76,8 +76,25 @@ impl Split {
     }
 }
 
+/// The file extensions taken for images, compared case-insensitively: torchvision's
+/// `IMG_EXTENSIONS`, so that a folder dataset holds the images `ImageFolder` finds in the
+/// release. The decoder reads every one of them (the `image` crate's `pnm` feature covers
+/// `ppm` and `pgm`).
+pub const IMAGE_EXTENSIONS: [&str; 9] = [
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp",
+];
+
+/// Whether `path` names a file with one of the [`IMAGE_EXTENSIONS`].
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 /// The dataset layouts this crate reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum DatasetKind {
     /// CUB-200-2011: `images.txt`, `image_class_labels.txt`, `images/`.
@@ -94,47 +111,7 @@ pub enum DatasetKind {
     Emoji,
 }
 
-impl DatasetKind {
-    pub const ALL: [DatasetKind; 6] = [
-        DatasetKind::Cub,
-        DatasetKind::Cars,
-        DatasetKind::Sop,
-        DatasetKind::Inshop,
-        DatasetKind::Folder,
-        DatasetKind::Emoji,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DatasetKind::Cub => "cub",
-            DatasetKind::Cars => "cars",
-            DatasetKind::Sop => "sop",
-            DatasetKind::Inshop => "inshop",
-            DatasetKind::Folder => "folder",
-            DatasetKind::Emoji => "emoji",
-        }
-    }
-}
-
-impl std::str::FromStr for DatasetKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        DatasetKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = DatasetKind::ALL.iter().map(|k| k.name()).collect();
-                format!("unknown dataset kind `{s}` (one of {})", names.join(", "))
-            })
-    }
-}
-
-impl std::fmt::Display for DatasetKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::string_forms_from_value_enum!(DatasetKind: "dataset kind");
 
 /// A dataset's splits, in a fixed order (`train` first).
 #[derive(Clone, Debug)]

@@ -4,13 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::data::{ImageSource, Sample};
+use crate::data::{ImageSource, Sample, has_image_extension};
 use crate::io::embedding_files::parse_source_line;
 
 /// Image files given on a command line: files as they are, folders expanded to the image
 /// files inside them (recursively, sorted), and `emoji:CLASS:ICON` for embedded icons.
 pub fn collect_images(args: &[PathBuf]) -> Result<Vec<ImageSource>> {
-    const EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff"];
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read folder {}", dir.display()))?
@@ -20,11 +19,7 @@ pub fn collect_images(args: &[PathBuf]) -> Result<Vec<ImageSource>> {
         for p in entries {
             if p.is_dir() {
                 walk(&p, out)?;
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            {
+            } else if has_image_extension(&p) {
                 out.push(p);
             }
         }

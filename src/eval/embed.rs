@@ -117,12 +117,7 @@ pub fn embed_samples(
             };
             let [_, dim] = z.dims();
             out.dim = dim;
-            out.values.extend(
-                z.into_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .map_err(|e| anyhow::anyhow!("reading embeddings: {e:?}"))?,
-            );
+            out.values.extend(crate::io::host::host_values(z));
             out.samples.extend_from_slice(&batch.samples);
             out.labels.extend_from_slice(&batch.labels);
         }

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::nmi::nmi_of_kmeans;
+use crate::eval::topk::{normalise_rows, top_k};
 
 /// Queries per block are chosen so that one block of similarities stays under this many floats
 /// (256 MB).
@@ -63,12 +64,7 @@ impl Embeddings<'_> {
     }
 
     fn normalized(&self) -> Vec<f32> {
-        let mut out = self.values.to_vec();
-        out.par_chunks_mut(self.dim).for_each(|row| {
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            row.iter_mut().for_each(|v| *v /= norm);
-        });
-        out
+        normalise_rows(self.values, self.dim)
     }
 }
 
@@ -109,15 +105,8 @@ fn rank_row(
             .filter(|(j, (s, l))| **l != label && Some(*j) != exclude && **s > best_same)
             .count()
     };
-    // The top `top` items, best first; ties go to the lower index so results are reproducible.
-    let mut idx: Vec<usize> = (0..scores.len()).filter(|&j| Some(j) != exclude).collect();
-    let top = top.min(idx.len());
-    let order = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
-    if top < idx.len() && top > 0 {
-        idx.select_nth_unstable_by(top - 1, order);
-        idx.truncate(top);
-    }
-    idx.sort_unstable_by(order);
+    let candidates = (0..scores.len()).filter(|&j| Some(j) != exclude).collect();
+    let idx = top_k(scores, candidates, top);
     let hits: Vec<bool> = idx.iter().map(|&j| gallery_labels[j] == label).collect();
     let first_hit = hits.iter().position(|&h| h);
     let (ap_at_r, r_precision) = if r == 0 {
@@ -177,12 +166,7 @@ fn outcomes(
             ),
             device,
         );
-        let sims: Vec<f32> = q
-            .matmul(g.clone())
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .expect("f32 similarities");
+        let sims = crate::io::host::host_values(q.matmul(g.clone()));
         let block_out: Vec<QueryOutcome> = sims
             .par_chunks(ng)
             .enumerate()

@@ -1,17 +1,41 @@
-//! Exact cosine nearest neighbours of query embeddings in a gallery.
+//! Cosine ranking shared by retrieval (`search`) and the metrics: one normalisation, one
+//! order.
+
+use std::cmp::Ordering;
 
 use rayon::prelude::*;
 
-/// Rows scaled to unit length (zero rows stay zero).
+/// Rows scaled to unit length. A zero row has no direction and stays zero: it scores 0
+/// against every row, so as a query it ranks the gallery in index order, and as a gallery row
+/// it sits between the positively and the negatively similar ones.
 pub fn normalise_rows(values: &[f32], dim: usize) -> Vec<f32> {
     let mut out = values.to_vec();
-    for row in out.chunks_mut(dim.max(1)) {
+    out.par_chunks_mut(dim.max(1)).for_each(|row| {
         let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
         if n > 0.0 {
             row.iter_mut().for_each(|v| *v /= n);
         }
-    }
+    });
     out
+}
+
+/// The order of every ranking here: higher score first, ties to the lower index, so that
+/// results do not depend on the sort algorithm or on threads.
+fn order(scores: &[f32], a: usize, b: usize) -> Ordering {
+    scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
+}
+
+/// The `k` best of `candidates` (indices into `scores`), best first.
+pub fn top_k(scores: &[f32], mut candidates: Vec<usize>, k: usize) -> Vec<usize> {
+    let k = k.min(candidates.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let cmp = |a: &usize, b: &usize| order(scores, *a, *b);
+    candidates.select_nth_unstable_by(k - 1, cmp);
+    candidates.truncate(k);
+    candidates.sort_unstable_by(cmp);
+    candidates
 }
 
 /// The `k` gallery rows most cosine-similar to each query row, best first: `(row, score)`.
@@ -21,19 +45,14 @@ pub fn nearest(queries: &[f32], gallery: &[f32], dim: usize, k: usize) -> Vec<Ve
     let g = normalise_rows(gallery, dim);
     q.par_chunks(dim)
         .map(|query| {
-            let mut scored: Vec<(usize, f32)> = g
+            let scores: Vec<f32> = g
                 .chunks(dim)
-                .enumerate()
-                .map(|(i, row)| (i, row.iter().zip(query).map(|(a, b)| a * b).sum()))
+                .map(|row| row.iter().zip(query).map(|(a, b)| a * b).sum())
                 .collect();
-            let k = k.min(scored.len());
-            if k == 0 {
-                return Vec::new();
-            }
-            scored.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            scored.truncate(k);
-            scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            scored
+            top_k(&scores, (0..scores.len()).collect(), k)
+                .into_iter()
+                .map(|i| (i, scores[i]))
+                .collect()
         })
         .collect()
 }
@@ -52,5 +71,16 @@ mod tests {
         // (0, -1) is orthogonal to rows 0 and 3 (a tie, broken by index) and opposed to row 1.
         assert_eq!(r[1].iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 3, 2]);
         assert_eq!(nearest(&queries, &gallery, 2, 10)[0].len(), 4);
+    }
+
+    #[test]
+    fn a_zero_row_stays_zero_and_ranks_by_index() {
+        let gallery = [0.0, 0.0, 1.0, 0.0, -1.0, 0.0];
+        assert_eq!(normalise_rows(&gallery, 2), gallery.to_vec());
+        let r = nearest(&[0.0, 0.0], &gallery, 2, 3);
+        assert_eq!(r[0], vec![(0, 0.0), (1, 0.0), (2, 0.0)]);
+        // As a gallery row, between the similar and the opposed one.
+        let r = nearest(&[2.0, 0.0], &gallery, 2, 3);
+        assert_eq!(r[0].iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 0, 2]);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod embedding_files;
+pub mod host;
 pub mod npy;
 pub mod state_dict;
 pub mod weights;

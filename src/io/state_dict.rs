@@ -14,50 +14,9 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
-/// A tensor on the host, in PyTorch layout. Values are kept as f64 so that integer buffers and
-/// float64 records survive a round trip exactly.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f64>,
-}
+use super::host::{ByteOrder, decode, safetensors_dtype};
 
-impl HostTensor {
-    pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        Self { shape, data }
-    }
-
-    pub fn numel(&self) -> usize {
-        self.data.len()
-    }
-
-    pub fn to_f32(&self) -> Vec<f32> {
-        self.data.iter().map(|&v| v as f32).collect()
-    }
-
-    pub fn from_tensor_data(data: TensorData) -> Self {
-        let shape = data.shape().to_vec();
-        let values: Vec<f32> = data
-            .convert::<f32>()
-            .try_into_vec()
-            .expect("converted tensor data is f32");
-        Self::new(shape, values.into_iter().map(f64::from).collect())
-    }
-
-    /// Swaps the two axes of a matrix.
-    pub fn transposed(&self) -> Self {
-        assert_eq!(self.shape.len(), 2, "only matrices can be transposed");
-        let (rows, cols) = (self.shape[0], self.shape[1]);
-        let mut out = vec![0.0; self.data.len()];
-        for r in 0..rows {
-            for c in 0..cols {
-                out[c * rows + r] = self.data[r * cols + c];
-            }
-        }
-        Self::new(vec![cols, rows], out)
-    }
-}
+pub use super::host::HostTensor;
 
 /// A set of named host tensors, the in-memory form of a safetensors file or a state dict.
 #[derive(Clone, Debug, Default)]
@@ -85,42 +44,15 @@ impl StateDict {
     }
 
     pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Self> {
-        use safetensors::{Dtype, SafeTensors};
+        use safetensors::SafeTensors;
         let (_, meta) = SafeTensors::read_metadata(bytes)?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         let st = SafeTensors::deserialize(bytes)?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
-            let raw = view.data();
-            let data: Vec<f64> = match view.dtype() {
-                Dtype::F32 => raw
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::F64 => raw
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                Dtype::F16 => raw
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
-                    .collect(),
-                Dtype::BF16 => raw
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
-                    .collect(),
-                Dtype::I64 => raw
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::I32 => raw
-                    .chunks_exact(4)
-                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::U8 => raw.iter().map(|&b| b as f64).collect(),
-                Dtype::BOOL => raw.iter().map(|&b| (b != 0) as u8 as f64).collect(),
-                other => bail!("tensor `{name}` has unsupported dtype {other:?}"),
-            };
+            let data = safetensors_dtype(view.dtype())
+                .and_then(|dtype| decode(dtype, view.data(), ByteOrder::Little))
+                .with_context(|| format!("tensor `{name}`"))?;
             let shape = view.shape().to_vec();
             if shape.iter().product::<usize>() != data.len() {
                 bail!("tensor `{name}` has a shape that does not match its data");
@@ -179,23 +111,15 @@ impl StateDict {
 }
 
 /// The element type a safetensors file is written in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoredDtype {
+    #[value(alias = "float32")]
     F32,
+    #[value(alias = "float16")]
     F16,
 }
 
-impl std::str::FromStr for StoredDtype {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "f32" | "float32" => Ok(Self::F32),
-            "f16" | "float16" => Ok(Self::F16),
-            _ => Err(format!("unknown dtype `{s}`: expected f16 or f32")),
-        }
-    }
-}
+crate::string_forms_from_value_enum!(StoredDtype: "dtype");
 
 /// How a parameter's PyTorch tensor relates to burn's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -411,8 +335,7 @@ impl ModuleVisitor for Collector<'_> {
             Some(grads) => param.val().grad(grads),
         };
         if let Some(t) = value {
-            self.found
-                .insert(param.id, HostTensor::from_tensor_data(t.into_data()));
+            self.found.insert(param.id, HostTensor::from_tensor(t));
         }
     }
 }

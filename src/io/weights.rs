@@ -9,8 +9,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use pytorch_reader::{DType, PytorchReader};
+use pytorch_reader::PytorchReader;
 
+use crate::io::host::{ByteOrder, decode};
 use crate::io::state_dict::{HostTensor, StateDict};
 
 /// The container a weight file uses, told by its first bytes rather than its extension.
@@ -113,7 +114,7 @@ pub fn read_pth(path: &Path) -> Result<StateDict> {
         let bytes = tensor
             .read()
             .with_context(|| format!("{}: cannot read tensor `{}`", path.display(), tensor.name))?;
-        let data = decode(tensor.dtype(), &bytes)
+        let data = decode(tensor.dtype(), &bytes, ByteOrder::Native)
             .with_context(|| format!("{}: tensor `{}`", path.display(), tensor.name))?;
         dict.insert(
             tensor.name.clone(),
@@ -124,29 +125,6 @@ pub fn read_pth(path: &Path) -> Result<StateDict> {
         bail!("{} holds no tensors", path.display());
     }
     Ok(dict)
-}
-
-/// Native-endian bytes of one dtype to f64 values.
-fn decode(dtype: DType, raw: &[u8]) -> Result<Vec<f64>> {
-    fn each<const N: usize>(raw: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
-        raw.chunks_exact(N)
-            .map(|b| f(b.try_into().expect("chunk has N bytes")))
-            .collect()
-    }
-    Ok(match dtype {
-        DType::F64 => each(raw, f64::from_ne_bytes),
-        DType::F32 => each(raw, |b| f32::from_ne_bytes(b) as f64),
-        DType::F16 => each(raw, |b| half::f16::from_ne_bytes(b).to_f64()),
-        DType::BF16 => each(raw, |b| half::bf16::from_ne_bytes(b).to_f64()),
-        DType::I64 => each(raw, |b| i64::from_ne_bytes(b) as f64),
-        DType::I32 => each(raw, |b| i32::from_ne_bytes(b) as f64),
-        DType::I16 => each(raw, |b| i16::from_ne_bytes(b) as f64),
-        DType::I8 => raw.iter().map(|&b| b as i8 as f64).collect(),
-        DType::U64 => each(raw, |b| u64::from_ne_bytes(b) as f64),
-        DType::U32 => each(raw, |b| u32::from_ne_bytes(b) as f64),
-        DType::U16 => each(raw, |b| u16::from_ne_bytes(b) as f64),
-        DType::U8 | DType::Bool => raw.iter().map(|&b| b as f64).collect(),
-    })
 }
 
 #[cfg(test)]

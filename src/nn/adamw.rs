@@ -87,11 +87,11 @@ impl TorchAdamW {
             let key = format!("{prefix}{}", p.name);
             dict.insert(
                 format!("{key}.exp_avg"),
-                HostTensor::from_tensor_data(m.moment_1.clone().into_data()),
+                HostTensor::from_tensor(m.moment_1.clone()),
             );
             dict.insert(
                 format!("{key}.exp_avg_sq"),
-                HostTensor::from_tensor_data(m.moment_2.clone().into_data()),
+                HostTensor::from_tensor(m.moment_2.clone()),
             );
             dict.insert(
                 format!("{key}.step"),

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::io::state_dict::{StateDict, TorchNamed, export_torch, load_torch};
 use crate::method::model::GcaHng;
-use crate::train::step::{LearningRates, LossHistory, StepMetrics, Trainer};
+use crate::train::step::{LearningRates, Loss, LossHistory, StepMetrics, Trainer};
 
 use super::EpochRecord;
 use crate::io::atomic::{finish_atomic, temporary_path};
@@ -38,15 +38,9 @@ pub struct LossSums {
 impl LossSums {
     pub fn add(&mut self, m: &StepMetrics) {
         self.steps += 1;
-        let s = &mut self.sums;
-        s.j_m += m.j_m;
-        s.j_gnnce += m.j_gnnce;
-        s.j_syn += m.j_syn;
-        s.j_metric += m.j_metric;
-        s.j_softce += m.j_softce;
-        s.j_div += m.j_div;
-        s.j_gence += m.j_gence;
-        s.j_gen += m.j_gen;
+        for loss in Loss::ALL {
+            *self.sums.get_mut(loss) += m.get(loss);
+        }
     }
 
     /// Mean of every loss over the steps so far.

@@ -8,6 +8,7 @@ use plotters::prelude::*;
 
 use super::EpochRecord;
 use super::run_dir::RunDir;
+use super::step::Loss;
 
 /// One named line.
 pub struct Series {
@@ -131,19 +132,20 @@ pub fn recall_curve(records: &[EpochRecord], split: &str) -> Vec<(f64, f64)> {
 /// on another scale) and `recall.svg` of a run.
 pub fn run_plots(run: &RunDir, records: &[EpochRecord]) -> Result<()> {
     let trained: Vec<&EpochRecord> = records.iter().filter(|r| r.epoch > 0).collect();
-    let panel = |names: &[&str]| -> Vec<Series> {
-        names
+    let panel = |losses: &[Loss]| -> Vec<Series> {
+        losses
             .iter()
+            .map(|l| l.name())
             .filter(|n| {
                 trained
                     .iter()
-                    .any(|r| r.losses.get(**n).is_some_and(|v| *v != 0.0))
+                    .any(|r| r.losses.get(*n).is_some_and(|v| *v != 0.0))
             })
             .map(|n| Series {
                 name: n.to_string(),
                 points: trained
                     .iter()
-                    .filter_map(|r| Some((r.epoch as f64, *r.losses.get(*n)?)))
+                    .filter_map(|r| Some((r.epoch as f64, *r.losses.get(n)?)))
                     .collect(),
             })
             .collect()
@@ -155,13 +157,13 @@ pub fn run_plots(run: &RunDir, records: &[EpochRecord]) -> Result<()> {
                 "Metric update (mean per epoch)",
                 "epoch",
                 "loss",
-                panel(&["J_m", "J_syn", "J_gnnce", "J_metric"]),
+                panel(&[Loss::M, Loss::Syn, Loss::Gnnce, Loss::Metric]),
             ),
             (
                 "Classifier and generator (mean per epoch)",
                 "epoch",
                 "loss",
-                panel(&["J_softce", "J_gence", "J_div", "J_gen"]),
+                panel(&[Loss::Softce, Loss::Gence, Loss::Div, Loss::Gen]),
             ),
         ],
     )?;

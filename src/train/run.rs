@@ -22,7 +22,7 @@ use crate::data::loader::{ImageStore, Loader, LoaderConfig, sample_seed};
 use crate::data::sampler::{BalancedSampler, SamplerConfig, ShortClass, view_major};
 use crate::data::tensor::images_tensor;
 use crate::data::transform::{RandomResizedCropConfig, Transform};
-use crate::device::DeviceSpec;
+use crate::device::{DeviceSpec, open_configured};
 use crate::eval::embed::EmbedSettings;
 use crate::eval::metrics::RetrievalMetrics;
 use crate::io::embedding_files::EmbeddingFiles;
@@ -226,12 +226,7 @@ pub fn train(
         data.validation = data.validation.map(|v| v.limited(n));
     }
     let store = Arc::new(image_store(config, opts.emoji_cache.clone())?);
-    let spec: DeviceSpec = config
-        .train
-        .device
-        .parse()
-        .map_err(|e| anyhow::anyhow!("`train.device`: {e}"))?;
-    let device = spec.open().map_err(anyhow::Error::msg)?;
+    let (spec, device) = open_configured(&config.train.device).map_err(anyhow::Error::msg)?;
     let ad = device.clone().autodiff();
     let seed = config.train.seed;
     ad.seed(seed);

@@ -10,10 +10,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::backbones::{
-    self, BackboneConfig, EfficientNetLiteConfig, GoogLeNetConfig, ResNet50Config, VitConfig,
-};
-use crate::config::{BackboneKind, BaseLoss, BatchNormMode, ExperimentConfig, SelectOn};
+use crate::backbones::{BackboneConfig, BackboneKind};
+use crate::config::{BaseLoss, ExperimentConfig, SelectOn};
 use crate::data::transform::Normalisation;
 use crate::data::{Dataset, DatasetKind, Sample, Split};
 use crate::io::state_dict::{StateDict, load_torch};
@@ -220,45 +218,17 @@ pub fn normalisation(kind: BackboneKind) -> Normalisation {
     }
 }
 
-fn batch_norm(mode: BatchNormMode) -> backbones::BatchNormMode {
-    match mode {
-        BatchNormMode::Train => backbones::BatchNormMode::Train,
-        BatchNormMode::Eval => backbones::BatchNormMode::Eval,
-        BatchNormMode::Frozen => backbones::BatchNormMode::Frozen,
-    }
-}
-
 /// The backbone a configuration describes (no classification head).
 pub fn backbone_config(config: &ExperimentConfig) -> Result<BackboneConfig> {
     let m = &config.model;
-    let bn = batch_norm(m.batch_norm);
-    Ok(match m.backbone {
-        BackboneKind::Resnet50 => BackboneConfig::ResNet50(
-            ResNet50Config::new()
-                .with_batch_norm(bn)
-                .with_pooling(m.pooling.parse().map_err(anyhow::Error::msg)?),
-        ),
-        BackboneKind::Googlenet => {
-            BackboneConfig::GoogLeNet(GoogLeNetConfig::new().with_batch_norm(bn))
-        }
-        BackboneKind::VitS16 => BackboneConfig::Vit(VitConfig::new()),
-        BackboneKind::EfficientnetLite0 => {
-            BackboneConfig::EfficientNetLite0(EfficientNetLiteConfig::new().with_batch_norm(bn))
-        }
-    })
+    let pooling = m.pooling.parse().map_err(anyhow::Error::msg)?;
+    Ok(m.backbone.config(m.batch_norm, pooling))
 }
 
 /// Whether a pretrained checkpoint's tensor belongs to a classification head the embedding
-/// backbone does not have (torchvision's `fc`, GoogLeNet's auxiliary heads, EfficientNet's
-/// `_fc`, a DINO checkpoint's `head`). Everything else must match strictly.
+/// backbone does not have. Everything else must match strictly.
 fn is_classifier_head(kind: BackboneKind, name: &str) -> bool {
-    let heads: &[&str] = match kind {
-        BackboneKind::Resnet50 => &["fc."],
-        BackboneKind::Googlenet => &["fc.", "aux1.", "aux2."],
-        BackboneKind::VitS16 => &["head."],
-        BackboneKind::EfficientnetLite0 => &["_fc."],
-    };
-    heads.iter().any(|h| name.starts_with(h))
+    kind.classifier_heads().iter().any(|h| name.starts_with(h))
 }
 
 /// The pretrained weights of the configured backbone: `model.weights`, or the embedded
@@ -282,8 +252,7 @@ pub fn pretrained_weights(config: &ExperimentConfig) -> Result<(StateDict, Strin
                 BackboneKind::EfficientnetLite0 => unreachable!(),
             };
             bail!(
-                "`model.weights` is not set: the {} backbone needs ImageNet weights ({hint}); give --weights FILE",
-                serde_json::to_value(other)?.as_str().unwrap_or("chosen")
+                "`model.weights` is not set: the {other} backbone needs ImageNet weights ({hint}); give --weights FILE"
             )
         }
     };

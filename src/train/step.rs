@@ -79,42 +79,122 @@ impl Default for LossHistory {
     }
 }
 
-/// The losses of one step, named as the release logs them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The losses a step reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// J_m: the base metric loss on the real embeddings.
+    M,
+    /// J_gnnce: cross-entropy of the GNN's node logits.
+    Gnnce,
+    /// J_syn: the metric loss on the synthetic negatives, after its weight.
+    Syn,
+    /// J_metric: what the embedder is updated with.
+    Metric,
+    /// J_softce: cross-entropy of the softmax classifier.
+    Softce,
+    /// J_div: the diversity loss, after the 0.01 factor.
+    Div,
+    /// J_gence: the classifier's cross-entropy on the synthetic negatives (J_cls).
+    Gence,
+    /// J_gen: what the generator is updated with.
+    Gen,
+}
+
+impl Loss {
+    /// Every loss, in the release's order.
+    pub const ALL: [Loss; 8] = [
+        Loss::M,
+        Loss::Gnnce,
+        Loss::Syn,
+        Loss::Metric,
+        Loss::Softce,
+        Loss::Div,
+        Loss::Gence,
+        Loss::Gen,
+    ];
+
+    /// The name the release logs it under, and the key of run records, plots and checkpoints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::M => "J_m",
+            Loss::Gnnce => "J_gnnce",
+            Loss::Syn => "J_syn",
+            Loss::Metric => "J_metric",
+            Loss::Softce => "J_softce",
+            Loss::Div => "J_div",
+            Loss::Gence => "J_gence",
+            Loss::Gen => "J_gen",
+        }
+    }
+}
+
+/// The losses of one step; (de)serialised under [`Loss::name`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepMetrics {
-    #[serde(rename = "J_m")]
     pub j_m: f64,
-    #[serde(rename = "J_gnnce")]
     pub j_gnnce: f64,
-    /// After its weight.
-    #[serde(rename = "J_syn")]
     pub j_syn: f64,
-    #[serde(rename = "J_metric")]
     pub j_metric: f64,
-    #[serde(rename = "J_softce")]
     pub j_softce: f64,
-    /// After the 0.01 factor.
-    #[serde(rename = "J_div")]
     pub j_div: f64,
-    #[serde(rename = "J_gence")]
     pub j_gence: f64,
-    #[serde(rename = "J_gen")]
     pub j_gen: f64,
 }
 
 impl StepMetrics {
+    pub fn get(&self, loss: Loss) -> f64 {
+        match loss {
+            Loss::M => self.j_m,
+            Loss::Gnnce => self.j_gnnce,
+            Loss::Syn => self.j_syn,
+            Loss::Metric => self.j_metric,
+            Loss::Softce => self.j_softce,
+            Loss::Div => self.j_div,
+            Loss::Gence => self.j_gence,
+            Loss::Gen => self.j_gen,
+        }
+    }
+
+    pub fn get_mut(&mut self, loss: Loss) -> &mut f64 {
+        match loss {
+            Loss::M => &mut self.j_m,
+            Loss::Gnnce => &mut self.j_gnnce,
+            Loss::Syn => &mut self.j_syn,
+            Loss::Metric => &mut self.j_metric,
+            Loss::Softce => &mut self.j_softce,
+            Loss::Div => &mut self.j_div,
+            Loss::Gence => &mut self.j_gence,
+            Loss::Gen => &mut self.j_gen,
+        }
+    }
+
     /// `(name, value)` pairs in the release's order.
     pub fn named(&self) -> [(&'static str, f64); 8] {
-        [
-            ("J_m", self.j_m),
-            ("J_gnnce", self.j_gnnce),
-            ("J_syn", self.j_syn),
-            ("J_metric", self.j_metric),
-            ("J_softce", self.j_softce),
-            ("J_div", self.j_div),
-            ("J_gence", self.j_gence),
-            ("J_gen", self.j_gen),
-        ]
+        Loss::ALL.map(|loss| (loss.name(), self.get(loss)))
+    }
+}
+
+impl Serialize for StepMetrics {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(Loss::ALL.len()))?;
+        for (name, value) in self.named() {
+            map.serialize_entry(name, &value)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for StepMetrics {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = std::collections::BTreeMap::<String, f64>::deserialize(deserializer)?;
+        let mut metrics = StepMetrics::default();
+        for loss in Loss::ALL {
+            *metrics.get_mut(loss) = *map
+                .get(loss.name())
+                .ok_or_else(|| serde::de::Error::missing_field(loss.name()))?;
+        }
+        Ok(metrics)
     }
 }
 
@@ -156,11 +236,7 @@ impl Optimisers {
 
 /// Reads a one-element tensor.
 pub fn scalar(t: &Tensor<1>) -> f64 {
-    t.clone()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 data")[0] as f64
+    crate::io::host::host_values(t.clone())[0] as f64
 }
 
 /// The training procedure of one batch: the three optimisers, the loss settings and the batch

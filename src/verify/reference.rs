@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::backbones::{BackboneConfig, LinearBackboneConfig};
@@ -20,6 +20,7 @@ use crate::train::step::{
     Batch, LearningRates, LossHistory, StepConfig, StepInputs, Trainer, WeightDecays,
     logsumexp_rows,
 };
+use crate::verify::compare::{Report, Row, Tolerance, compare};
 
 /// Learning rates recorded in a dump.
 #[derive(Clone, Debug, Deserialize)]
@@ -104,120 +105,15 @@ impl DumpMeta {
     }
 }
 
-/// How a tensor is judged.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Tolerance {
-    /// Stage outputs and losses: max abs error / max abs reference value.
-    Relative(f64),
-    /// Gradients: max abs error <= factor * max abs reference + absolute.
-    Gradient { factor: f64, absolute: f64 },
-    /// Parameters after a step: max abs error.
-    Absolute(f64),
-    /// Integers: identical.
-    Exact,
-}
-
-impl Tolerance {
-    pub const STAGE: Self = Self::Relative(1e-4);
-    pub const GRADIENT: Self = Self::Gradient {
-        factor: 1e-3,
-        absolute: 1e-5,
-    };
-    pub const PARAMETER: Self = Self::Absolute(5e-5);
-
-    fn describe(&self) -> String {
-        match self {
-            Self::Relative(r) => format!("rel {r:.0e}"),
-            Self::Gradient { factor, absolute } => format!("{factor:.0e}*max+{absolute:.0e}"),
-            Self::Absolute(a) => format!("abs {a:.0e}"),
-            Self::Exact => "exact".into(),
-        }
-    }
-}
-
-/// One compared tensor.
-#[derive(Clone, Debug)]
-pub struct Row {
-    pub name: String,
-    pub max_abs: f64,
-    pub relative: f64,
-    pub tolerance: String,
-    pub ok: bool,
-    pub note: Option<String>,
-}
-
-/// The outcome of a verification.
-#[derive(Clone, Debug, Default)]
-pub struct Report {
-    pub rows: Vec<Row>,
-    /// Tensors of the dump that nothing used or compared.
-    pub unchecked: Vec<String>,
-}
-
-impl Report {
-    pub fn failures(&self) -> usize {
-        self.rows.iter().filter(|r| !r.ok).count()
-    }
-
-    pub fn passed(&self) -> bool {
-        self.failures() == 0 && self.unchecked.is_empty()
-    }
-}
-
-/// Compares `ours` with `reference` under `tolerance`.
-pub fn compare(name: &str, ours: &HostTensor, reference: &HostTensor, tolerance: Tolerance) -> Row {
-    let tol = tolerance.describe();
-    if ours.numel() != reference.numel() {
-        return Row {
-            name: name.into(),
-            max_abs: f64::NAN,
-            relative: f64::NAN,
-            tolerance: tol,
-            ok: false,
-            note: Some(format!(
-                "shape {:?} against the dump's {:?}",
-                ours.shape, reference.shape
-            )),
-        };
-    }
-    let mut max_abs = 0.0f64;
-    let mut max_ref = 0.0f64;
-    let mut nan = false;
-    for (&a, &b) in ours.data.iter().zip(&reference.data) {
-        if a.is_nan() != b.is_nan() {
-            nan = true;
-        }
-        max_abs = max_abs.max((a - b).abs());
-        max_ref = max_ref.max(b.abs());
-    }
-    let relative = if max_ref > 0.0 {
-        max_abs / max_ref
-    } else {
-        max_abs
-    };
-    let ok = !nan
-        && match tolerance {
-            Tolerance::Relative(r) => relative <= r,
-            Tolerance::Gradient { factor, absolute } => max_abs <= factor * max_ref + absolute,
-            Tolerance::Absolute(a) => max_abs <= a,
-            Tolerance::Exact => max_abs == 0.0,
-        };
-    Row {
-        name: name.into(),
-        max_abs,
-        relative,
-        tolerance: tol,
-        ok,
-        note: nan.then(|| "NaN where the dump has a number".to_string()),
-    }
-}
-
-fn host_of<const D: usize>(t: Tensor<D>) -> HostTensor {
-    let data = t.into_data().convert::<f32>();
-    let shape = data.shape().to_vec();
-    let values: Vec<f32> = data.try_into_vec().expect("f32 data");
-    HostTensor::new(shape, values.into_iter().map(f64::from).collect())
-}
+/// Stage outputs and losses.
+pub const STAGE: Tolerance = Tolerance::Relative(1e-4);
+/// Gradients.
+pub const GRADIENT: Tolerance = Tolerance::Gradient {
+    factor: 1e-3,
+    absolute: 1e-5,
+};
+/// Parameters after a step.
+pub const PARAMETER: Tolerance = Tolerance::Absolute(5e-5);
 
 /// A dump with the bookkeeping of which tensors were used.
 struct Dump {
@@ -246,11 +142,7 @@ impl Dump {
         if t.shape.len() != 4 {
             bail!("`{name}` has shape {:?}; expected [N, C, H, W]", t.shape);
         }
-        let shape = [t.shape[0], t.shape[1], t.shape[2], t.shape[3]];
-        Ok(Tensor::from_data(
-            TensorData::new(t.to_f32(), shape),
-            device,
-        ))
+        t.to_tensor(device)
     }
 
     fn labels(&mut self, name: &str, classes: usize) -> Result<Vec<usize>> {
@@ -334,19 +226,23 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     let x = dump.images("batch0.x", &device)?;
     let labels = dump.labels("batch0.label", meta.n_class)?;
     let z = model.embedder.forward(x);
-    dump.check("fwd.embedding", host_of(z.clone()), Tolerance::STAGE)?;
+    dump.check("fwd.embedding", HostTensor::from_tensor(z.clone()), STAGE)?;
     let j_npair = npair_loss(z.clone(), &labels, layout);
-    dump.check("fwd.j_npair", host_of(j_npair.clone()), Tolerance::STAGE)?;
+    dump.check(
+        "fwd.j_npair",
+        HostTensor::from_tensor(j_npair.clone()),
+        STAGE,
+    )?;
     let graph = CorrelationGraph::build(z.clone(), layout);
     dump.check(
         "fwd.graph.edge_attr",
-        host_of(graph.edges.clone()),
-        Tolerance::STAGE,
+        HostTensor::from_tensor(graph.edges.clone()),
+        STAGE,
     )?;
     dump.check(
         "fwd.graph.nodes",
-        host_of(graph.nodes.clone()),
-        Tolerance::STAGE,
+        HostTensor::from_tensor(graph.nodes.clone()),
+        STAGE,
     )?;
     let edge_index = layout.edge_index();
     let index = HostTensor::new(
@@ -360,13 +256,13 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     let out = model.gnn.forward(&graph);
     dump.check(
         "fwd.gnn.node_logits",
-        host_of(out.node_logits.clone()),
-        Tolerance::STAGE,
+        HostTensor::from_tensor(out.node_logits.clone()),
+        STAGE,
     )?;
     dump.check(
         "fwd.gnn.edge_coeff",
-        host_of(out.edge_coeff.clone()),
-        Tolerance::STAGE,
+        HostTensor::from_tensor(out.edge_coeff.clone()),
+        STAGE,
     )?;
     let mut mix = ReplayMix::new(dump.draws("fwd.gen.mix_draws")?);
     if mix.remaining() < draws_per_call(layout) {
@@ -377,18 +273,26 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     dump.draw_row("fwd.gen.mix_draws", &mix);
     dump.check(
         "fwd.gen.negatives",
-        host_of(syn.negatives.clone()),
-        Tolerance::STAGE,
+        HostTensor::from_tensor(syn.negatives.clone()),
+        STAGE,
     )?;
     dump.check(
         "fwd.gen.all_negatives",
-        host_of(syn.all_negatives.clone()),
-        Tolerance::STAGE,
+        HostTensor::from_tensor(syn.all_negatives.clone()),
+        STAGE,
     )?;
     let j_syn = synthetic_npair_loss(z.clone(), syn.negatives.clone(), layout);
-    dump.check("fwd.j_syn_npair", host_of(j_syn.clone()), Tolerance::STAGE)?;
+    dump.check(
+        "fwd.j_syn_npair",
+        HostTensor::from_tensor(j_syn.clone()),
+        STAGE,
+    )?;
     let j_div = diversity_loss(out.edge_coeff.clone(), layout.nodes());
-    dump.check("fwd.j_div_raw", host_of(j_div.clone()), Tolerance::STAGE)?;
+    dump.check(
+        "fwd.j_div_raw",
+        HostTensor::from_tensor(j_div.clone()),
+        STAGE,
+    )?;
 
     // Gradients of the README's probe scalar, with live coefficients.
     let probe = syn.negatives.square().sum().mul_scalar(1e-3)
@@ -407,29 +311,21 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     for name in &expected {
         let key = format!("fwd.grad.{name}");
         match ours.get(name) {
-            Some(t) => dump.check(&key, t.clone(), Tolerance::GRADIENT)?,
+            Some(t) => dump.check(&key, t.clone(), GRADIENT)?,
             None => {
                 dump.used.insert(key.clone());
-                dump.report.rows.push(Row {
-                    name: key,
-                    max_abs: f64::NAN,
-                    relative: f64::NAN,
-                    tolerance: Tolerance::GRADIENT.describe(),
-                    ok: false,
-                    note: Some("no gradient here".into()),
-                });
+                dump.report
+                    .rows
+                    .push(Row::failed(key, GRADIENT, "no gradient here"));
             }
         }
     }
     for name in ours.tensors.keys().filter(|n| !expected.contains(n)) {
-        dump.report.rows.push(Row {
-            name: format!("fwd.grad.{name}"),
-            max_abs: f64::NAN,
-            relative: f64::NAN,
-            tolerance: Tolerance::GRADIENT.describe(),
-            ok: false,
-            note: Some("gradient here, none in the dump".into()),
-        });
+        dump.report.rows.push(Row::failed(
+            format!("fwd.grad.{name}"),
+            GRADIENT,
+            "gradient here, none in the dump",
+        ));
     }
     drop(grads);
 
@@ -474,16 +370,13 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
                     &key,
                     &HostTensor::new(vec![], vec![value]),
                     &HostTensor::new(vec![], vec![reference]),
-                    Tolerance::STAGE,
+                    STAGE,
                 )),
-                None => dump.report.rows.push(Row {
-                    name: key,
-                    max_abs: f64::NAN,
-                    relative: f64::NAN,
-                    tolerance: Tolerance::STAGE.describe(),
-                    ok: false,
-                    note: Some("the dump does not record this loss".into()),
-                }),
+                None => dump.report.rows.push(Row::failed(
+                    key,
+                    STAGE,
+                    "the dump does not record this loss",
+                )),
             }
         }
         let params = export_torch(&model, "");
@@ -499,20 +392,17 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
             let tolerance = if name.ends_with("num_batches_tracked") {
                 Tolerance::Exact
             } else {
-                Tolerance::PARAMETER
+                PARAMETER
             };
             match params.get(name) {
                 Some(t) => dump.check(&key, t.clone(), tolerance)?,
                 None => {
                     dump.used.insert(key.clone());
-                    dump.report.rows.push(Row {
-                        name: key,
-                        max_abs: f64::NAN,
-                        relative: f64::NAN,
-                        tolerance: tolerance.describe(),
-                        ok: false,
-                        note: Some("the model has no such parameter".into()),
-                    });
+                    dump.report.rows.push(Row::failed(
+                        key,
+                        tolerance,
+                        "the model has no such parameter",
+                    ));
                 }
             }
         }

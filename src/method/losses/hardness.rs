@@ -24,6 +24,8 @@ pub enum HardnessMasking {
     Release,
 }
 
+crate::string_forms_from_value_enum!(HardnessMasking: "hardness masking");
+
 /// `[P*C*C]` row weights of J_hard: 1 for rows that count, 0 for masked ones.
 pub fn hardness_row_mask(layout: BatchLayout, masking: HardnessMasking) -> Vec<f32> {
     let (c, p) = (layout.classes, layout.per_class);

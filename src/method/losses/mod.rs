@@ -21,7 +21,7 @@ pub use npair::npair_loss;
 pub use synthetic_npair::synthetic_npair_loss;
 
 /// The metric loss the synthetic negatives are added to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum BaseLoss {
     /// N-pair, as released.
@@ -30,6 +30,8 @@ pub enum BaseLoss {
     /// (see [`crate::method::losses::proxy_anchor`] for how the synthetic negatives enter it).
     ProxyAnchor,
 }
+
+crate::string_forms_from_value_enum!(BaseLoss: "base loss");
 
 /// L2 normalisation as the release writes it: `x / sqrt(sum x^2 + 1e-12)`.
 pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
