@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ExperimentConfig;
@@ -221,10 +221,16 @@ fn run_one(
 ) -> Result<Option<RunSummary>> {
     let run = RunDir::new(dir);
     if run.summary().exists() {
-        let text = std::fs::read_to_string(run.summary())?;
+        let path = run.summary();
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::io("read", path.clone(), e))?;
         observer.note(&format!("{} is finished; using its results", dir.display()));
-        return Ok(Some(serde_json::from_str(&text).with_context(|| {
-            format!("{} is not a run summary", run.summary().display())
+        return Ok(Some(serde_json::from_str(&text).map_err(|source| {
+            Error::NotJson {
+                path,
+                what: "a run summary",
+                source,
+            }
         })?));
     }
     let config = demo_config(opts, generation, seed)?;
@@ -249,8 +255,7 @@ fn pretrained_features(
     opts: &DemoOptions,
     observer: &mut dyn Observer,
 ) -> Result<RetrievalMetrics> {
-    let (_, device) =
-        crate::device::open_configured(&config.train.device).map_err(anyhow::Error::msg)?;
+    let (_, device) = crate::device::open_configured(&config.train.device)?;
     let (weights, _) = setup::pretrained_weights(config)?;
     let model = setup::build_model(config, 2, &weights, &device)?;
     let mut data = setup::run_data(config, None)?;
@@ -278,8 +283,7 @@ pub fn run_demo(
     observer: &mut dyn FnMut(&str) -> Box<dyn Observer>,
 ) -> Result<Option<DemoSummary>> {
     let started = Instant::now();
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io("create", opts.out.clone(), e))?;
     let mut results: BTreeMap<&str, Vec<(u64, RunSummary)>> = BTreeMap::new();
     for &seed in &opts.seeds {
         for (name, generation) in METHODS {
@@ -366,10 +370,13 @@ pub fn run_demo(
     );
     summary.test_images = write_gallery(&config, opts, &gca_run, &opts.out.join("gallery.png"))?;
     summary.seconds = started.elapsed().as_secs_f64();
-    crate::io::atomic::write_atomic(
-        &opts.out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    let path = opts.out.join("summary.json");
+    let json = serde_json::to_string_pretty(&summary).map_err(|source| Error::NotJson {
+        path: path.clone(),
+        what: "encodable as JSON",
+        source,
+    })?;
+    crate::io::atomic::write_atomic(&path, json.as_bytes())?;
     Ok(Some(summary))
 }
 
@@ -384,13 +391,13 @@ fn write_curves(opts: &DemoOptions, s: &DemoSummary) -> Result<()> {
             });
         }
     }
-    line_chart(
+    Ok(line_chart(
         &opts.out.join("learning-curves.svg"),
         "Test Recall@1 on unseen emoji classes",
         "epoch",
         "R@1 (%)",
         &series,
-    )
+    )?)
 }
 
 /// `gallery.png`: a few test queries and their eight nearest test images under the trained

@@ -15,15 +15,41 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+/// Why a device could not be named or opened.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("bad device index `{index}` in `{spec}`")]
+    BadIndex { spec: String, index: String },
+    #[error("unknown device `{spec}`: expected cpu, vulkan:N or cuda:N")]
+    Unknown { spec: String },
+    /// A device named by a configuration key; the cause follows in the chain.
+    #[error("`{key}`")]
+    Setting {
+        key: &'static str,
+        #[source]
+        source: Box<DeviceError>,
+    },
+    #[error("this binary was built without {backend} support: rebuild with `--features {feature}`")]
+    NotBuilt {
+        backend: &'static str,
+        feature: &'static str,
+    },
+    #[error("device {spec} computed a wrong result in a self-test")]
+    WrongResult { spec: DeviceSpec },
+    #[error("device {spec} is not available (no such GPU, or its driver or loader is missing)")]
+    Unavailable { spec: DeviceSpec },
+}
+
 impl FromStr for DeviceSpec {
-    type Err = String;
+    type Err = DeviceError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, index) = match s.split_once(':') {
             Some((k, i)) => {
-                let index = i
-                    .parse::<usize>()
-                    .map_err(|_| format!("bad device index `{i}` in `{s}`"))?;
+                let index = i.parse::<usize>().map_err(|_| DeviceError::BadIndex {
+                    spec: s.to_string(),
+                    index: i.to_string(),
+                })?;
                 (k, index)
             }
             None => (s, 0),
@@ -32,9 +58,9 @@ impl FromStr for DeviceSpec {
             "cpu" | "flex" => Ok(Self::Cpu),
             "vulkan" => Ok(Self::Vulkan(index)),
             "cuda" => Ok(Self::Cuda(index)),
-            _ => Err(format!(
-                "unknown device `{s}`: expected cpu, vulkan:N or cuda:N"
-            )),
+            _ => Err(DeviceError::Unknown {
+                spec: s.to_string(),
+            }),
         }
     }
 }
@@ -50,12 +76,15 @@ impl std::fmt::Display for DeviceSpec {
 }
 
 /// The device a configuration names (`train.device`); errors name the key.
-pub fn configured(name: &str) -> Result<DeviceSpec, String> {
-    name.parse().map_err(|e| format!("`train.device`: {e}"))
+pub fn configured(name: &str) -> Result<DeviceSpec, DeviceError> {
+    name.parse().map_err(|e| DeviceError::Setting {
+        key: "train.device",
+        source: Box::new(e),
+    })
 }
 
 /// The device a configuration names, opened.
-pub fn open_configured(name: &str) -> Result<(DeviceSpec, Device), String> {
+pub fn open_configured(name: &str) -> Result<(DeviceSpec, Device), DeviceError> {
     let spec = configured(name)?;
     Ok((spec, spec.open()?))
 }
@@ -63,7 +92,7 @@ pub fn open_configured(name: &str) -> Result<(DeviceSpec, Device), String> {
 impl DeviceSpec {
     /// The burn device after a small computation on it succeeded, so that a missing GPU or
     /// driver is a clear error here rather than a panic deep inside the backend later.
-    pub fn open(&self) -> Result<Device, String> {
+    pub fn open(&self) -> Result<Device, DeviceError> {
         let device = self.device()?;
         let probe = device.clone();
         let previous = std::panic::take_hook();
@@ -75,32 +104,29 @@ impl DeviceSpec {
         std::panic::set_hook(previous);
         match outcome {
             Ok(Some(4.0)) => Ok(device),
-            Ok(_) => Err(format!(
-                "device {self} computed a wrong result in a self-test"
-            )),
-            Err(_) => Err(format!(
-                "device {self} is not available (no such GPU, or its driver or loader is missing)"
-            )),
+            Ok(_) => Err(DeviceError::WrongResult { spec: *self }),
+            Err(_) => Err(DeviceError::Unavailable { spec: *self }),
         }
     }
 
     /// The burn device, or an error naming the cargo feature this binary lacks.
-    pub fn device(&self) -> Result<Device, String> {
+    pub fn device(&self) -> Result<Device, DeviceError> {
         match *self {
             Self::Cpu => Ok(Device::flex()),
             #[cfg(feature = "vulkan")]
             Self::Vulkan(i) => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(i))),
             #[cfg(not(feature = "vulkan"))]
-            Self::Vulkan(_) => Err(
-                "this binary was built without Vulkan support: rebuild with `--features vulkan`"
-                    .into(),
-            ),
+            Self::Vulkan(_) => Err(DeviceError::NotBuilt {
+                backend: "Vulkan",
+                feature: "vulkan",
+            }),
             #[cfg(feature = "cuda")]
             Self::Cuda(i) => Ok(Device::cuda(i)),
             #[cfg(not(feature = "cuda"))]
-            Self::Cuda(_) => Err(
-                "this binary was built without CUDA support: rebuild with `--features cuda`".into(),
-            ),
+            Self::Cuda(_) => Err(DeviceError::NotBuilt {
+                backend: "CUDA",
+                feature: "cuda",
+            }),
         }
     }
 }

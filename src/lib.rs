@@ -5,6 +5,7 @@
 //! building blocks it trains with. Around it: [`backbones`] and [`data`] feed it, [`train`]
 //! runs the step and the run loop, [`eval`] measures and retrieves, [`io`] reads and writes
 //! files, [`verify`] checks everything against the authors' release, [`bench`] times it.
+//! Each area reports its own error enum; [`error::Error`] gathers them for the layers above.
 
 /// `Display` and `FromStr` of enums that derive `clap::ValueEnum`, so that a variant's name
 /// on the command line, in messages and (through serde's `rename_all = "kebab-case"`, which
@@ -21,15 +22,18 @@ macro_rules! string_forms_from_value_enum {
         }
 
         impl std::str::FromStr for $t {
-            type Err = String;
+            type Err = $crate::error::UnknownName;
 
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 <Self as clap::ValueEnum>::from_str(s, false).map_err(|_| {
-                    let names: Vec<String> = <Self as clap::ValueEnum>::value_variants()
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect();
-                    format!("unknown {} `{s}`: expected one of {}", $what, names.join(", "))
+                    $crate::error::UnknownName {
+                        what: $what,
+                        given: s.to_string(),
+                        expected: <Self as clap::ValueEnum>::value_variants()
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect(),
+                    }
                 })
             }
         }
@@ -42,6 +46,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod device;
+pub mod error;
 pub mod eval;
 pub mod io;
 pub mod method;

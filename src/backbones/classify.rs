@@ -3,13 +3,13 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 
 use super::{EfficientNetLite, EfficientNetLiteConfig};
-use crate::data::transform::{Normalisation, Transform};
+use crate::data::transform::{Normalisation, Transform, TransformError};
+use crate::error::{Error, Result};
 use crate::io::state_dict::load_torch;
 use crate::io::weights::read_weights;
 
@@ -28,17 +28,20 @@ pub fn load_efficientnet_lite0(weights: &Path, device: &Device) -> Result<Effici
     let model = EfficientNetLiteConfig::new()
         .with_num_classes(Some(1000))
         .init(device);
-    load_torch(model, &dict, "", device)
-        .with_context(|| format!("loading {} as EfficientNet-Lite0", weights.display()))
+    load_torch(model, &dict, "", device).map_err(|e| {
+        Error::from(e).context(format!(
+            "loading {} as EfficientNet-Lite0",
+            weights.display()
+        ))
+    })
 }
 
 /// Resize the shorter side to 256, centre crop 224, `(x - 127) / 128`: CHW floats.
-pub fn preprocess(img: &RgbImage) -> Result<Vec<f32>> {
+pub fn preprocess(img: &RgbImage) -> Result<Vec<f32>, TransformError> {
     let t = Transform::eval(224);
     let s = t.output_size() as usize;
     let mut out = vec![0.0; 3 * s * s];
-    t.apply(img, &mut rand::rng(), Normalisation::EfficientNet, &mut out)
-        .map_err(anyhow::Error::msg)?;
+    t.apply(img, &mut rand::rng(), Normalisation::EfficientNet, &mut out)?;
     Ok(out)
 }
 
@@ -49,23 +52,25 @@ pub fn classify(
     k: usize,
 ) -> Result<Vec<Vec<Prediction>>> {
     let Some(first) = model.fc.as_ref() else {
-        anyhow::bail!("the model has no classification head");
+        return Err(Error::NoHead);
     };
     let classes = first.weight.val().dims()[1];
     let device = first.weight.val().device();
     let mut pixels = Vec::new();
     for img in images {
-        pixels.extend(preprocess(img)?);
+        pixels.extend(
+            preprocess(img).map_err(|source| crate::data::DataError::Transform {
+                sample: "an image to classify".into(),
+                source,
+            })?,
+        );
     }
     let x = Tensor::<4>::from_data(
         TensorData::new(pixels, [images.len(), 3, 224, 224]),
         &device,
     );
     let logits = model.logits(model.forward(x)).expect("head present");
-    let probs: Vec<f32> = softmax(logits, 1)
-        .into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let probs = crate::io::host::host_values(softmax(logits, 1));
     Ok(probs.chunks(classes).map(|p| top_k(p, k)).collect())
 }
 

@@ -22,16 +22,18 @@ pub enum Pooling {
 }
 
 impl std::str::FromStr for Pooling {
-    type Err = String;
+    type Err = crate::error::UnknownName;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "avg" => Ok(Self::Avg),
             "max" => Ok(Self::Max),
             "avg+max" => Ok(Self::AvgPlusMax),
-            _ => Err(format!(
-                "unknown pooling `{s}`: expected avg, max or avg+max"
-            )),
+            _ => Err(crate::error::UnknownName {
+                what: "pooling",
+                given: s.to_string(),
+                expected: ["avg", "max", "avg+max"].map(String::from).to_vec(),
+            }),
         }
     }
 }

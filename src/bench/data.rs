@@ -35,9 +35,7 @@ impl DataBenchResult {
 /// Loads `warmup + batches` training batches of `dataset`'s train split; times the last
 /// `batches`.
 pub fn bench_data(dataset: &Dataset, cfg: &DataBench) -> Result<DataBenchResult, DataError> {
-    let train = dataset
-        .split("train")
-        .ok_or_else(|| DataError::new("the dataset has no train split"))?;
+    let train = dataset.require_split("train")?;
     let (c, p) = (cfg.classes_per_batch, cfg.per_class);
     let mut sampler = BalancedSampler::new(
         &train.labels(),

@@ -61,7 +61,7 @@ fn metrics(args: &MetricsArgs, device: &burn::tensor::Device) -> Result<Retrieva
             dim: m.cols,
         };
         let seed = (!args.no_nmi).then_some(args.nmi_seed);
-        return evaluate(&set, &args.ks, seed, device);
+        return Ok(evaluate(&set, &args.ks, seed, device)?);
     }
     match (
         &args.query_embeddings,
@@ -82,7 +82,9 @@ fn metrics(args: &MetricsArgs, device: &burn::tensor::Device) -> Result<Retrieva
                 labels: &g_labels,
                 dim: g.cols,
             };
-            evaluate_query_gallery(&queries, &gallery, &args.ks, device)
+            Ok(evaluate_query_gallery(
+                &queries, &gallery, &args.ks, device,
+            )?)
         }
         _ => anyhow::bail!(
             "give --embeddings and --labels, or all of --query-embeddings, --query-labels, --gallery-embeddings and --gallery-labels"

@@ -46,7 +46,7 @@ impl Outcome {
 /// The device named by `--device` (default: the CPU), opened.
 pub fn open_device(spec: Option<DeviceSpec>) -> Result<(DeviceSpec, Device)> {
     let spec = spec.unwrap_or(DeviceSpec::Cpu);
-    let device = spec.open().map_err(anyhow::Error::msg)?;
+    let device = spec.open()?;
     Ok((spec, device))
 }
 

@@ -70,7 +70,11 @@ fn new_config(args: &TrainArgs, device: Option<DeviceSpec>) -> Result<Experiment
         generation: args.no_generation.then_some(false),
         device,
     };
-    ExperimentConfig::assemble(&base, &settings, &args.overrides)
+    Ok(ExperimentConfig::assemble(
+        &base,
+        &settings,
+        &args.overrides,
+    )?)
 }
 
 pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {

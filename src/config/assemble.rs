@@ -3,9 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-
-use super::{ExperimentConfig, SelectOn};
+use super::{ConfigError, ExperimentConfig, SelectOn};
 use crate::device::DeviceSpec;
 
 /// Where a configuration starts.
@@ -18,7 +16,7 @@ pub enum ConfigBase {
 }
 
 impl ConfigBase {
-    pub fn load(&self) -> Result<ExperimentConfig> {
+    pub fn load(&self) -> Result<ExperimentConfig, ConfigError> {
         match self {
             ConfigBase::Preset(name) => ExperimentConfig::preset(name),
             ConfigBase::File(path) => ExperimentConfig::from_file(path),
@@ -50,7 +48,7 @@ impl ExperimentConfig {
         base: &ConfigBase,
         settings: &RunSettings,
         overrides: &[String],
-    ) -> Result<ExperimentConfig> {
+    ) -> Result<ExperimentConfig, ConfigError> {
         let mut c = base.load()?;
         let text = |p: &Path| p.display().to_string();
         if let Some(w) = &settings.weights {
@@ -139,13 +137,22 @@ mod tests {
         let none = RunSettings::default();
         let err =
             ExperimentConfig::assemble(&ConfigBase::Preset("nope".into()), &none, &[]).unwrap_err();
-        assert!(err.to_string().contains("unknown preset `nope`"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::UnknownPreset { name, .. } if name == "nope"),
+            "{err}"
+        );
         let err =
             ExperimentConfig::assemble(&preset(), &none, &["optim.lrr=1".into()]).unwrap_err();
-        assert!(err.to_string().contains("optim.lrr"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key } if key == "optim.lrr"),
+            "{err}"
+        );
         let err =
             ExperimentConfig::assemble(&ConfigBase::File("/nonexistent/c.toml".into()), &none, &[])
                 .unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/c.toml"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::Read { path, .. } if path.ends_with("c.toml")),
+            "{err}"
+        );
     }
 }

@@ -4,13 +4,14 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 mod assemble;
+mod error;
 mod presets;
 
 pub use assemble::{ConfigBase, RunSettings};
+pub use error::ConfigError;
 pub use presets::PRESETS;
 
 pub use crate::method::losses::{BaseLoss, HardnessMasking};
@@ -134,14 +135,20 @@ pub struct ExperimentConfig {
 
 impl ExperimentConfig {
     /// Reads a TOML file; errors name the file, and the key or line at fault.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let config: Self =
-            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
-        config
-            .validate()
-            .with_context(|| format!("invalid config {}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: e.span().map(|s| error::line_of(&text, s.start)),
+            message: e.message().to_string(),
+        })?;
+        config.validate().map_err(|e| ConfigError::InFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
         Ok(config)
     }
 
@@ -153,11 +160,11 @@ impl ExperimentConfig {
     /// Applies `key=value` overrides (dotted keys such as `optim.lr=3e-4`). Values are TOML
     /// literals; a bare word is taken as a string. Unknown keys and values of the wrong type are
     /// errors naming the key.
-    pub fn with_overrides(self, overrides: &[String]) -> Result<Self> {
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self, ConfigError> {
         let mut tree = toml::Value::try_from(&self).expect("a config always serialises");
         for item in overrides {
             let Some((key, raw)) = item.split_once('=') else {
-                bail!("override `{item}` is not of the form key=value");
+                return Err(ConfigError::NotAnOverride { item: item.clone() });
             };
             let key = key.trim();
             let value = parse_value(raw.trim());
@@ -166,22 +173,33 @@ impl ExperimentConfig {
             // Checked one override at a time so that a type error names its key.
             tree.clone()
                 .try_into::<Self>()
-                .map_err(|e| anyhow::anyhow!("`{key}`: {}", e.message()))?;
+                .map_err(|e| ConfigError::BadValue {
+                    key: key.to_string(),
+                    message: e.message().to_string(),
+                })?;
         }
+        // Every override was checked on its own above, so the whole tree converts.
         let config: Self = tree
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("bad override: {}", e.message()))?;
+            .map_err(|e: toml::de::Error| ConfigError::BadValue {
+                key: overrides.join(" "),
+                message: e.message().to_string(),
+            })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks values that the types alone do not; errors name the key.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.data;
         let m = &self.model;
         let o = &self.optim;
-        let check = |ok: bool, key: &str, why: &str| -> Result<()> {
-            if ok { Ok(()) } else { bail!("`{key}` {why}") }
+        let check = |ok: bool, key: &'static str, rule: &'static str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid { key, rule })
+            }
         };
         check(
             d.classes_per_batch >= 2,
@@ -261,7 +279,7 @@ impl ExperimentConfig {
             "train.eval_every",
             "must be at least 1",
         )?;
-        crate::device::configured(&self.train.device).map_err(anyhow::Error::msg)?;
+        crate::device::configured(&self.train.device)?;
         Ok(())
     }
 
@@ -282,25 +300,29 @@ impl ExperimentConfig {
     }
 }
 
-fn set_path(node: &mut toml::Value, parts: &[&str], value: toml::Value, key: &str) -> Result<()> {
-    let table = node
-        .as_table_mut()
-        .with_context(|| format!("unknown key `{key}`"))?;
+fn set_path(
+    node: &mut toml::Value,
+    parts: &[&str],
+    value: toml::Value,
+    key: &str,
+) -> Result<(), ConfigError> {
+    let unknown = || ConfigError::UnknownKey {
+        key: key.to_string(),
+    };
+    let table = node.as_table_mut().ok_or_else(unknown)?;
     match parts {
         [last] => {
             if !table.contains_key(*last) && !is_optional_key(key) {
-                bail!("unknown key `{key}`");
+                return Err(unknown());
             }
             table.insert(last.to_string(), value);
             Ok(())
         }
         [first, rest @ ..] => {
-            let child = table
-                .get_mut(*first)
-                .with_context(|| format!("unknown key `{key}`"))?;
+            let child = table.get_mut(*first).ok_or_else(unknown)?;
             set_path(child, rest, value, key)
         }
-        [] => bail!("empty key in override"),
+        [] => Err(ConfigError::EmptyKey),
     }
 }
 
@@ -363,19 +385,50 @@ mod tests {
             .clone()
             .with_overrides(&["optim.lrr=1".into()])
             .unwrap_err();
-        assert!(err.to_string().contains("optim.lrr"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key } if key == "optim.lrr"),
+            "{err}"
+        );
         let err = base
             .clone()
             .with_overrides(&["model.heads=3".into()])
             .unwrap_err();
-        assert!(err.to_string().contains("model.heads"), "{err}");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "model.heads",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = base
             .clone()
             .with_overrides(&["optim.lr=fast".into()])
             .unwrap_err();
-        assert!(format!("{err:#}").contains("lr"), "{err:#}");
+        assert!(
+            matches!(&err, ConfigError::BadValue { key, .. } if key == "optim.lr"),
+            "{err}"
+        );
         let err = base.with_overrides(&["nonsense".into()]).unwrap_err();
-        assert!(err.to_string().contains("key=value"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::NotAnOverride { item } if item == "nonsense"),
+            "{err}"
+        );
+        let err = ExperimentConfig::demo()
+            .with_overrides(&["train.device=tpu".into()])
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ConfigError::Device(crate::device::DeviceError::Setting {
+                    key: "train.device",
+                    ..
+                })
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -386,8 +439,14 @@ mod tests {
             .to_toml()
             .replace("[loss]", "[loss]\ntypo = 1");
         std::fs::write(&path, text).unwrap();
-        let err = format!("{:#}", ExperimentConfig::from_file(&path).unwrap_err());
-        assert!(err.contains("x.toml") && err.contains("typo"), "{err}");
+        let err = ExperimentConfig::from_file(&path).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { path: p, line: Some(_), message }
+                if *p == path && message.contains("typo")),
+            "{err}"
+        );
+        let err = ExperimentConfig::from_file(&dir.path().join("none.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
     }
 
     /// Config files and the command line spell every variant alike.
@@ -414,10 +473,8 @@ mod tests {
         assert_eq!("float16".parse::<StoredDtype>(), Ok(StoredDtype::F16));
         assert_eq!(StoredDtype::F32.to_string(), "f32");
         let err = "imagenet".parse::<DatasetKind>().unwrap_err();
-        assert!(
-            err.contains("dataset kind") && err.contains("inshop"),
-            "{err}"
-        );
+        assert_eq!((err.what, err.given.as_str()), ("dataset kind", "imagenet"));
+        assert!(err.expected.iter().any(|k| k == "inshop"), "{err}");
     }
 
     #[test]

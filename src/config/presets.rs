@@ -1,8 +1,6 @@
 //! The presets: METHOD.md section 9's table of the release's settings, one per dataset and
 //! backbone, and the demo of DEMO.md.
 
-use anyhow::{Result, bail};
-
 use super::*;
 
 /// Names of the presets, in the order `config list` shows them.
@@ -106,12 +104,15 @@ fn release_row(name: &str) -> Option<Row> {
 
 impl ExperimentConfig {
     /// A preset by name (see [`PRESETS`]).
-    pub fn preset(name: &str) -> Result<Self> {
+    pub fn preset(name: &str) -> Result<Self, super::ConfigError> {
         if name == "demo" {
             return Ok(Self::demo());
         }
         let Some(r) = release_row(name) else {
-            bail!("unknown preset `{name}`; presets: {}", PRESETS.join(", "));
+            return Err(super::ConfigError::UnknownPreset {
+                name: name.to_string(),
+                presets: PRESETS.to_vec(),
+            });
         };
         let root = match r.kind {
             DatasetKind::Cub => "data/CUB_200_2011",

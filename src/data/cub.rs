@@ -2,7 +2,7 @@
 //! (`image_id class_id`), images under `images/`. Classes 1-100 train, 101-200 test.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::read_text;
 use super::labels::{Entry, labelled_split};
@@ -13,12 +13,17 @@ use super::{DataError, ImageSource, Split};
 pub const LAST_TRAIN_CLASS: u64 = 100;
 
 /// Reads `root` (the `CUB_200_2011` folder, or a folder containing it).
-pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
-    let root = if root.join("CUB_200_2011").is_dir() {
+/// The folder that holds the annotation files: `root`, or `CUB_200_2011` under it.
+pub fn resolve_root(root: &Path) -> PathBuf {
+    if root.join("CUB_200_2011").is_dir() {
         root.join("CUB_200_2011")
     } else {
         root.to_path_buf()
-    };
+    }
+}
+
+pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
+    let root = resolve_root(root);
     let images_txt = root.join("images.txt");
     let labels_txt = root.join("image_class_labels.txt");
     let images = read_text(&images_txt)?;

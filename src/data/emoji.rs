@@ -17,7 +17,7 @@ use super::{DataError, ImageSource, Split};
 /// The compressed asset, as committed.
 static ASSET_GZ: &[u8] = include_bytes!("../../assets/emoji/emoji-styles.json.gz");
 
-const ASSET_NAME: &str = "assets/emoji/emoji-styles.json.gz";
+pub(crate) const ASSET_NAME: &str = "assets/emoji/emoji-styles.json.gz";
 const FORMAT: &str = "gca-hng-emoji-styles";
 
 #[derive(Clone, Debug, Deserialize)]
@@ -75,13 +75,16 @@ impl EmojiAsset {
 
     /// Parses a gzip-compressed asset; `name` labels errors.
     pub fn from_gzip(gz: &[u8], name: &str) -> Result<EmojiAsset, DataError> {
-        let err = |m: String| DataError::file(std::path::Path::new(name), m);
+        let path = std::path::Path::new(name);
+        let err = |m: String| DataError::file(path, m);
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(gz)
             .read_to_end(&mut json)
-            .map_err(|e| err(format!("cannot decompress: {e}")))?;
-        let asset: EmojiAsset =
-            serde_json::from_slice(&json).map_err(|e| err(format!("bad JSON: {e}")))?;
+            .map_err(|e| DataError::read(path, e))?;
+        let asset: EmojiAsset = serde_json::from_slice(&json).map_err(|e| DataError::Json {
+            path: path.to_path_buf(),
+            source: Arc::new(e),
+        })?;
         if asset.format != FORMAT || asset.version != 1 {
             return Err(err(format!(
                 "format `{}` version {} is not `{FORMAT}` version 1",
@@ -141,13 +144,21 @@ pub fn splits(asset: &EmojiAsset) -> Vec<Split> {
     ]
 }
 
+/// Why an icon could not be rasterised.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RasterError {
+    #[error("SVG does not parse")]
+    Svg(#[source] Arc<usvg::Error>),
+    #[error("bad size {0}")]
+    Size(u32),
+}
+
 /// Rasterises one icon: `size` x `size` pixels on white, the view box scaled to fit and
 /// centred.
-pub fn rasterise(icon: &Icon, size: u32) -> Result<RgbImage, String> {
+pub fn rasterise(icon: &Icon, size: u32) -> Result<RgbImage, RasterError> {
     let tree = usvg::Tree::from_str(&icon.svg(), &usvg::Options::default())
-        .map_err(|e| format!("SVG does not parse: {e}"))?;
-    let mut pixmap =
-        tiny_skia::Pixmap::new(size, size).ok_or_else(|| format!("bad size {size}"))?;
+        .map_err(|e| RasterError::Svg(Arc::new(e)))?;
+    let mut pixmap = tiny_skia::Pixmap::new(size, size).ok_or(RasterError::Size(size))?;
     pixmap.fill(tiny_skia::Color::WHITE);
     let tree_size = tree.size();
     let (w, h) = (tree_size.width(), tree_size.height());
@@ -199,9 +210,10 @@ impl EmojiRasteriser {
             .asset
             .classes
             .get(class)
-            .ok_or_else(|| DataError::new(format!("emoji class {class} does not exist")))?;
-        let i = c.icons.get(icon).ok_or_else(|| {
-            DataError::new(format!("emoji class `{}` has no icon {icon}", c.name))
+            .ok_or(DataError::NoEmojiClass { class })?;
+        let i = c.icons.get(icon).ok_or_else(|| DataError::NoEmojiIcon {
+            name: c.name.clone(),
+            icon,
         })?;
         let disk = self.disk_cache.as_ref().map(|d| {
             d.join(self.size.to_string())
@@ -216,8 +228,11 @@ impl EmojiRasteriser {
         let img = match cached {
             Some(img) => img,
             None => {
-                let img = rasterise(i, self.size)
-                    .map_err(|m| DataError::new(format!("emoji `{}` ({}): {m}", c.name, i.set)))?;
+                let img = rasterise(i, self.size).map_err(|e| DataError::Rasterise {
+                    name: c.name.clone(),
+                    set: i.set.clone(),
+                    source: e,
+                })?;
                 if let Some(p) = &disk {
                     // A cache that cannot be written only costs time; the raster is fine.
                     let _ = p
@@ -254,13 +269,15 @@ pub fn montage(asset: &EmojiAsset, classes: &[usize], cell: u32) -> Result<RgbIm
         let class = asset
             .classes
             .get(c)
-            .ok_or_else(|| DataError::new(format!("emoji class {c} does not exist")))?;
+            .ok_or(DataError::NoEmojiClass { class: c })?;
         for (s, set) in asset.sets.iter().enumerate() {
             let x = gap + s as u32 * (cell + gap);
             let y = gap + r as u32 * (cell + gap);
             let tile = match class.icons.iter().find(|i| i.set == set.id) {
-                Some(icon) => rasterise(icon, cell).map_err(|m| {
-                    DataError::new(format!("emoji `{}` ({}): {m}", class.name, set.id))
+                Some(icon) => rasterise(icon, cell).map_err(|e| DataError::Rasterise {
+                    name: class.name.clone(),
+                    set: set.id.clone(),
+                    source: e,
                 })?,
                 None => RgbImage::from_pixel(cell, cell, image::Rgb([200, 200, 200])),
             };
@@ -275,7 +292,7 @@ pub fn montage(asset: &EmojiAsset, classes: &[usize], cell: u32) -> Result<RgbIm
 pub struct RenderCheck {
     pub rendered: usize,
     /// `(class, set, why)` of icons that failed to parse.
-    pub failed: Vec<(String, String, String)>,
+    pub failed: Vec<(String, String, RasterError)>,
     /// `(class, set)` of icons that rendered as plain white.
     pub blank: Vec<(String, String)>,
 }

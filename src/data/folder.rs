@@ -38,11 +38,10 @@ fn read_split(root: &Path, split: &str) -> Result<Split, DataError> {
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let read =
-        std::fs::read_dir(dir).map_err(|e| DataError::file(dir, format!("cannot list: {e}")))?;
+    let read = std::fs::read_dir(dir).map_err(|e| DataError::list(dir, e))?;
     let mut paths = Vec::new();
     for entry in read {
-        let entry = entry.map_err(|e| DataError::file(dir, format!("cannot list: {e}")))?;
+        let entry = entry.map_err(|e| DataError::list(dir, e))?;
         paths.push(entry.path());
     }
     paths.sort();

@@ -3,6 +3,7 @@
 //! composited), CMYK JPEGs are converted, 16-bit channels are scaled to 8 bits.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use image::{ImageReader, RgbImage};
 
@@ -10,15 +11,18 @@ use super::DataError;
 
 pub fn load_rgb(path: &Path) -> Result<RgbImage, DataError> {
     let reader = ImageReader::open(path)
-        .map_err(|e| DataError::file(path, format!("cannot open image: {e}")))?
+        .map_err(|e| DataError::read(path, e))?
         // The extension can lie (a PNG named .jpg is common in scraped data); trust the bytes.
         .with_guessed_format()
-        .map_err(|e| DataError::file(path, format!("cannot read image: {e}")))?;
-    let img = reader
-        .decode()
-        .map_err(|e| DataError::file(path, format!("cannot decode image: {e}")))?;
+        .map_err(|e| DataError::read(path, e))?;
+    let img = reader.decode().map_err(|e| DataError::Image {
+        path: path.to_path_buf(),
+        source: Arc::new(e),
+    })?;
     if img.width() == 0 || img.height() == 0 {
-        return Err(DataError::file(path, "image has no pixels"));
+        return Err(DataError::NoPixels {
+            path: path.to_path_buf(),
+        });
     }
     Ok(img.into_rgb8())
 }

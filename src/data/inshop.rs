@@ -3,7 +3,7 @@
 //! `gallery`; query and gallery share one label mapping so that a label names the same item
 //! in both.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::read_text;
 use super::labels::{Entry, labelled_split, labelled_splits};
@@ -12,13 +12,20 @@ use super::{DataError, ImageSource, Split};
 
 const HEADER: [&str; 3] = ["image_name", "item_id", "evaluation_status"];
 
+/// The partition list under `root` (or under `root/Eval`, where the original archive has it).
+pub fn list_path(root: &Path) -> PathBuf {
+    let path = root.join("list_eval_partition.txt");
+    if !path.exists() && root.join("Eval/list_eval_partition.txt").exists() {
+        root.join("Eval/list_eval_partition.txt")
+    } else {
+        path
+    }
+}
+
 /// Reads `root` (the folder holding `list_eval_partition.txt`; `Eval/` under it is also
 /// looked in, as the original archive places the list there).
 pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
-    let mut path = root.join("list_eval_partition.txt");
-    if !path.exists() && root.join("Eval/list_eval_partition.txt").exists() {
-        path = root.join("Eval/list_eval_partition.txt");
-    }
+    let path = list_path(root);
     let text = read_text(&path)?;
     let mut rows = rows(&text);
     let declared = match rows.next() {

@@ -1,8 +1,8 @@
 //! `data inspect`: checks that every listed image exists and counts classes and images.
 
 use std::collections::BTreeSet;
-use std::fmt::Write;
 
+use super::error::MISSING_SHOWN;
 use super::{DataError, Dataset, ImageSource};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,7 +13,7 @@ pub struct SplitCounts {
     pub images: usize,
 }
 
-/// Counts per split; an error lists the missing files (the first 20 and how many).
+/// Counts per split; an error lists the missing files (the first few and how many).
 pub fn inspect(dataset: &Dataset) -> Result<Vec<SplitCounts>, DataError> {
     let mut missing = Vec::new();
     let mut counts = Vec::new();
@@ -36,15 +36,11 @@ pub fn inspect(dataset: &Dataset) -> Result<Vec<SplitCounts>, DataError> {
             images: split.samples.len(),
         });
     }
-    if let Some(first) = missing.first() {
-        let mut msg = format!("{} listed image files do not exist:", missing.len());
-        for p in missing.iter().take(20) {
-            let _ = write!(msg, "\n  {}", p.display());
-        }
-        if missing.len() > 20 {
-            let _ = write!(msg, "\n  ... and {} more", missing.len() - 20);
-        }
-        return Err(DataError::file(first, msg));
+    if !missing.is_empty() {
+        return Err(DataError::MissingImages {
+            count: missing.len(),
+            shown: missing.into_iter().take(MISSING_SHOWN).collect(),
+        });
     }
     Ok(counts)
 }
@@ -82,7 +78,7 @@ pub fn decode_all(dataset: &Dataset, skip_bad: bool) -> Result<Vec<DataError>, D
         .par_iter()
         .filter_map(|p| super::image_io::load_rgb(p).err())
         .collect();
-    bad.sort_by(|a, b| a.path.cmp(&b.path));
+    bad.sort_by(|a, b| a.path().cmp(&b.path()));
     match bad.first() {
         Some(first) if !skip_bad => Err(first.clone()),
         _ => Ok(bad),

@@ -51,7 +51,7 @@ impl ImageStore {
             ImageSource::Emoji { class, icon } => self
                 .emoji
                 .as_ref()
-                .ok_or_else(|| DataError::new("emoji sample given to a store without emoji"))?
+                .ok_or(DataError::NoEmojiStore)?
                 .get(*class, *icon),
         }
     }
@@ -140,7 +140,9 @@ impl Loader {
             .num_threads(cfg.threads.max(1))
             .thread_name(|i| format!("gca-hng-loader-{i}"))
             .build()
-            .map_err(|e| DataError::new(format!("cannot start loader threads: {e}")))?;
+            .map_err(|e| DataError::Threads {
+                source: Arc::new(e),
+            })?;
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
         let skipped = Arc::new(Mutex::new(Vec::new()));
         let skipped_w = skipped.clone();
@@ -151,7 +153,9 @@ impl Loader {
                     &samples, &store, &plan, transform, epoch, cfg, &pool, &tx, &skipped_w,
                 )
             })
-            .map_err(|e| DataError::new(format!("cannot start loader thread: {e}")))?;
+            .map_err(|e| DataError::Threads {
+                source: Arc::new(e),
+            })?;
         Ok(Loader {
             rx: Some(rx),
             worker: Some(worker),
@@ -193,15 +197,16 @@ fn produce(
                 .zip(rows.par_iter())
                 .enumerate()
                 .map(|(r, (out, &s))| {
-                    let sample = samples
-                        .get(s)
-                        .ok_or_else(|| DataError::new(format!("sample {s} is not in the split")))?;
+                    let sample = samples.get(s).ok_or(DataError::NoSample { index: s })?;
                     let img = store.load(&sample.source)?;
                     let mut rng =
                         ChaCha8Rng::seed_from_u64(sample_seed(cfg.seed, epoch, first + r as u64));
                     transform
                         .apply(&img, &mut rng, cfg.normalisation, out)
-                        .map_err(|m| DataError::new(format!("{}: {m}", sample.source)))
+                        .map_err(|e| DataError::Transform {
+                            sample: sample.source.to_string(),
+                            source: e,
+                        })
                 })
                 .collect()
         });

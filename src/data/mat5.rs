@@ -7,6 +7,7 @@
 //! (and panics on) char arrays stored as miUINT16, the encoding MATLAB uses for text.
 
 use std::io::Read;
+use std::sync::Arc;
 
 /// A decoded array (column-major, as MATLAB stores it).
 #[derive(Clone, Debug, PartialEq)]
@@ -88,18 +89,63 @@ const MAX_DEPTH: usize = 64;
 /// A compressed variable may not inflate beyond this (annotation files are megabytes).
 const MAX_INFLATED: u64 = 1 << 30;
 
+/// Why a MAT-file does not parse; byte offsets count from the start of the file or of the
+/// inflated variable they are in.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum MatError {
+    #[error("too short for a MAT-file header")]
+    NoHeader,
+    #[error("MAT-file v7.3 (HDF5) is not supported; save with -v7")]
+    Hdf5,
+    #[error("not a MAT-file (no endian indicator at byte 126)")]
+    NoEndian,
+    #[error("truncated at byte {at}")]
+    Truncated { at: usize },
+    #[error("bad small element at byte {at}")]
+    SmallElement { at: usize },
+    #[error("element at byte {at} runs past the end ({size} bytes)")]
+    PastEnd { at: usize, size: usize },
+    #[error("arrays nested too deeply")]
+    TooDeep,
+    #[error("bad compressed variable")]
+    Inflate(#[source] Arc<std::io::Error>),
+    #[error("unexpected element type {ty} where an array was expected")]
+    NotAnArray { ty: u32 },
+    #[error("array flags too short")]
+    Flags,
+    #[error("bad struct field names")]
+    FieldNames,
+    #[error("char array `{name}` has more than one row")]
+    CharRows { name: String },
+    #[error("array `{name}` holds {values} values, its dimensions say {count}")]
+    Count {
+        name: String,
+        values: usize,
+        count: usize,
+    },
+    #[error("unsupported numeric data type {ty}")]
+    NumericType { ty: u32 },
+    #[error("char data is not {encoding}")]
+    Encoding { encoding: &'static str },
+    /// A structural fault named by what was being read.
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("unsupported char data type {ty}")]
+    CharType { ty: u32 },
+}
+
 /// Parses a whole file into its named variables, in file order.
-pub fn parse(bytes: &[u8]) -> Result<Vec<(String, MatValue)>, String> {
+pub fn parse(bytes: &[u8]) -> Result<Vec<(String, MatValue)>, MatError> {
     if bytes.len() < 128 {
-        return Err("too short for a MAT-file header".into());
+        return Err(MatError::NoHeader);
     }
     if bytes.starts_with(b"MATLAB 7.3") {
-        return Err("MAT-file v7.3 (HDF5) is not supported; save with -v7".into());
+        return Err(MatError::Hdf5);
     }
     let big = match &bytes[126..128] {
         b"IM" => false,
         b"MI" => true,
-        _ => return Err("not a MAT-file (no endian indicator at byte 126)".into()),
+        _ => return Err(MatError::NoEndian),
     };
     let r = Reader { big };
     let mut vars = Vec::new();
@@ -117,10 +163,10 @@ struct Reader {
 }
 
 impl Reader {
-    fn u32_at(&self, b: &[u8], at: usize) -> Result<u32, String> {
+    fn u32_at(&self, b: &[u8], at: usize) -> Result<u32, MatError> {
         let s: [u8; 4] = b
             .get(at..at + 4)
-            .ok_or_else(|| format!("truncated at byte {at}"))?
+            .ok_or(MatError::Truncated { at })?
             .try_into()
             .expect("4 bytes");
         Ok(if self.big {
@@ -131,24 +177,29 @@ impl Reader {
     }
 
     /// The data element at `at`: `(type, data, offset of the next element)`.
-    fn element<'a>(&self, b: &'a [u8], at: usize) -> Result<(u32, &'a [u8], usize), String> {
+    fn element<'a>(&self, b: &'a [u8], at: usize) -> Result<(u32, &'a [u8], usize), MatError> {
         let first = self.u32_at(b, at)?;
         if first >> 16 != 0 {
             // Small data element: type and size share the first word, data in the second.
             let (ty, size) = (first & 0xffff, (first >> 16) as usize);
             if size > 4 {
-                return Err(format!("bad small element at byte {at}"));
+                return Err(MatError::SmallElement { at });
             }
             let data = b
                 .get(at + 4..at + 4 + size)
-                .ok_or_else(|| format!("truncated at byte {at}"))?;
+                .ok_or(MatError::Truncated { at })?;
             return Ok((ty, data, at + 8));
         }
         let size = self.u32_at(b, at + 4)? as usize;
         let start = at + 8;
         let data = b
-            .get(start..start.checked_add(size).ok_or("size overflow")?)
-            .ok_or_else(|| format!("element at byte {at} runs past the end ({size} bytes)"))?;
+            .get(
+                start
+                    ..start
+                        .checked_add(size)
+                        .ok_or(MatError::Malformed("size overflow"))?,
+            )
+            .ok_or(MatError::PastEnd { at, size })?;
         // Compressed elements are not padded; all others are padded to 8 bytes.
         let next = if first == MI_COMPRESSED {
             start + size
@@ -159,9 +210,9 @@ impl Reader {
     }
 
     /// A top-level or nested variable: `(name, value)`.
-    fn variable(&self, ty: u32, data: &[u8], depth: usize) -> Result<(String, MatValue), String> {
+    fn variable(&self, ty: u32, data: &[u8], depth: usize) -> Result<(String, MatValue), MatError> {
         if depth > MAX_DEPTH {
-            return Err("arrays nested too deeply".into());
+            return Err(MatError::TooDeep);
         }
         match ty {
             MI_COMPRESSED => {
@@ -169,18 +220,16 @@ impl Reader {
                 flate2::read::ZlibDecoder::new(data)
                     .take(MAX_INFLATED)
                     .read_to_end(&mut inflated)
-                    .map_err(|e| format!("bad compressed variable: {e}"))?;
+                    .map_err(|e| MatError::Inflate(Arc::new(e)))?;
                 let (ty, inner, _) = self.element(&inflated, 0)?;
                 self.variable(ty, inner, depth + 1)
             }
             MI_MATRIX => self.matrix(data, depth),
-            other => Err(format!(
-                "unexpected element type {other} where an array was expected"
-            )),
+            other => Err(MatError::NotAnArray { ty: other }),
         }
     }
 
-    fn matrix(&self, b: &[u8], depth: usize) -> Result<(String, MatValue), String> {
+    fn matrix(&self, b: &[u8], depth: usize) -> Result<(String, MatValue), MatError> {
         if b.is_empty() {
             return Ok((String::new(), MatValue::Unsupported));
         }
@@ -189,7 +238,7 @@ impl Reader {
             // The class is the low byte of the first flags word.
             if self.big { flags[3] } else { flags[0] }
         } else {
-            return Err("array flags too short".into());
+            return Err(MatError::Flags);
         };
         let (_, dims_raw, at) = self.element(b, at)?;
         let dims: Vec<usize> = self
@@ -200,7 +249,7 @@ impl Reader {
         let count = dims
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or("array dimensions overflow")?;
+            .ok_or(MatError::Malformed("array dimensions overflow"))?;
         let (_, name_raw, mut at) = self.element(b, at)?;
         let name = String::from_utf8_lossy(name_raw).into_owned();
         let value = match class {
@@ -218,11 +267,12 @@ impl Reader {
                 let len = *self
                     .numbers(MI_INT32, len_raw)?
                     .first()
-                    .ok_or("no field name length")? as usize;
+                    .ok_or(MatError::Malformed("no field name length"))?
+                    as usize;
                 let (_, names_raw, next) = self.element(b, next)?;
                 at = next;
                 if len == 0 || names_raw.len() % len != 0 {
-                    return Err("bad struct field names".into());
+                    return Err(MatError::FieldNames);
                 }
                 let fields: Vec<String> = names_raw
                     .chunks(len)
@@ -251,7 +301,7 @@ impl Reader {
                 let (ty, d, _) = self.element(b, at)?;
                 let text = self.text(ty, d)?;
                 if dims.first().copied().unwrap_or(0) > 1 {
-                    return Err(format!("char array `{name}` has more than one row"));
+                    return Err(MatError::CharRows { name });
                 }
                 MatValue::Char { dims, text }
             }
@@ -259,10 +309,11 @@ impl Reader {
                 let (ty, d, _) = self.element(b, at)?;
                 let data = self.numbers(ty, d)?;
                 if data.len() != count {
-                    return Err(format!(
-                        "array `{name}` holds {} values, its dimensions say {count}",
-                        data.len()
-                    ));
+                    return Err(MatError::Count {
+                        name,
+                        values: data.len(),
+                        count,
+                    });
                 }
                 MatValue::Numeric { dims, data }
             }
@@ -271,7 +322,7 @@ impl Reader {
         Ok((name, value))
     }
 
-    fn numbers(&self, ty: u32, d: &[u8]) -> Result<Vec<f64>, String> {
+    fn numbers(&self, ty: u32, d: &[u8]) -> Result<Vec<f64>, MatError> {
         macro_rules! conv {
             ($t:ty, $n:expr) => {
                 d.chunks_exact($n)
@@ -297,14 +348,14 @@ impl Reader {
             MI_DOUBLE => conv!(f64, 8),
             MI_INT64 => conv!(i64, 8),
             MI_UINT64 => conv!(u64, 8),
-            other => return Err(format!("unsupported numeric data type {other}")),
+            other => return Err(MatError::NumericType { ty: other }),
         })
     }
 
-    fn text(&self, ty: u32, d: &[u8]) -> Result<String, String> {
+    fn text(&self, ty: u32, d: &[u8]) -> Result<String, MatError> {
         match ty {
             MI_UTF8 | MI_UINT8 | MI_INT8 => {
-                String::from_utf8(d.to_vec()).map_err(|_| "char data is not UTF-8".to_string())
+                String::from_utf8(d.to_vec()).map_err(|_| MatError::Encoding { encoding: "UTF-8" })
             }
             MI_UINT16 | MI_UTF16 => {
                 let units: Vec<u16> = self
@@ -312,9 +363,9 @@ impl Reader {
                     .iter()
                     .map(|&u| u as u16)
                     .collect();
-                String::from_utf16(&units).map_err(|_| "char data is not UTF-16".to_string())
+                String::from_utf16(&units).map_err(|_| MatError::Encoding { encoding: "UTF-16" })
             }
-            other => Err(format!("unsupported char data type {other}")),
+            other => Err(MatError::CharType { ty: other }),
         }
     }
 }

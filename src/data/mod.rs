@@ -26,7 +26,7 @@ pub mod transform;
 
 use std::path::{Path, PathBuf};
 
-pub use error::DataError;
+pub use error::{BatchError, DataError};
 
 /// Where a sample's pixels come from.
 #[derive(Clone, Debug, PartialEq)]
@@ -120,6 +120,19 @@ pub struct Dataset {
     pub splits: Vec<Split>,
 }
 
+/// The file that lists split `split` of a `kind` dataset under `root`: what to fix when the
+/// split comes out empty.
+fn annotation_file(kind: DatasetKind, root: &Path, split: &str) -> PathBuf {
+    match kind {
+        DatasetKind::Cub => cub::resolve_root(root).join("images.txt"),
+        DatasetKind::Cars => root.join("cars_annos.mat"),
+        DatasetKind::Sop => sop::list_path(&sop::resolve_root(root), split),
+        DatasetKind::Inshop => inshop::list_path(root),
+        DatasetKind::Folder => root.join(split),
+        DatasetKind::Emoji => PathBuf::from(emoji::ASSET_NAME),
+    }
+}
+
 impl Dataset {
     /// Reads a dataset of `kind` under `root` (`root` is ignored for the embedded emoji set).
     pub fn open(kind: DatasetKind, root: &Path) -> Result<Dataset, DataError> {
@@ -133,12 +146,22 @@ impl Dataset {
         };
         for split in &splits {
             if split.samples.is_empty() {
-                return Err(
-                    DataError::new(format!("split `{}` has no images", split.name)).with_path(root),
-                );
+                return Err(DataError::EmptySplit {
+                    annotation: annotation_file(kind, root, &split.name),
+                    split: split.name.clone(),
+                });
             }
         }
         Ok(Dataset { kind, splits })
+    }
+
+    /// The split `name`, or an error naming it.
+    pub fn require_split(&self, name: &str) -> Result<&Split, DataError> {
+        self.split(name).ok_or_else(|| DataError::NoSplit {
+            kind: self.kind,
+            split: name.to_string(),
+            available: self.splits.iter().map(|s| s.name.clone()).collect(),
+        })
     }
 
     pub fn split(&self, name: &str) -> Option<&Split> {

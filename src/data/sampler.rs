@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::DataError;
+use super::error::BatchError;
 
 /// What to do with a class that has fewer than P images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -57,9 +58,11 @@ impl BalancedSampler {
     ) -> Result<Self, DataError> {
         let (c, p) = (cfg.classes_per_batch, cfg.per_class);
         if c == 0 || p == 0 {
-            return Err(DataError::new(format!(
-                "a batch needs at least one class and one image per class (got {c} x {p})"
-            )));
+            return Err(BatchError::Empty {
+                classes: c,
+                per_class: p,
+            }
+            .into());
         }
         let n_labels = labels.iter().max().map_or(0, |m| m + 1);
         let mut by_label = vec![Vec::new(); n_labels];
@@ -72,25 +75,29 @@ impl BalancedSampler {
             .filter(|(_, v)| !v.is_empty())
             .unzip();
         if classes.len() < c {
-            return Err(DataError::new(format!(
-                "the split has {} classes with images, fewer than the {c} classes a batch draws",
-                classes.len()
-            )));
+            return Err(BatchError::TooFewClasses {
+                have: classes.len(),
+                need: c,
+            }
+            .into());
         }
         if labels.len() < c * p {
-            return Err(DataError::new(format!(
-                "the split has {} images, fewer than one batch of {c} x {p}",
-                labels.len()
-            )));
+            return Err(BatchError::TooFewImages {
+                have: labels.len(),
+                classes: c,
+                per_class: p,
+            }
+            .into());
         }
         if cfg.short_class == ShortClass::Error
             && let Some((k, l)) = classes.iter().zip(&lists).find(|(_, l)| l.len() < p)
         {
-            return Err(DataError::new(format!(
-                "class {} has {} images, fewer than the {p} per batch",
-                class_name(*k),
-                l.len()
-            )));
+            return Err(BatchError::ShortClass {
+                class: class_name(*k),
+                have: l.len(),
+                need: p,
+            }
+            .into());
         }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut lists = lists;

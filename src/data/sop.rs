@@ -1,7 +1,7 @@
 //! Stanford Online Products: `Ebay_train.txt` and `Ebay_test.txt`, each a header line then
 //! `image_id class_id super_class_id path` rows; paths are relative to the root.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::read_text;
 use super::labels::{Entry, labelled_split};
@@ -12,19 +12,30 @@ const HEADER: [&str; 4] = ["image_id", "class_id", "super_class_id", "path"];
 
 /// Reads `root` (the `Stanford_Online_Products` folder, or a folder containing it).
 pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
-    let root = if root.join("Stanford_Online_Products").is_dir() {
+    let root = resolve_root(root);
+    Ok(vec![read_list(&root, "train")?, read_list(&root, "test")?])
+}
+
+/// The folder that holds the lists: `root`, or `Stanford_Online_Products` under it.
+pub fn resolve_root(root: &Path) -> PathBuf {
+    if root.join("Stanford_Online_Products").is_dir() {
         root.join("Stanford_Online_Products")
     } else {
         root.to_path_buf()
-    };
-    Ok(vec![
-        read_list(&root, "Ebay_train.txt", "train")?,
-        read_list(&root, "Ebay_test.txt", "test")?,
-    ])
+    }
 }
 
-fn read_list(root: &Path, file: &str, split: &str) -> Result<Split, DataError> {
-    let path = root.join(file);
+/// The list file of split `split` (`train` or `test`) under a resolved root.
+pub fn list_path(root: &Path, split: &str) -> PathBuf {
+    root.join(if split == "train" {
+        "Ebay_train.txt"
+    } else {
+        "Ebay_test.txt"
+    })
+}
+
+fn read_list(root: &Path, split: &str) -> Result<Split, DataError> {
+    let path = list_path(root, split);
     let text = read_text(&path)?;
     let mut rows = rows(&text);
     expect_header(&mut rows, &path, &HEADER, "empty file")?;

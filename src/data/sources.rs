@@ -2,17 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-
-use crate::data::{ImageSource, Sample, has_image_extension};
+use crate::data::{DataError, ImageSource, Sample, has_image_extension};
 use crate::io::embedding_files::parse_source_line;
 
 /// Image files given on a command line: files as they are, folders expanded to the image
 /// files inside them (recursively, sorted), and `emoji:CLASS:ICON` for embedded icons.
-pub fn collect_images(args: &[PathBuf]) -> Result<Vec<ImageSource>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+pub fn collect_images(args: &[PathBuf]) -> Result<Vec<ImageSource>, DataError> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot read folder {}", dir.display()))?
+            .map_err(|e| DataError::list(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
@@ -31,22 +29,29 @@ pub fn collect_images(args: &[PathBuf]) -> Result<Vec<ImageSource>> {
         if text.starts_with("emoji:") {
             out.push(
                 parse_source_line(&text)
-                    .with_context(|| format!("`{text}` is not of the form emoji:CLASS:ICON"))?,
+                    .ok_or_else(|| argument(arg, "not of the form emoji:CLASS:ICON"))?,
             );
         } else if arg.is_dir() {
             let mut files = Vec::new();
             walk(arg, &mut files)?;
             if files.is_empty() {
-                bail!("{} holds no image files", arg.display());
+                return Err(argument(arg, "holds no image files"));
             }
             out.extend(files.into_iter().map(ImageSource::File));
         } else if arg.is_file() {
             out.push(ImageSource::File(arg.clone()));
         } else {
-            bail!("{} does not exist", arg.display());
+            return Err(argument(arg, "does not exist"));
         }
     }
     Ok(out)
+}
+
+fn argument(path: &Path, message: &str) -> DataError {
+    DataError::Argument {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 /// Samples of images that have no class: label 0, which embedding ignores.

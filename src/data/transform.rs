@@ -163,10 +163,10 @@ impl Transform {
         rng: &mut impl Rng,
         norm: Normalisation,
         out: &mut [f32],
-    ) -> Result<(), String> {
+    ) -> Result<(), TransformError> {
         let (w, h) = img.dimensions();
         if w == 0 || h == 0 {
-            return Err("image has no pixels".into());
+            return Err(TransformError::NoPixels);
         }
         let pixels = match *self {
             Transform::Train { crop, flip_p } => {
@@ -227,6 +227,15 @@ thread_local! {
     static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
 }
 
+/// Why an image could not be transformed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransformError {
+    #[error("image has no pixels")]
+    NoPixels,
+    #[error("resize failed")]
+    Resize(#[source] fast_image_resize::ResizeError),
+}
+
 /// Cuts `region` out of `img` and resizes it to `out_w` x `out_h`. The region is copied first
 /// so that, as with PIL's `crop` then `resize`, the filter sees no pixels outside it.
 pub fn crop_and_resize(
@@ -234,7 +243,7 @@ pub fn crop_and_resize(
     region: CropBox,
     out_w: u32,
     out_h: u32,
-) -> Result<RgbImage, String> {
+) -> Result<RgbImage, TransformError> {
     let (w, h) = img.dimensions();
     let whole = region.left == 0 && region.top == 0 && region.width == w && region.height == h;
     let cropped;
@@ -253,7 +262,7 @@ pub fn crop_and_resize(
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     RESIZER
         .with(|r| r.borrow_mut().resize(src, &mut dst, &options))
-        .map_err(|e| format!("resize failed: {e}"))?;
+        .map_err(TransformError::Resize)?;
     Ok(dst)
 }
 

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::Device;
 
@@ -80,7 +79,7 @@ pub fn embed_samples(
     settings: &EmbedSettings,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<EmbeddingSet> {
+) -> Result<EmbeddingSet, crate::data::DataError> {
     // Evaluation mode: BatchNorm on running statistics, dropout off, no autodiff graph.
     let embedder = embedder.valid();
     let device = device.clone().inner();

@@ -2,11 +2,10 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
 
-use crate::data::ImageSource;
 use crate::data::loader::ImageStore;
+use crate::data::{DataError, ImageSource};
 
 /// One row of a results picture: the query and its results, each result marked right
 /// (green), wrong (red) or unknown (grey) when labels are not known.
@@ -17,7 +16,7 @@ pub struct GridRow {
 
 /// Draws each query (blue frame) followed by its results, one row per query, `cell` pixels a
 /// tile.
-pub fn result_grid(store: &ImageStore, rows: &[GridRow], cell: u32) -> Result<RgbImage> {
+pub fn result_grid(store: &ImageStore, rows: &[GridRow], cell: u32) -> Result<RgbImage, DataError> {
     let border = 4;
     let gap = 6;
     let cols = rows.iter().map(|r| r.results.len() + 1).max().unwrap_or(1) as u32;
@@ -39,9 +38,7 @@ pub fn result_grid(store: &ImageStore, rows: &[GridRow], cell: u32) -> Result<Rg
         for (c, (source, colour)) in items.into_iter().enumerate() {
             // The query gets an extra gap after it.
             let x = gap + c as u32 * (tile + gap) + if c > 0 { gap } else { 0 };
-            let img = store
-                .load(source)
-                .with_context(|| format!("cannot load {source}"))?;
+            let img = store.load(source)?;
             let thumb = image::imageops::resize(
                 img.as_ref(),
                 cell,
@@ -62,7 +59,9 @@ pub fn result_grid(store: &ImageStore, rows: &[GridRow], cell: u32) -> Result<Rg
 }
 
 /// Writes a PNG, naming the file in errors.
-pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    img.save(path)
-        .with_context(|| format!("cannot write {}", path.display()))
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), DataError> {
+    img.save(path).map_err(|e| DataError::WriteImage {
+        path: path.to_path_buf(),
+        source: std::sync::Arc::new(e),
+    })
 }

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -33,6 +32,35 @@ pub struct RetrievalMetrics {
     pub queries_without_positives: usize,
 }
 
+/// Embeddings that cannot be evaluated; `what` names the set (`query embeddings`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EmbeddingsError {
+    #[error("{what}: {values} values do not form rows of width {dim}")]
+    Ragged {
+        what: &'static str,
+        values: usize,
+        dim: usize,
+    },
+    #[error("{what}: {rows} embeddings but {labels} labels")]
+    Labels {
+        what: &'static str,
+        rows: usize,
+        labels: usize,
+    },
+    #[error("{what}: no embeddings")]
+    Empty { what: &'static str },
+    #[error("{what}: value {index} (row {row}) is not finite")]
+    NotFinite {
+        what: &'static str,
+        index: usize,
+        row: usize,
+    },
+    #[error("query embeddings have width {query}, gallery {gallery}")]
+    Widths { query: usize, gallery: usize },
+    #[error("recall needs k values of at least 1")]
+    NoK,
+}
+
 /// A set of L2-normalisable embeddings with labels.
 pub struct Embeddings<'a> {
     /// Row-major `[n, dim]`.
@@ -42,23 +70,31 @@ pub struct Embeddings<'a> {
 }
 
 impl Embeddings<'_> {
-    fn check(&self, what: &str) -> Result<usize> {
+    fn check(&self, what: &'static str) -> Result<usize, EmbeddingsError> {
         if self.dim == 0 || !self.values.len().is_multiple_of(self.dim) {
-            bail!(
-                "{what}: {} values do not form rows of width {}",
-                self.values.len(),
-                self.dim
-            );
+            return Err(EmbeddingsError::Ragged {
+                what,
+                values: self.values.len(),
+                dim: self.dim,
+            });
         }
         let n = self.values.len() / self.dim;
         if n != self.labels.len() {
-            bail!("{what}: {n} embeddings but {} labels", self.labels.len());
+            return Err(EmbeddingsError::Labels {
+                what,
+                rows: n,
+                labels: self.labels.len(),
+            });
         }
         if n == 0 {
-            bail!("{what}: no embeddings");
+            return Err(EmbeddingsError::Empty { what });
         }
         if let Some(i) = self.values.iter().position(|v| !v.is_finite()) {
-            bail!("{what}: value {i} (row {}) is not finite", i / self.dim);
+            return Err(EmbeddingsError::NotFinite {
+                what,
+                index: i,
+                row: i / self.dim,
+            });
         }
         Ok(n)
     }
@@ -222,10 +258,10 @@ pub fn evaluate(
     ks: &[usize],
     nmi_seed: Option<u64>,
     device: &Device,
-) -> Result<RetrievalMetrics> {
+) -> Result<RetrievalMetrics, EmbeddingsError> {
     let n = set.check("embeddings")?;
     if ks.is_empty() || ks.contains(&0) {
-        bail!("recall needs k values of at least 1");
+        return Err(EmbeddingsError::NoK);
     }
     let x = set.normalized();
     let top = *ks.iter().max().expect("non-empty");
@@ -248,18 +284,17 @@ pub fn evaluate_query_gallery(
     gallery: &Embeddings,
     ks: &[usize],
     device: &Device,
-) -> Result<RetrievalMetrics> {
+) -> Result<RetrievalMetrics, EmbeddingsError> {
     queries.check("query embeddings")?;
     gallery.check("gallery embeddings")?;
     if queries.dim != gallery.dim {
-        bail!(
-            "query embeddings have width {}, gallery {}",
-            queries.dim,
-            gallery.dim
-        );
+        return Err(EmbeddingsError::Widths {
+            query: queries.dim,
+            gallery: gallery.dim,
+        });
     }
     if ks.is_empty() || ks.contains(&0) {
-        bail!("recall needs k values of at least 1");
+        return Err(EmbeddingsError::NoK);
     }
     let q = queries.normalized();
     let g = gallery.normalized();
@@ -405,7 +440,14 @@ mod tests {
             &device(),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("width 2"));
+        assert_eq!(
+            err,
+            EmbeddingsError::Ragged {
+                what: "embeddings",
+                values: 3,
+                dim: 2
+            }
+        );
         let values = [1.0f32, f32::NAN];
         let err = evaluate(
             &Embeddings {
@@ -418,6 +460,16 @@ mod tests {
             &device(),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("not finite"));
+        assert!(
+            matches!(
+                err,
+                EmbeddingsError::NotFinite {
+                    index: 1,
+                    row: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -3,27 +3,37 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use super::IoError;
 
 /// Writes `bytes` to `path` so that a reader sees the old file or the new one, never half of
 /// one: a temporary file in the same folder, flushed to disk, then renamed over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
     let tmp = temporary_path(path);
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut f = std::fs::File::create(&tmp).map_err(|source| IoError::Create {
+        path: tmp.clone(),
+        source,
+    })?;
+    f.write_all(bytes).map_err(|source| IoError::Write {
+        path: tmp.clone(),
+        source,
+    })?;
     drop(f);
     finish_atomic(&tmp, path)
 }
 
 /// Flushes a finished temporary file to disk and renames it over `path`.
-pub fn finish_atomic(tmp: &Path, path: &Path) -> Result<()> {
+pub fn finish_atomic(tmp: &Path, path: &Path) -> Result<(), IoError> {
     std::fs::File::open(tmp)
         .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot flush {}", tmp.display()))?;
-    std::fs::rename(tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        .map_err(|source| IoError::Flush {
+            path: tmp.to_path_buf(),
+            source,
+        })?;
+    std::fs::rename(tmp, path).map_err(|source| IoError::Rename {
+        from: tmp.to_path_buf(),
+        to: path.to_path_buf(),
+        source,
+    })
 }
 
 pub fn temporary_path(path: &Path) -> PathBuf {

@@ -2,10 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
-
 use crate::data::ImageSource;
-use crate::io::npy;
+use crate::io::{IoError, npy};
 
 /// The files of one embedded set: `PREFIX.npy` (`[n, d]` float32), `PREFIX.paths.txt` (one
 /// image per line) and, for a labelled split, `PREFIX.labels.npy`.
@@ -45,18 +43,22 @@ impl EmbeddingFiles {
         dim: usize,
         sources: &[ImageSource],
         labels: Option<&[i64]>,
-    ) -> Result<()> {
+    ) -> Result<(), IoError> {
         if let Some(dir) = self.prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| IoError::Create {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
         npy::write_matrix(&self.embeddings(), sources.len(), dim, values)?;
         let text: String = sources
             .iter()
             .map(|s| format!("{}\n", source_line(s)))
             .collect();
-        std::fs::write(self.paths(), text)
-            .with_context(|| format!("cannot write {}", self.paths().display()))?;
+        std::fs::write(self.paths(), text).map_err(|source| IoError::Write {
+            path: self.paths(),
+            source,
+        })?;
         if let Some(labels) = labels {
             npy::write_labels(&self.labels(), labels)?;
         }
@@ -64,27 +66,31 @@ impl EmbeddingFiles {
     }
 
     /// Reads a set written by [`write`](Self::write).
-    pub fn read(&self) -> Result<(npy::Matrix, Vec<ImageSource>)> {
+    pub fn read(&self) -> Result<(npy::Matrix, Vec<ImageSource>), IoError> {
         let matrix = npy::read_matrix(&self.embeddings())?;
         let path = self.paths();
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(|source| IoError::Read {
+            path: path.clone(),
+            source,
+        })?;
         let sources: Vec<ImageSource> = text
             .lines()
             .enumerate()
             .map(|(i, l)| {
-                parse_source_line(l)
-                    .with_context(|| format!("{}:{}: `{l}` is not an image", path.display(), i + 1))
+                parse_source_line(l).ok_or_else(|| IoError::SourceLine {
+                    path: path.clone(),
+                    line: i + 1,
+                    text: l.to_string(),
+                })
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<_, _>>()?;
         if sources.len() != matrix.rows {
-            bail!(
-                "{} lists {} images but {} has {} rows",
-                path.display(),
-                sources.len(),
-                self.embeddings().display(),
-                matrix.rows
-            );
+            return Err(IoError::RowMismatch {
+                paths: path,
+                listed: sources.len(),
+                embeddings: self.embeddings(),
+                rows: matrix.rows,
+            });
         }
         Ok((matrix, sources))
     }
@@ -130,7 +136,10 @@ mod tests {
         assert_eq!(back, sources);
         assert_eq!(npy::read_labels(&files.labels()).unwrap(), vec![7, 8]);
         std::fs::write(files.paths(), "/x/a.jpg\nemoji:1\n").unwrap();
-        let err = format!("{:#}", files.read().err().unwrap());
-        assert!(err.contains("gallery.paths.txt:2"), "{err}");
+        let err = files.read().err().unwrap();
+        assert!(
+            matches!(&err, IoError::SourceLine { path, line: 2, .. } if *path == files.paths()),
+            "{err}"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! [`HostTensor::from_tensor`]), come back ([`HostTensor::to_tensor`]), and are decoded from
 //! the bytes of a weight file ([`decode`]).
 
-use anyhow::{Result, bail};
+use super::WeightsError;
 use burn::tensor::{Device, Tensor, TensorData};
 use pytorch_reader::DType;
 
@@ -50,9 +50,12 @@ impl HostTensor {
     }
 
     /// The tensor on `device`, if it has `D` axes.
-    pub fn to_tensor<const D: usize>(&self, device: &Device) -> Result<Tensor<D>> {
+    pub fn to_tensor<const D: usize>(&self, device: &Device) -> Result<Tensor<D>, WeightsError> {
         if self.shape.len() != D {
-            bail!("expected a {D}-d tensor, found shape {:?}", self.shape);
+            return Err(WeightsError::Rank {
+                rank: D,
+                shape: self.shape.clone(),
+            });
         }
         Ok(Tensor::from_data(
             TensorData::new(self.to_f32(), self.shape.clone()),
@@ -75,7 +78,7 @@ impl HostTensor {
 }
 
 /// The element type of a safetensors tensor in the terms [`decode`] reads.
-pub fn safetensors_dtype(dtype: safetensors::Dtype) -> Result<DType> {
+pub fn safetensors_dtype(dtype: safetensors::Dtype) -> Result<DType, WeightsError> {
     use safetensors::Dtype as S;
     Ok(match dtype {
         S::F64 => DType::F64,
@@ -91,7 +94,11 @@ pub fn safetensors_dtype(dtype: safetensors::Dtype) -> Result<DType> {
         S::U16 => DType::U16,
         S::U8 => DType::U8,
         S::BOOL => DType::Bool,
-        other => bail!("unsupported dtype {other:?}"),
+        other => {
+            return Err(WeightsError::UnsupportedDtype {
+                dtype: format!("{other:?}"),
+            });
+        }
     })
 }
 
@@ -106,14 +113,14 @@ pub enum ByteOrder {
 
 /// The values of `raw`, stored as `dtype`, widened to f64 (which holds every one of these
 /// types exactly, but 64-bit integers beyond 2^53).
-pub fn decode(dtype: DType, raw: &[u8], order: ByteOrder) -> Result<Vec<f64>> {
+pub fn decode(dtype: DType, raw: &[u8], order: ByteOrder) -> Result<Vec<f64>, WeightsError> {
     let swap = order == ByteOrder::Native && cfg!(target_endian = "big");
-    let each = |n: usize, f: &dyn Fn(&[u8]) -> f64| -> Result<Vec<f64>> {
+    let each = |n: usize, f: &dyn Fn(&[u8]) -> f64| -> Result<Vec<f64>, WeightsError> {
         if !raw.len().is_multiple_of(n) {
-            bail!(
-                "{} bytes are not a whole number of {n}-byte values",
-                raw.len()
-            );
+            return Err(WeightsError::Ragged {
+                bytes: raw.len(),
+                width: n,
+            });
         }
         Ok(raw
             .chunks_exact(n)

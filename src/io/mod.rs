@@ -3,7 +3,10 @@
 
 pub mod atomic;
 pub mod embedding_files;
+pub mod error;
 pub mod host;
 pub mod npy;
 pub mod state_dict;
 pub mod weights;
+
+pub use error::{IoError, WeightsError};

@@ -4,8 +4,9 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use npyz::WriterBuilder;
+
+use super::IoError;
 
 /// A 2-D float array read from a `.npy` file.
 #[derive(Clone, Debug)]
@@ -15,10 +16,22 @@ pub struct Matrix {
     pub values: Vec<f32>,
 }
 
-fn open(path: &Path) -> Result<npyz::NpyFile<BufReader<File>>> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    npyz::NpyFile::new(BufReader::new(file))
-        .with_context(|| format!("{} is not a .npy file", path.display()))
+fn open(path: &Path) -> Result<npyz::NpyFile<BufReader<File>>, IoError> {
+    let file = File::open(path).map_err(|source| IoError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    npyz::NpyFile::new(BufReader::new(file)).map_err(|source| IoError::NotNpy {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn data(path: &Path) -> impl Fn(std::io::Error) -> IoError + '_ {
+    move |source| IoError::NpyData {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn type_str(npy: &npyz::NpyFile<BufReader<File>>) -> String {
@@ -29,91 +42,149 @@ fn type_str(npy: &npyz::NpyFile<BufReader<File>>) -> String {
 }
 
 /// Reads `[n, d]` float32 or float64 embeddings.
-pub fn read_matrix(path: &Path) -> Result<Matrix> {
+pub fn read_matrix(path: &Path) -> Result<Matrix, IoError> {
     let npy = open(path)?;
     let shape = npy.shape().to_vec();
     if shape.len() != 2 {
-        bail!(
-            "{}: expected a 2-D array [n, d], found shape {shape:?}",
-            path.display()
-        );
+        return Err(IoError::NpyShape {
+            path: path.to_path_buf(),
+            expected: "a 2-D array [n, d]",
+            shape,
+        });
     }
     let (rows, cols) = (shape[0] as usize, shape[1] as usize);
     let kind = type_str(&npy);
     let values: Vec<f32> = match kind.as_str() {
-        "<f4" => npy.into_vec::<f32>()?,
+        "<f4" => npy.into_vec::<f32>().map_err(data(path))?,
         "<f8" => npy
-            .into_vec::<f64>()?
+            .into_vec::<f64>()
+            .map_err(data(path))?
             .into_iter()
             .map(|v| v as f32)
             .collect(),
         "<f2" => npy
             .into_vec::<half::f16>()
-            .map(|v| v.into_iter().map(f32::from).collect())
-            .with_context(|| format!("{}: cannot read float16 data", path.display()))?,
-        other => bail!(
-            "{}: expected float32 or float64 values, found dtype {other}",
-            path.display()
-        ),
+            .map_err(data(path))?
+            .into_iter()
+            .map(f32::from)
+            .collect(),
+        other => {
+            return Err(IoError::NpyDtype {
+                path: path.to_path_buf(),
+                expected: "float32 or float64 values",
+                found: other.to_string(),
+            });
+        }
     };
     Ok(Matrix { rows, cols, values })
 }
 
 /// Reads a 1-D array of integer labels (any signed or unsigned integer dtype).
-pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
+pub fn read_labels(path: &Path) -> Result<Vec<i64>, IoError> {
     let npy = open(path)?;
     let shape = npy.shape().to_vec();
     if shape.len() != 1 && !(shape.len() == 2 && shape[1] == 1) {
-        bail!(
-            "{}: expected a 1-D array of labels, found shape {shape:?}",
-            path.display()
-        );
+        return Err(IoError::NpyShape {
+            path: path.to_path_buf(),
+            expected: "a 1-D array of labels",
+            shape,
+        });
     }
     let kind = type_str(&npy);
     let labels: Vec<i64> = match kind.as_str() {
-        "<i8" => npy.into_vec::<i64>()?,
-        "<i4" => npy.into_vec::<i32>()?.into_iter().map(i64::from).collect(),
-        "<i2" => npy.into_vec::<i16>()?.into_iter().map(i64::from).collect(),
-        "|i1" => npy.into_vec::<i8>()?.into_iter().map(i64::from).collect(),
+        "<i8" => npy.into_vec::<i64>().map_err(data(path))?,
+        "<i4" => npy
+            .into_vec::<i32>()
+            .map_err(data(path))?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "<i2" => npy
+            .into_vec::<i16>()
+            .map_err(data(path))?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "|i1" => npy
+            .into_vec::<i8>()
+            .map_err(data(path))?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
         "<u8" => npy
-            .into_vec::<u64>()?
+            .into_vec::<u64>()
+            .map_err(data(path))?
             .into_iter()
             .map(|v| v as i64)
             .collect(),
-        "<u4" => npy.into_vec::<u32>()?.into_iter().map(i64::from).collect(),
-        "<u2" => npy.into_vec::<u16>()?.into_iter().map(i64::from).collect(),
-        "|u1" => npy.into_vec::<u8>()?.into_iter().map(i64::from).collect(),
-        other => bail!(
-            "{}: expected integer labels, found dtype {other}",
-            path.display()
-        ),
+        "<u4" => npy
+            .into_vec::<u32>()
+            .map_err(data(path))?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "<u2" => npy
+            .into_vec::<u16>()
+            .map_err(data(path))?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        "|u1" => npy
+            .into_vec::<u8>()
+            .map_err(data(path))?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        other => {
+            return Err(IoError::NpyDtype {
+                path: path.to_path_buf(),
+                expected: "integer labels",
+                found: other.to_string(),
+            });
+        }
     };
     Ok(labels)
 }
 
 /// Writes `[rows, cols]` float32 values.
-pub fn write_matrix(path: &Path, rows: usize, cols: usize, values: &[f32]) -> Result<()> {
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+pub fn write_matrix(path: &Path, rows: usize, cols: usize, values: &[f32]) -> Result<(), IoError> {
+    let file = File::create(path).map_err(|source| IoError::Create {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let write = |source| IoError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut writer = npyz::WriteOptions::<f32>::new()
         .default_dtype()
         .shape(&[rows as u64, cols as u64])
         .writer(std::io::BufWriter::new(file))
-        .begin_nd()?;
-    writer.extend(values.iter().copied())?;
-    writer.finish()?;
+        .begin_nd()
+        .map_err(write)?;
+    writer.extend(values.iter().copied()).map_err(write)?;
+    writer.finish().map_err(write)?;
     Ok(())
 }
 
 /// Writes 1-D int64 labels.
-pub fn write_labels(path: &Path, labels: &[i64]) -> Result<()> {
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+pub fn write_labels(path: &Path, labels: &[i64]) -> Result<(), IoError> {
+    let file = File::create(path).map_err(|source| IoError::Create {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let write = |source| IoError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut writer = npyz::WriteOptions::<i64>::new()
         .default_dtype()
         .shape(&[labels.len() as u64])
         .writer(std::io::BufWriter::new(file))
-        .begin_nd()?;
-    writer.extend(labels.iter().copied())?;
-    writer.finish()?;
+        .begin_nd()
+        .map_err(write)?;
+    writer.extend(labels.iter().copied()).map_err(write)?;
+    writer.finish().map_err(write)?;
     Ok(())
 }
 
@@ -133,10 +204,10 @@ mod tests {
         assert_eq!(m.values[5], 6.0);
         assert_eq!(read_labels(&l).unwrap(), vec![7, -1]);
         // Labels are not a matrix, a matrix is not labels.
-        assert!(read_matrix(&l).unwrap_err().to_string().contains("l.npy"));
-        assert!(read_labels(&e).unwrap_err().to_string().contains("e.npy"));
+        assert!(matches!(read_matrix(&l), Err(IoError::NpyShape { path, .. }) if path == l));
+        assert!(matches!(read_labels(&e), Err(IoError::NpyShape { path, .. }) if path == e));
         let junk = dir.path().join("junk.npy");
         std::fs::write(&junk, b"nope").unwrap();
-        assert!(format!("{:#}", read_matrix(&junk).unwrap_err()).contains("junk.npy"));
+        assert!(matches!(read_matrix(&junk), Err(IoError::NotNpy { path, .. }) if path == junk));
     }
 }

@@ -8,13 +8,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
+use super::WeightsError;
+use super::error::ShapeMismatch;
 use super::host::{ByteOrder, decode, safetensors_dtype};
+use crate::error::Cause;
 
 pub use super::host::HostTensor;
 
@@ -36,26 +38,34 @@ impl StateDict {
     }
 
     /// Reads a safetensors file; every float and integer dtype is widened to f64.
-    pub fn read_safetensors(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Self::from_safetensors_bytes(&bytes)
-            .with_context(|| format!("{} is not a valid safetensors file", path.display()))
+    pub fn read_safetensors(path: &Path) -> Result<Self, WeightsError> {
+        let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_safetensors_bytes(&bytes).map_err(|e| WeightsError::NotSafetensors {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
-    pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Self> {
+    pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Self, WeightsError> {
         use safetensors::SafeTensors;
-        let (_, meta) = SafeTensors::read_metadata(bytes)?;
+        let container = |e: safetensors::SafeTensorError| WeightsError::Safetensors(Cause::of(&e));
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(container)?;
         let metadata = meta.metadata().clone().unwrap_or_default();
-        let st = SafeTensors::deserialize(bytes)?;
+        let st = SafeTensors::deserialize(bytes).map_err(container)?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             let data = safetensors_dtype(view.dtype())
                 .and_then(|dtype| decode(dtype, view.data(), ByteOrder::Little))
-                .with_context(|| format!("tensor `{name}`"))?;
+                .map_err(|e| WeightsError::Tensor {
+                    tensor: name.clone(),
+                    source: Box::new(e),
+                })?;
             let shape = view.shape().to_vec();
             if shape.iter().product::<usize>() != data.len() {
-                bail!("tensor `{name}` has a shape that does not match its data");
+                return Err(WeightsError::ShapeData { tensor: name });
             }
             tensors.insert(name, HostTensor::new(shape, data));
         }
@@ -63,12 +73,20 @@ impl StateDict {
     }
 
     /// Writes every tensor as float32 to a safetensors file.
-    pub fn write_safetensors(&self, path: &Path) -> Result<()> {
+    pub fn write_safetensors(&self, path: &Path) -> Result<(), WeightsError> {
         self.write_safetensors_as(path, StoredDtype::F32)
     }
 
     /// Writes every tensor to a safetensors file in `dtype` (f16 rounds to nearest even).
-    pub fn write_safetensors_as(&self, path: &Path, dtype: StoredDtype) -> Result<()> {
+    pub fn write_safetensors_as(
+        &self,
+        path: &Path,
+        dtype: StoredDtype,
+    ) -> Result<(), WeightsError> {
+        let write = |e: safetensors::SafeTensorError| WeightsError::Write {
+            path: path.to_path_buf(),
+            source: Cause::of(&e),
+        };
         let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()
@@ -98,14 +116,14 @@ impl StateDict {
                 safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
                     .map(|v| (k.clone(), v))
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(write)?;
         let meta = if self.metadata.is_empty() {
             None
         } else {
             Some(self.metadata.clone())
         };
-        safetensors::serialize_to_file(views, meta, path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        safetensors::serialize_to_file(views, meta, path).map_err(write)?;
         Ok(())
     }
 }
@@ -227,24 +245,47 @@ fn to_torch_layout(t: &HostTensor, layout: Layout) -> HostTensor {
     }
 }
 
+/// A tensor on its way into a parameter: its name, its value in burn's layout, and the
+/// layout, which turns burn's expected shape back into PyTorch's for error messages.
+struct Pending {
+    name: String,
+    value: HostTensor,
+    layout: Layout,
+}
+
 struct Loader<'a> {
-    values: HashMap<ParamId, (String, HostTensor)>,
+    values: HashMap<ParamId, Pending>,
     device: &'a Device,
-    errors: Vec<String>,
+    shapes: Vec<ShapeMismatch>,
+}
+
+/// A burn parameter shape in PyTorch's layout.
+fn torch_shape(burn: &[usize], layout: Layout) -> Vec<usize> {
+    match layout {
+        Layout::Plain => burn.to_vec(),
+        Layout::LinearWeight => burn.iter().rev().copied().collect(),
+        Layout::Counter => Vec::new(),
+    }
 }
 
 impl ModuleMapper for Loader<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some((name, host)) = self.values.remove(&param.id) else {
+        let Some(Pending {
+            name,
+            value: host,
+            layout,
+        }) = self.values.remove(&param.id)
+        else {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
         let expected = tensor.dims().to_vec();
         if expected != host.shape {
-            self.errors.push(format!(
-                "`{name}`: expected shape {:?} (burn layout), found {:?}",
-                expected, host.shape
-            ));
+            self.shapes.push(ShapeMismatch {
+                tensor: name,
+                expected: torch_shape(&expected, layout),
+                found: torch_shape(&host.shape, layout),
+            });
             return Param::from_mapped_value(id, tensor, mapper);
         }
         let require_grad = tensor.is_require_grad();
@@ -265,7 +306,7 @@ pub fn load_torch<M: Module + TorchNamed>(
     dict: &StateDict,
     prefix: &str,
     device: &Device,
-) -> Result<M> {
+) -> Result<M, WeightsError> {
     let names = module.torch_param_list("");
     let mut values = HashMap::new();
     let mut missing = Vec::new();
@@ -274,49 +315,43 @@ pub fn load_torch<M: Module + TorchNamed>(
         let key = format!("{prefix}{}", p.name);
         match dict.get(&key) {
             Some(t) => {
-                values.insert(p.id, (key.clone(), to_burn_layout(t, p.layout)));
+                values.insert(
+                    p.id,
+                    Pending {
+                        name: key.clone(),
+                        value: to_burn_layout(t, p.layout),
+                        layout: p.layout,
+                    },
+                );
                 used.insert(key);
             }
             None => missing.push(key),
         }
     }
-    let unexpected: Vec<&String> = dict
+    let unexpected: Vec<String> = dict
         .tensors
         .keys()
         .filter(|k| k.starts_with(prefix) && !used.contains(*k))
+        .cloned()
         .collect();
     let mut loader = Loader {
         values,
         device,
-        errors: Vec::new(),
+        shapes: Vec::new(),
     };
     let module = module.map(&mut loader);
-    let mut problems = loader.errors;
-    if !loader.values.is_empty() {
-        problems.extend(
-            loader
-                .values
-                .values()
-                .map(|(n, _)| format!("`{n}`: the module has no such parameter")),
-        );
+    let mut unused: Vec<String> = loader.values.into_values().map(|p| p.name).collect();
+    unused.sort();
+    if missing.is_empty() && unexpected.is_empty() && loader.shapes.is_empty() && unused.is_empty()
+    {
+        return Ok(module);
     }
-    if !missing.is_empty() {
-        problems.push(format!("missing tensors: {}", missing.join(", ")));
-    }
-    if !unexpected.is_empty() {
-        problems.push(format!(
-            "unexpected tensors: {}",
-            unexpected
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    if !problems.is_empty() {
-        bail!("cannot load weights:\n  {}", problems.join("\n  "));
-    }
-    Ok(module)
+    Err(WeightsError::Mismatch {
+        missing,
+        unexpected,
+        shapes: loader.shapes,
+        unused,
+    })
 }
 
 struct Collector<'a> {

@@ -8,9 +8,10 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use pytorch_reader::PytorchReader;
 
+use crate::error::Cause;
+use crate::io::WeightsError;
 use crate::io::host::{ByteOrder, decode};
 use crate::io::state_dict::{HostTensor, StateDict};
 
@@ -23,14 +24,15 @@ pub enum WeightFormat {
 }
 
 /// Recognises a weight file by its magic bytes.
-pub fn sniff_format(path: &Path) -> Result<WeightFormat> {
+pub fn sniff_format(path: &Path) -> Result<WeightFormat, WeightsError> {
     use std::io::Read;
     let mut head = [0u8; 10];
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let n = file
-        .read(&mut head)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let read = |source| WeightsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read)?;
+    let n = file.read(&mut head).map_err(read)?;
     let head = &head[..n];
     // safetensors: an 8-byte little-endian header length, then a JSON object. Checked first:
     // the length's first byte may well be 0x80. (Byte 8 of a legacy stream is inside torch's
@@ -42,14 +44,13 @@ pub fn sniff_format(path: &Path) -> Result<WeightFormat> {
     if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
         return Ok(WeightFormat::Torch);
     }
-    bail!(
-        "{} is neither a PyTorch checkpoint (zip or legacy pickle) nor a safetensors file",
-        path.display()
-    )
+    Err(WeightsError::UnknownFormat {
+        path: path.to_path_buf(),
+    })
 }
 
 /// Reads any supported weight file.
-pub fn read_weights(path: &Path) -> Result<StateDict> {
+pub fn read_weights(path: &Path) -> Result<StateDict, WeightsError> {
     match sniff_format(path)? {
         WeightFormat::Torch => read_pth(path),
         WeightFormat::Safetensors => StateDict::read_safetensors(path),
@@ -66,7 +67,7 @@ pub struct TensorInfo {
 
 /// Names, shapes and stored dtypes of every tensor in a weight file, sorted by name, without
 /// reading the values of a checkpoint.
-pub fn inspect_weights(path: &Path) -> Result<Vec<TensorInfo>> {
+pub fn inspect_weights(path: &Path) -> Result<Vec<TensorInfo>, WeightsError> {
     let mut out = match sniff_format(path)? {
         WeightFormat::Torch => open_pth(path)?
             .tensors()
@@ -78,10 +79,16 @@ pub fn inspect_weights(path: &Path) -> Result<Vec<TensorInfo>> {
             })
             .collect::<Vec<_>>(),
         WeightFormat::Safetensors => {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let st = safetensors::SafeTensors::deserialize(&bytes)
-                .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+            let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+                WeightsError::NotSafetensors {
+                    path: path.to_path_buf(),
+                    source: Box::new(WeightsError::Safetensors(Cause::of(&e))),
+                }
+            })?;
             st.tensors()
                 .into_iter()
                 .map(|(name, v)| TensorInfo {
@@ -96,33 +103,40 @@ pub fn inspect_weights(path: &Path) -> Result<Vec<TensorInfo>> {
     Ok(out)
 }
 
-fn open_pth(path: &Path) -> Result<PytorchReader> {
-    PytorchReader::new(path).with_context(|| {
-        format!(
-            "{} is not a readable PyTorch checkpoint (truncated, or not written by torch.save?)",
-            path.display()
-        )
+fn open_pth(path: &Path) -> Result<PytorchReader, WeightsError> {
+    PytorchReader::new(path).map_err(|e| WeightsError::NotTorch {
+        path: path.to_path_buf(),
+        source: Cause::of(&e),
     })
 }
 
 /// Reads a `torch.save`d state dict. Float16, bfloat16 and float64 values are converted on
 /// load (to f64 host values, which hold each of them exactly).
-pub fn read_pth(path: &Path) -> Result<StateDict> {
+pub fn read_pth(path: &Path) -> Result<StateDict, WeightsError> {
     let reader = open_pth(path)?;
     let mut dict = StateDict::default();
     for tensor in reader.tensors().values() {
-        let bytes = tensor
-            .read()
-            .with_context(|| format!("{}: cannot read tensor `{}`", path.display(), tensor.name))?;
-        let data = decode(tensor.dtype(), &bytes, ByteOrder::Native)
-            .with_context(|| format!("{}: tensor `{}`", path.display(), tensor.name))?;
+        let bytes = tensor.read().map_err(|source| WeightsError::TensorRead {
+            path: path.to_path_buf(),
+            tensor: tensor.name.clone(),
+            source,
+        })?;
+        let data = decode(tensor.dtype(), &bytes, ByteOrder::Native).map_err(|e| {
+            WeightsError::TensorInFile {
+                path: path.to_path_buf(),
+                tensor: tensor.name.clone(),
+                source: Box::new(e),
+            }
+        })?;
         dict.insert(
             tensor.name.clone(),
             HostTensor::new(tensor.shape().to_vec(), data),
         );
     }
     if dict.tensors.is_empty() {
-        bail!("{} holds no tensors", path.display());
+        return Err(WeightsError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(dict)
 }

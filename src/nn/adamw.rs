@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::optim::{
     AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
@@ -16,6 +15,21 @@ use burn::optim::{
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::io::state_dict::{HostTensor, StateDict, TorchParam};
+
+/// Saved optimiser state that does not fit the model it is restored into.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OptimStateError {
+    #[error("`{tensor}` is missing")]
+    Missing { tensor: String },
+    #[error("`{tensor}` has {values} values, the parameter {expected}")]
+    Size {
+        tensor: String,
+        values: usize,
+        expected: usize,
+    },
+    #[error("{count} optimiser entries under `{prefix}` name no parameter of the model")]
+    Stray { count: usize, prefix: String },
+}
 
 /// Settings of one AdamW optimiser, PyTorch's defaults unless stated.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -109,7 +123,7 @@ impl TorchAdamW {
         sizes: &HashMap<ParamId, usize>,
         prefix: &str,
         device: &Device,
-    ) -> Result<()> {
+    ) -> Result<(), OptimStateError> {
         let device = device.clone().inner();
         let mut states = HashMap::new();
         let mut used = 0;
@@ -118,16 +132,19 @@ impl TorchAdamW {
             let Some(step) = dict.get(&format!("{key}.step")) else {
                 continue;
             };
-            let moment = |what: &str| -> Result<Tensor<1>> {
-                let t = dict
-                    .get(&format!("{key}.{what}"))
-                    .with_context(|| format!("`{key}.{what}` is missing"))?;
+            let moment = |what: &str| -> Result<Tensor<1>, OptimStateError> {
+                let tensor = format!("{key}.{what}");
+                let t = dict.get(&tensor).ok_or_else(|| OptimStateError::Missing {
+                    tensor: tensor.clone(),
+                })?;
                 let want = sizes.get(&p.id).copied().unwrap_or(0);
-                anyhow::ensure!(
-                    t.numel() == want,
-                    "`{key}.{what}` has {} values, the parameter {want}",
-                    t.numel()
-                );
+                if t.numel() != want {
+                    return Err(OptimStateError::Size {
+                        tensor,
+                        values: t.numel(),
+                        expected: want,
+                    });
+                }
                 Ok(Tensor::from_data(
                     TensorData::new(t.to_f32(), [t.numel()]),
                     &device,
@@ -146,11 +163,12 @@ impl TorchAdamW {
             .keys()
             .filter(|k| k.starts_with(prefix))
             .count();
-        anyhow::ensure!(
-            used == total,
-            "{} optimiser entries under `{prefix}` name no parameter of the model",
-            total - used
-        );
+        if used != total {
+            return Err(OptimStateError::Stray {
+                count: total - used,
+                prefix: prefix.to_string(),
+            });
+        }
         self.states = states;
         Ok(())
     }

@@ -8,15 +8,16 @@
 //! continue exactly where this one stopped.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::io::state_dict::{StateDict, TorchNamed, export_torch, load_torch};
+use crate::io::{IoError, WeightsError};
 use crate::method::model::GcaHng;
+use crate::nn::adamw::OptimStateError;
 use crate::train::step::{LearningRates, Loss, LossHistory, StepMetrics, Trainer};
 
 use super::EpochRecord;
@@ -27,6 +28,78 @@ const META_CONFIG: &str = "gca-hng.config";
 const META_PROGRESS: &str = "gca-hng.progress";
 const META_CLASSES: &str = "gca-hng.num_classes";
 const META_KIND: &str = "gca-hng.checkpoint";
+
+/// A checkpoint that cannot be written, read or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    File(#[from] IoError),
+    #[error("{} is not a gca-hng checkpoint (no configuration inside)", path.display())]
+    NotACheckpoint { path: PathBuf },
+    #[error("{}: checkpoint metadata lacks the class count", path.display())]
+    NoClassCount { path: PathBuf },
+    #[error("{}: unreadable progress record", path.display())]
+    BadProgress {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} holds no training progress", path.display())]
+    NoProgress { path: PathBuf },
+    #[error("cannot encode the run's progress for {}", path.display())]
+    EncodeProgress {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: the configuration inside is invalid", path.display())]
+    BadConfig {
+        path: PathBuf,
+        #[source]
+        source: crate::error::Cause,
+    },
+    #[error("the checkpoint holds no model tensors")]
+    NoModel,
+    #[error("optimiser `{which}`")]
+    Optimiser {
+        which: &'static str,
+        #[source]
+        source: OptimStateError,
+    },
+    /// An error of the checkpoint `path`, whose own message does not name it.
+    #[error("{}", path.display())]
+    In {
+        path: PathBuf,
+        #[source]
+        source: Box<CheckpointError>,
+    },
+}
+
+impl CheckpointError {
+    /// Names `path` unless the error already does.
+    pub fn in_file(self, path: &Path) -> Self {
+        match self {
+            e @ (Self::NotACheckpoint { .. }
+            | Self::BadConfig { .. }
+            | Self::NoClassCount { .. }
+            | Self::BadProgress { .. }
+            | Self::NoProgress { .. }
+            | Self::EncodeProgress { .. }
+            | Self::In { .. }) => e,
+            Self::Weights(
+                e @ (WeightsError::Read { .. }
+                | WeightsError::NotSafetensors { .. }
+                | WeightsError::Write { .. }),
+            ) => Self::Weights(e),
+            e => Self::In {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            },
+        }
+    }
+}
 
 /// Running sums of the step losses within an epoch.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -110,7 +183,7 @@ pub fn save(
     model: &GcaHng,
     trainer: Option<&Trainer>,
     meta: &CheckpointMeta,
-) -> Result<()> {
+) -> Result<(), CheckpointError> {
     let mut dict = export_torch(model, "model");
     if let Some(trainer) = trainer {
         let names = model.torch_param_list("");
@@ -132,38 +205,44 @@ pub fn save(
         .into(),
     );
     if let Some(progress) = &meta.progress {
-        dict.metadata
-            .insert(META_PROGRESS.into(), serde_json::to_string(progress)?);
+        let json =
+            serde_json::to_string(progress).map_err(|source| CheckpointError::EncodeProgress {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        dict.metadata.insert(META_PROGRESS.into(), json);
     }
     let tmp = temporary_path(path);
     dict.write_safetensors(&tmp)?;
-    finish_atomic(&tmp, path)
+    Ok(finish_atomic(&tmp, path)?)
 }
 
 /// Reads a checkpoint's metadata and tensors.
-pub fn read(path: &Path) -> Result<(StateDict, CheckpointMeta)> {
+pub fn read(path: &Path) -> Result<(StateDict, CheckpointMeta), CheckpointError> {
     let dict = StateDict::read_safetensors(path)?;
-    let config_toml = dict.metadata.get(META_CONFIG).cloned().with_context(|| {
-        format!(
-            "{} is not a gca-hng checkpoint (no configuration inside)",
-            path.display()
-        )
-    })?;
+    let config_toml =
+        dict.metadata
+            .get(META_CONFIG)
+            .cloned()
+            .ok_or_else(|| CheckpointError::NotACheckpoint {
+                path: path.to_path_buf(),
+            })?;
     let num_classes = dict
         .metadata
         .get(META_CLASSES)
         .and_then(|s| s.parse().ok())
-        .with_context(|| {
-            format!(
-                "{}: checkpoint metadata lacks the class count",
-                path.display()
-            )
+        .ok_or_else(|| CheckpointError::NoClassCount {
+            path: path.to_path_buf(),
         })?;
     let progress = match dict.metadata.get(META_PROGRESS) {
-        Some(json) => Some(
-            serde_json::from_str(json)
-                .with_context(|| format!("{}: unreadable progress record", path.display()))?,
-        ),
+        Some(json) => {
+            Some(
+                serde_json::from_str(json).map_err(|source| CheckpointError::BadProgress {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            )
+        }
         None => None,
     };
     Ok((
@@ -177,7 +256,11 @@ pub fn read(path: &Path) -> Result<(StateDict, CheckpointMeta)> {
 }
 
 /// Loads a checkpoint's model tensors into `model` (strictly).
-pub fn load_model(model: GcaHng, dict: &StateDict, device: &Device) -> Result<GcaHng> {
+pub fn load_model(
+    model: GcaHng,
+    dict: &StateDict,
+    device: &Device,
+) -> Result<GcaHng, CheckpointError> {
     let mut models_only = StateDict::default();
     for (k, v) in &dict.tensors {
         if k.starts_with(MODEL_PREFIX) {
@@ -185,9 +268,9 @@ pub fn load_model(model: GcaHng, dict: &StateDict, device: &Device) -> Result<Gc
         }
     }
     if models_only.tensors.is_empty() {
-        bail!("the checkpoint holds no model tensors");
+        return Err(CheckpointError::NoModel);
     }
-    load_torch(model, &models_only, MODEL_PREFIX, device)
+    Ok(load_torch(model, &models_only, MODEL_PREFIX, device)?)
 }
 
 /// Restores the optimisers' state from a `last` checkpoint.
@@ -196,7 +279,7 @@ pub fn load_optimisers(
     model: &GcaHng,
     dict: &StateDict,
     device: &Device,
-) -> Result<()> {
+) -> Result<(), CheckpointError> {
     let names = model.torch_param_list("");
     let sizes = param_sizes(model);
     for (key, optim) in [
@@ -206,7 +289,7 @@ pub fn load_optimisers(
     ] {
         optim
             .import_state(dict, &names, &sizes, &format!("optim.{key}."), device)
-            .with_context(|| format!("optimiser `{key}`"))?;
+            .map_err(|source| CheckpointError::Optimiser { which: key, source })?;
     }
     Ok(())
 }

@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
 use burn::tensor::Device;
 
 use crate::config::ExperimentConfig;
 use crate::data::Split;
 use crate::data::loader::ImageStore;
+use crate::error::Result;
 use crate::eval::embed::{EmbedOutput, EmbedSettings, EmbeddingSet, embed_samples};
 use crate::eval::metrics::{RetrievalMetrics, evaluate, evaluate_query_gallery};
 use crate::io::embedding_files::EmbeddingFiles;
@@ -62,7 +62,7 @@ impl Evaluator {
     ) -> Result<RetrievalMetrics> {
         let device = self.device.clone().inner();
         let mut embed = |split: &Split, what: &str| -> Result<EmbeddingSet> {
-            embed_samples(
+            Ok(embed_samples(
                 embedder,
                 self.output,
                 Arc::new(split.samples.clone()),
@@ -70,7 +70,7 @@ impl Evaluator {
                 &self.settings,
                 &device,
                 &mut |done, total| observer.evaluating(what, done, total),
-            )
+            )?)
         };
         let write = |e: &EmbeddingSet, split: &Split| -> Result<()> {
             match keep {
@@ -80,7 +80,7 @@ impl Evaluator {
                         .iter()
                         .map(|&i| split.samples[i].source.clone())
                         .collect();
-                    files.write(&e.values, e.dim, &sources, Some(&e.labels_i64()))
+                    Ok(files.write(&e.values, e.dim, &sources, Some(&e.labels_i64()))?)
                 }
                 None => Ok(()),
             }
@@ -90,19 +90,24 @@ impl Evaluator {
                 let e = embed(split, name)?;
                 write(&e, split)?;
                 let labels = e.labels_i64();
-                evaluate(&e.as_embeddings(&labels), &self.ks, self.nmi_seed, &device)
+                Ok(evaluate(
+                    &e.as_embeddings(&labels),
+                    &self.ks,
+                    self.nmi_seed,
+                    &device,
+                )?)
             }
             EvalSet::QueryGallery { query, gallery } => {
                 let q = embed(query, &format!("{name} query"))?;
                 let g = embed(gallery, &format!("{name} gallery"))?;
                 write(&g, gallery)?;
                 let (ql, gl) = (q.labels_i64(), g.labels_i64());
-                evaluate_query_gallery(
+                Ok(evaluate_query_gallery(
                     &q.as_embeddings(&ql),
                     &g.as_embeddings(&gl),
                     &self.ks,
                     &device,
-                )
+                )?)
             }
         }
     }

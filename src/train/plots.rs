@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::Result;
 use plotters::prelude::*;
+
+use crate::error::Cause;
 
 use super::EpochRecord;
 use super::run_dir::RunDir;
@@ -27,6 +28,27 @@ const COLOURS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
+/// A chart that could not be drawn or written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw {}", path.display())]
+pub struct PlotError {
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: Cause,
+}
+
+fn plot_error(path: &Path) -> impl Fn(Cause) -> PlotError + '_ {
+    move |source| PlotError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+// plotters' errors are generic over the backend; only their text is kept.
+fn cause(e: impl std::fmt::Display) -> Cause {
+    Cause(e.to_string())
+}
+
 /// Draws `series` into an SVG file at `path`.
 pub fn line_chart(
     path: &Path,
@@ -34,24 +56,30 @@ pub fn line_chart(
     x_label: &str,
     y_label: &str,
     series: &[Series],
-) -> Result<()> {
+) -> Result<(), PlotError> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    draw(&root, title, x_label, y_label, series)?;
-    root.present()?;
-    Ok(())
+    root.fill(&WHITE)
+        .map_err(cause)
+        .and_then(|_| draw(&root, title, x_label, y_label, series))
+        .and_then(|_| root.present().map_err(cause))
+        .map_err(plot_error(path))
 }
 
 /// Draws several charts side by side into one SVG file.
-pub fn line_charts(path: &Path, panels: &[(&str, &str, &str, Vec<Series>)]) -> Result<()> {
+pub fn line_charts(
+    path: &Path,
+    panels: &[(&str, &str, &str, Vec<Series>)],
+) -> Result<(), PlotError> {
     let root = SVGBackend::new(path, (640 * panels.len().max(1) as u32, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let areas = root.split_evenly((1, panels.len().max(1)));
-    for (area, (title, x, y, series)) in areas.iter().zip(panels) {
-        draw(area, title, x, y, series)?;
-    }
-    root.present()?;
-    Ok(())
+    let drawn = (|| {
+        root.fill(&WHITE).map_err(cause)?;
+        let areas = root.split_evenly((1, panels.len().max(1)));
+        for (area, (title, x, y, series)) in areas.iter().zip(panels) {
+            draw(area, title, x, y, series)?;
+        }
+        root.present().map_err(cause)
+    })();
+    drawn.map_err(plot_error(path))
 }
 
 fn draw(
@@ -60,7 +88,7 @@ fn draw(
     x_label: &str,
     y_label: &str,
     series: &[Series],
-) -> Result<()> {
+) -> Result<(), Cause> {
     let points = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
@@ -83,12 +111,14 @@ fn draw(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+        .map_err(cause)?;
     chart
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
-        .draw()?;
+        .draw()
+        .map_err(cause)?;
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let pts: Vec<(f64, f64)> = s
@@ -98,18 +128,22 @@ fn draw(
             .filter(|p| p.1.is_finite())
             .collect();
         chart
-            .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))?
+            .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
+            .map_err(cause)?
             .label(s.name.clone())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
             });
-        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))?;
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+            .map_err(cause)?;
     }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .draw()?;
+        .draw()
+        .map_err(cause)?;
     Ok(())
 }
 
@@ -130,7 +164,7 @@ pub fn recall_curve(records: &[EpochRecord], split: &str) -> Vec<(f64, f64)> {
 
 /// `losses.svg` (the metric update's losses, and the classifier's and generator's, which are
 /// on another scale) and `recall.svg` of a run.
-pub fn run_plots(run: &RunDir, records: &[EpochRecord]) -> Result<()> {
+pub fn run_plots(run: &RunDir, records: &[EpochRecord]) -> Result<(), PlotError> {
     let trained: Vec<&EpochRecord> = records.iter().filter(|r| r.epoch > 0).collect();
     let panel = |losses: &[Loss]| -> Vec<Series> {
         losses

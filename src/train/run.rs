@@ -13,15 +13,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DatasetKind, ExperimentConfig, SelectOn};
-use crate::data::ImageSource;
 use crate::data::loader::{ImageStore, Loader, LoaderConfig, sample_seed};
 use crate::data::sampler::{BalancedSampler, SamplerConfig, ShortClass, view_major};
 use crate::data::tensor::images_tensor;
 use crate::data::transform::{RandomResizedCropConfig, Transform};
+use crate::data::{BatchError, ImageSource};
 use crate::device::{DeviceSpec, open_configured};
 use crate::eval::embed::EmbedSettings;
 use crate::eval::metrics::RetrievalMetrics;
@@ -226,7 +226,7 @@ pub fn train(
         data.validation = data.validation.map(|v| v.limited(n));
     }
     let store = Arc::new(image_store(config, opts.emoji_cache.clone())?);
-    let (spec, device) = open_configured(&config.train.device).map_err(anyhow::Error::msg)?;
+    let (spec, device) = open_configured(&config.train.device)?;
     let ad = device.clone().autodiff();
     let seed = config.train.seed;
     ad.seed(seed);
@@ -246,14 +246,14 @@ pub fn train(
     );
     let mut progress = Progress::default();
     if opts.resume {
-        let (dict, meta) = checkpoint::read(&run.last())?;
-        model = checkpoint::load_model(model, &dict, &ad)
-            .with_context(|| format!("{}", run.last().display()))?;
+        let last = run.last();
+        let (dict, meta) = checkpoint::read(&last)?;
+        model = checkpoint::load_model(model, &dict, &ad).map_err(|e| e.in_file(&last))?;
         checkpoint::load_optimisers(&mut trainer, &model, &dict, &ad)
-            .with_context(|| format!("{}", run.last().display()))?;
+            .map_err(|e| e.in_file(&last))?;
         progress = meta
             .progress
-            .with_context(|| format!("{} holds no training progress", run.last().display()))?;
+            .ok_or(checkpoint::CheckpointError::NoProgress { path: last })?;
         observer.note(&format!(
             "resuming {} at epoch {} step {}",
             run.root().display(),
@@ -332,10 +332,12 @@ pub fn train(
         }
         let steps = plan.len();
         if steps == 0 {
-            bail!(
-                "the training split has {} images, fewer than one batch of {c} x {p}",
-                samples.len()
-            );
+            return Err(crate::data::DataError::from(BatchError::TooFewImages {
+                have: samples.len(),
+                classes: c,
+                per_class: p,
+            })
+            .into());
         }
         let lr = config.learning_rates(epoch);
         progress.lr = Some(lr);
@@ -397,12 +399,11 @@ pub fn train(
                 let (next, metrics) = trainer.step(model, &batch, inputs, &mut mix);
                 model = next;
                 if !metrics.j_metric.is_finite() {
-                    bail!(
-                        "the loss became {} at epoch {} step {}; lower the learning rates",
-                        metrics.j_metric,
-                        epoch + 1,
-                        step + 1
-                    );
+                    return Err(Error::Diverged {
+                        value: metrics.j_metric,
+                        epoch: epoch + 1,
+                        step: step + 1,
+                    });
                 }
                 progress.sums.add(&metrics);
                 trained_steps += 1;
@@ -476,7 +477,10 @@ pub fn train(
             &meta(Some(progress.clone())),
         )?;
         if let Err(e) = plots::run_plots(&run, &progress.records) {
-            observer.note(&format!("could not draw the plots: {e:#}"));
+            observer.note(&format!(
+                "could not draw the plots: {}",
+                crate::error::chain(&e)
+            ));
         }
         if opts.stop.load(Ordering::SeqCst) && progress.epoch < epochs {
             return Ok(RunOutcome::Interrupted {

@@ -3,10 +3,40 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-
 use super::{EpochRecord, RunSummary};
+use crate::io::IoError;
 use crate::io::atomic::write_atomic;
+
+/// A run folder that cannot be started, resumed or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("{} already holds a run; continue it with --resume {} or choose another --out", root.display(), root.display())]
+    Occupied { root: PathBuf },
+    #[error("cannot create {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} has no last.safetensors to resume from", root.display())]
+    NothingToResume { root: PathBuf },
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the configuration differs from the one {} was started with; resume with the run's own config.toml", root.display())]
+    ConfigDiffers { root: PathBuf },
+    #[error("cannot encode {}", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] IoError),
+}
 
 pub struct RunDir {
     root: PathBuf,
@@ -58,61 +88,69 @@ impl RunDir {
     }
 
     /// Refuses a folder that already holds a run, so that nothing is overwritten by accident.
-    pub fn check_fresh(&self) -> Result<()> {
+    pub fn check_fresh(&self) -> Result<(), RunDirError> {
         if self.last().exists() || self.summary().exists() {
-            bail!(
-                "{} already holds a run; continue it with --resume {} or choose another --out",
-                self.root.display(),
-                self.root.display()
-            );
+            return Err(RunDirError::Occupied {
+                root: self.root.clone(),
+            });
         }
         Ok(())
     }
 
     /// Makes the folder.
-    pub fn create(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.root)
-            .with_context(|| format!("cannot create {}", self.root.display()))
+    pub fn create(&self) -> Result<(), RunDirError> {
+        std::fs::create_dir_all(&self.root).map_err(|source| RunDirError::Create {
+            path: self.root.clone(),
+            source,
+        })
     }
 
     /// Checks that the folder holds a run that can be resumed with this configuration.
-    pub fn check_resumable(&self, config_toml: &str) -> Result<()> {
+    pub fn check_resumable(&self, config_toml: &str) -> Result<(), RunDirError> {
         if !self.last().exists() {
-            bail!(
-                "{} has no last.safetensors to resume from",
-                self.root.display()
-            );
+            return Err(RunDirError::NothingToResume {
+                root: self.root.clone(),
+            });
         }
-        let saved = std::fs::read_to_string(self.config())
-            .with_context(|| format!("cannot read {}", self.config().display()))?;
+        let saved = std::fs::read_to_string(self.config()).map_err(|source| RunDirError::Read {
+            path: self.config(),
+            source,
+        })?;
         if saved != config_toml {
-            bail!(
-                "the configuration differs from the one {} was started with; resume with the run's own config.toml",
-                self.root.display()
-            );
+            return Err(RunDirError::ConfigDiffers {
+                root: self.root.clone(),
+            });
         }
         Ok(())
     }
 
-    pub fn write_config(&self, toml: &str) -> Result<()> {
-        write_atomic(&self.config(), toml.as_bytes())
+    pub fn write_config(&self, toml: &str) -> Result<(), RunDirError> {
+        Ok(write_atomic(&self.config(), toml.as_bytes())?)
     }
 
     /// One JSON line per epoch record, the whole file rewritten so that a resumed run never
     /// repeats a line.
-    pub fn write_records(&self, records: &[EpochRecord]) -> Result<()> {
+    pub fn write_records(&self, records: &[EpochRecord]) -> Result<(), RunDirError> {
+        let path = self.metrics();
         let mut text = String::new();
         for r in records {
-            text.push_str(&serde_json::to_string(r)?);
+            text.push_str(
+                &serde_json::to_string(r).map_err(|source| RunDirError::Json {
+                    path: path.clone(),
+                    source,
+                })?,
+            );
             text.push('\n');
         }
-        write_atomic(&self.metrics(), text.as_bytes())
+        Ok(write_atomic(&path, text.as_bytes())?)
     }
 
-    pub fn write_summary(&self, summary: &RunSummary) -> Result<()> {
-        write_atomic(
-            &self.summary(),
-            serde_json::to_string_pretty(summary)?.as_bytes(),
-        )
+    pub fn write_summary(&self, summary: &RunSummary) -> Result<(), RunDirError> {
+        let path = self.summary();
+        let json = serde_json::to_string_pretty(summary).map_err(|source| RunDirError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(write_atomic(&path, json.as_bytes())?)
     }
 }

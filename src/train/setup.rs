@@ -4,16 +4,17 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::backbones::{BackboneConfig, BackboneKind};
-use crate::config::{BaseLoss, ExperimentConfig, SelectOn};
+use crate::config::{BaseLoss, ConfigError, ExperimentConfig, SelectOn};
 use crate::data::transform::Normalisation;
 use crate::data::{Dataset, DatasetKind, Sample, Split};
+use crate::error::Cause;
+use crate::error::{Error, Result};
 use crate::io::state_dict::{StateDict, load_torch};
 use crate::io::weights::read_weights;
 use crate::method::embedder::EmbedderConfig;
@@ -21,6 +22,7 @@ use crate::method::gnn::GnnConfig;
 use crate::method::graph::BatchLayout;
 use crate::method::losses::proxy_anchor::ProxyAnchorConfig;
 use crate::method::model::{GcaHng, GcaHngConfig};
+use crate::train::checkpoint::CheckpointError;
 use crate::train::step::{StepConfig, WeightDecays};
 
 /// EfficientNet-Lite0's ImageNet weights (Apache-2.0, see `assets/efficientnet-lite0/`),
@@ -73,10 +75,7 @@ pub fn recall_ks(kind: DatasetKind) -> Vec<usize> {
 }
 
 fn take_split(dataset: &Dataset, name: &str) -> Result<Split> {
-    dataset
-        .split(name)
-        .cloned()
-        .with_context(|| format!("the {} dataset has no `{name}` split", dataset.kind))
+    Ok(dataset.require_split(name)?.clone())
 }
 
 /// Reads the dataset of `config` and carves the validation classes out of its training split
@@ -87,7 +86,13 @@ pub fn run_data(config: &ExperimentConfig, root_override: Option<&Path>) -> Resu
         (Some(r), _) => r.to_path_buf(),
         (None, Some(r)) => r.into(),
         (None, None) if d.kind == DatasetKind::Emoji => Default::default(),
-        (None, None) => bail!("`data.root` is not set: give --data-root DIR"),
+        (None, None) => {
+            return Err(ConfigError::Unset {
+                key: "data.root",
+                hint: "give --data-root DIR".into(),
+            }
+            .into());
+        }
     };
     let dataset = Dataset::open(d.kind, &root)?;
     let train = take_split(&dataset, "train")?;
@@ -102,9 +107,11 @@ pub fn run_data(config: &ExperimentConfig, root_override: Option<&Path>) -> Resu
         SelectOn::Test => (train, None),
         SelectOn::Validation => {
             if d.validation_fraction <= 0.0 {
-                bail!(
-                    "`train.select_on = \"validation\"` needs `data.validation_fraction` > 0 (or select on the test set with `train.select_on = \"test\"`)"
-                );
+                return Err(ConfigError::Invalid {
+                    key: "train.select_on",
+                    rule: "= \"validation\" needs `data.validation_fraction` > 0 (or select on the test set with `train.select_on = \"test\"`)",
+                }
+                .into());
             }
             let (train, validation) =
                 carve_validation(&train, d.validation_fraction, config.train.seed)?;
@@ -132,23 +139,23 @@ pub fn split_samples(
         None => config.data.root.clone().map(Into::into).unwrap_or_default(),
     };
     let dataset = Dataset::open(kind, &root)?;
-    let split = dataset.split(name).with_context(|| {
-        let names: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
-        format!(
-            "the {kind} dataset has no split `{name}` (it has {})",
-            names.join(", ")
-        )
-    })?;
-    Ok(split.samples.clone())
+    Ok(dataset.require_split(name)?.samples.clone())
 }
 
 /// Splits `train` by class: a seeded `fraction` of its classes (at least 2) become the
 /// validation split; both parts are relabelled `0..K` in their original order.
-pub fn carve_validation(train: &Split, fraction: f64, seed: u64) -> Result<(Split, Split)> {
+pub fn carve_validation(
+    train: &Split,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Split, Split), ConfigError> {
     let k = train.classes.len();
     let held = ((k as f64 * fraction).round() as usize).max(2);
     if held + 2 > k {
-        bail!("`data.validation_fraction` = {fraction} leaves too few of the {k} training classes");
+        return Err(ConfigError::ValidationFraction {
+            fraction,
+            classes: k,
+        });
     }
     let mut order: Vec<usize> = (0..k).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5A11_DA7E));
@@ -221,7 +228,7 @@ pub fn normalisation(kind: BackboneKind) -> Normalisation {
 /// The backbone a configuration describes (no classification head).
 pub fn backbone_config(config: &ExperimentConfig) -> Result<BackboneConfig> {
     let m = &config.model;
-    let pooling = m.pooling.parse().map_err(anyhow::Error::msg)?;
+    let pooling = m.pooling.parse()?;
     Ok(m.backbone.config(m.batch_norm, pooling))
 }
 
@@ -251,9 +258,13 @@ pub fn pretrained_weights(config: &ExperimentConfig) -> Result<(StateDict, Strin
                 BackboneKind::VitS16 => "DINO's dino_deitsmall16_pretrain.pth",
                 BackboneKind::EfficientnetLite0 => unreachable!(),
             };
-            bail!(
-                "`model.weights` is not set: the {other} backbone needs ImageNet weights ({hint}); give --weights FILE"
-            )
+            return Err(ConfigError::Unset {
+                key: "model.weights",
+                hint: format!(
+                    "the {other} backbone needs ImageNet weights ({hint}); give --weights FILE"
+                ),
+            }
+            .into());
         }
     };
     dict.tensors
@@ -292,18 +303,20 @@ pub fn build_model(
 ) -> Result<GcaHng> {
     let mut model = init_model(config, num_classes, device)?;
     model.embedder.backbone = load_torch(model.embedder.backbone, weights, "", device)
-        .context("the pretrained weights do not fit the configured backbone")?;
+        .map_err(|source| Error::Pretrained { source })?;
     Ok(model)
 }
 
 /// A trained model and its configuration from a checkpoint file (`best` or `last`).
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(GcaHng, ExperimentConfig)> {
     let (dict, meta) = super::checkpoint::read(path)?;
-    let config: ExperimentConfig = toml::from_str(&meta.config_toml)
-        .with_context(|| format!("{}: the configuration inside is invalid", path.display()))?;
+    let config: ExperimentConfig =
+        toml::from_str(&meta.config_toml).map_err(|e| CheckpointError::BadConfig {
+            path: path.to_path_buf(),
+            source: Cause(e.message().to_string()),
+        })?;
     let model = init_model(&config, meta.num_classes, device)?;
-    let model = super::checkpoint::load_model(model, &dict, device)
-        .with_context(|| format!("{}", path.display()))?;
+    let model = super::checkpoint::load_model(model, &dict, device).map_err(|e| e.in_file(path))?;
     Ok((model, config))
 }
 
@@ -381,11 +394,10 @@ mod tests {
         let test = split_samples(&config, None, "test").unwrap();
         let dataset = Dataset::open(DatasetKind::Emoji, Path::new("")).unwrap();
         assert_eq!(test, dataset.split("test").unwrap().samples);
-        let err = split_samples(&config, None, "query")
-            .unwrap_err()
-            .to_string();
+        let err = split_samples(&config, None, "query").unwrap_err();
         assert!(
-            err.contains("no split `query` (it has train, test)"),
+            matches!(&err, Error::Data(crate::data::DataError::NoSplit { split, available, .. })
+                if split == "query" && *available == ["train", "test"]),
             "{err}"
         );
     }
@@ -402,13 +414,18 @@ mod tests {
             "aux2.fc1.weight"
         ));
         let mut config = ExperimentConfig::preset("cub-resnet50").unwrap();
-        let err = pretrained_weights(&config).unwrap_err().to_string();
+        let err = pretrained_weights(&config).unwrap_err();
         assert!(
-            err.contains("model.weights") && err.contains("resnet50"),
+            matches!(&err, Error::Config(ConfigError::Unset { key: "model.weights", hint })
+                if hint.contains("resnet50")),
             "{err}"
         );
         config.model.weights = Some("/nonexistent/w.pth".into());
-        let err = format!("{:#}", pretrained_weights(&config).unwrap_err());
-        assert!(err.contains("/nonexistent/w.pth"), "{err}");
+        let err = pretrained_weights(&config).unwrap_err();
+        assert!(
+            matches!(&err, Error::Weights(crate::io::WeightsError::Read { path, .. })
+                if path.ends_with("w.pth")),
+            "{err}"
+        );
     }
 }

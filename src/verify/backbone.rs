@@ -3,13 +3,31 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 
 use crate::backbones::{BackboneConfig, BackboneKind, BatchNormMode, Pooling};
 use crate::io::state_dict::{HostTensor, StateDict, load_torch};
 use crate::io::weights::read_weights;
 use crate::verify::compare::{Report, Row, Tolerance, compare};
+
+/// A backbone check that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneCheckError {
+    #[error(transparent)]
+    Weights(#[from] crate::io::WeightsError),
+    #[error("no `input*` tensor to run the model on")]
+    NoInput,
+    #[error("cannot run {kind} with {} on the inputs of {}", weights.display(), expected.display())]
+    Run {
+        kind: BackboneKind,
+        weights: std::path::PathBuf,
+        expected: std::path::PathBuf,
+        #[source]
+        source: Box<BackboneCheckError>,
+    },
+}
+
+type Result<T, E = BackboneCheckError> = std::result::Result<T, E>;
 
 /// Relative tolerance (max abs difference over max abs value) of the fixtures' README.
 pub fn tolerance(kind: BackboneKind) -> Tolerance {
@@ -45,7 +63,7 @@ pub fn backbone_outputs(
 ) -> Result<Vec<(String, HostTensor)>> {
     let inputs = inputs(expected);
     if inputs.is_empty() {
-        bail!("no `input*` tensor to run the model on");
+        return Err(BackboneCheckError::NoInput);
     }
     let mut out = Vec::new();
     // Running statistics: the fixtures record inference, except GoogLeNet's `pooled_train`.
@@ -153,12 +171,13 @@ pub fn verify_backbone(
 ) -> Result<Report> {
     let weights = read_weights(weights_path)?;
     let expected = StateDict::read_safetensors(expected_path)?;
-    let computed = backbone_outputs(kind, &weights, &expected, device).with_context(|| {
-        format!(
-            "cannot run {kind} with {} on the inputs of {}",
-            weights_path.display(),
-            expected_path.display()
-        )
+    let computed = backbone_outputs(kind, &weights, &expected, device).map_err(|e| {
+        BackboneCheckError::Run {
+            kind,
+            weights: weights_path.to_path_buf(),
+            expected: expected_path.to_path_buf(),
+            source: Box::new(e),
+        }
     })?;
     let tolerance = tolerance(kind);
     let rows = required_outputs(kind, &expected)

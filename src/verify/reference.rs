@@ -2,13 +2,13 @@
 //! (`../shared/fixtures/reference/README.md` describes the format).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::backbones::{BackboneConfig, LinearBackboneConfig};
+use crate::io::WeightsError;
 use crate::io::state_dict::{HostTensor, StateDict, export_grads, export_torch, load_torch};
 use crate::method::embedder::EmbedderConfig;
 use crate::method::gnn::GnnConfig;
@@ -20,6 +20,49 @@ use crate::train::step::{
     Batch, LearningRates, LossHistory, StepConfig, StepInputs, Trainer, WeightDecays,
     logsumexp_rows,
 };
+
+/// A dump that cannot be replayed. Errors from inside the replay come wrapped in
+/// [`ReferenceError::InDump`], which names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{}", path.display())]
+    InDump {
+        path: PathBuf,
+        #[source]
+        source: Box<ReferenceError>,
+    },
+    #[error("{} has no `meta` entry in its safetensors metadata", path.display())]
+    NoMeta { path: PathBuf },
+    #[error("the `meta` entry of {} is not valid", path.display())]
+    BadMeta {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the dump has no tensor `{tensor}`")]
+    NoTensor { tensor: String },
+    #[error("`{tensor}` has shape {shape:?}; expected [N, C, H, W]")]
+    NotImages { tensor: String, shape: Vec<usize> },
+    #[error("`{tensor}` holds label {value}, outside 0..{classes}")]
+    Label {
+        tensor: String,
+        value: f64,
+        classes: usize,
+    },
+    #[error("loading `init.*` from the dump")]
+    Init(#[source] WeightsError),
+    #[error("the dump's batch has {classes}x{per_class}; at least 2x2 is needed")]
+    SmallBatch { classes: usize, per_class: usize },
+    #[error("`{tensor}` holds too few draws for {needed_for}")]
+    FewDraws {
+        tensor: String,
+        needed_for: &'static str,
+    },
+}
+
+type Result<T, E = ReferenceError> = std::result::Result<T, E>;
 use crate::verify::compare::{Report, Row, Tolerance, compare};
 
 /// Learning rates recorded in a dump.
@@ -125,9 +168,9 @@ struct Dump {
 impl Dump {
     fn get(&mut self, name: &str) -> Result<&HostTensor> {
         self.used.insert(name.to_string());
-        self.dict
-            .get(name)
-            .with_context(|| format!("the dump has no tensor `{name}`"))
+        self.dict.get(name).ok_or_else(|| ReferenceError::NoTensor {
+            tensor: name.to_string(),
+        })
     }
 
     fn check(&mut self, name: &str, ours: HostTensor, tolerance: Tolerance) -> Result<()> {
@@ -140,9 +183,12 @@ impl Dump {
     fn images(&mut self, name: &str, device: &Device) -> Result<Tensor<4>> {
         let t = self.get(name)?.clone();
         if t.shape.len() != 4 {
-            bail!("`{name}` has shape {:?}; expected [N, C, H, W]", t.shape);
+            return Err(ReferenceError::NotImages {
+                tensor: name.to_string(),
+                shape: t.shape,
+            });
         }
-        t.to_tensor(device)
+        Ok(t.to_tensor(device)?)
     }
 
     fn labels(&mut self, name: &str, classes: usize) -> Result<Vec<usize>> {
@@ -153,7 +199,11 @@ impl Dump {
                 if v >= 0.0 && (v as usize) < classes && v.fract() == 0.0 {
                     Ok(v as usize)
                 } else {
-                    bail!("`{name}` holds label {v}, outside 0..{classes}")
+                    Err(ReferenceError::Label {
+                        tensor: name.to_string(),
+                        value: v,
+                        classes,
+                    })
                 }
             })
             .collect()
@@ -178,14 +228,16 @@ impl Dump {
 
 /// Reads the metadata of a dump.
 pub fn read_meta(dict: &StateDict, path: &Path) -> Result<DumpMeta> {
-    let raw = dict.metadata.get("meta").with_context(|| {
-        format!(
-            "{} has no `meta` entry in its safetensors metadata",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(raw)
-        .with_context(|| format!("the `meta` entry of {} is not valid", path.display()))
+    let raw = dict
+        .metadata
+        .get("meta")
+        .ok_or_else(|| ReferenceError::NoMeta {
+            path: path.to_path_buf(),
+        })?;
+    serde_json::from_str(raw).map_err(|source| ReferenceError::BadMeta {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn fresh_model(dump: &mut Dump, meta: &DumpMeta, device: &Device) -> Result<GcaHng> {
@@ -198,20 +250,31 @@ fn fresh_model(dump: &mut Dump, meta: &DumpMeta, device: &Device) -> Result<GcaH
         .cloned()
         .collect();
     dump.used.extend(names);
-    load_torch(model, &dump.dict, "init.", device).context("loading `init.*` from the dump")
+    load_torch(model, &dump.dict, "init.", device).map_err(ReferenceError::Init)
 }
 
 /// Replays a dump and compares every stage, gradient, loss and parameter it records.
 pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
+    replay(path, device).map_err(|e| match e {
+        e @ (ReferenceError::Weights(_)
+        | ReferenceError::NoMeta { .. }
+        | ReferenceError::BadMeta { .. }) => e,
+        e => ReferenceError::InDump {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        },
+    })
+}
+
+fn replay(path: &Path, device: &Device) -> Result<Report> {
     let dict = StateDict::read_safetensors(path)?;
     let meta = read_meta(&dict, path)?;
     let layout = meta.layout();
     if layout.per_class < 2 || layout.classes < 2 {
-        bail!(
-            "the dump's batch has {}x{}; at least 2x2 is needed",
-            layout.classes,
-            layout.per_class
-        );
+        return Err(ReferenceError::SmallBatch {
+            classes: layout.classes,
+            per_class: layout.per_class,
+        });
     }
     let device = device.clone().autodiff();
     let mut dump = Dump {
@@ -266,7 +329,10 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
     )?;
     let mut mix = ReplayMix::new(dump.draws("fwd.gen.mix_draws")?);
     if mix.remaining() < draws_per_call(layout) {
-        bail!("`fwd.gen.mix_draws` holds too few draws for one synthesis");
+        return Err(ReferenceError::FewDraws {
+            tensor: "fwd.gen.mix_draws".into(),
+            needed_for: "one synthesis",
+        });
     }
     let lambda = hardness(meta.alpha, meta.j_avg);
     let syn = synthesize(z.clone(), out.edge_coeff.clone(), layout, lambda, &mut mix);
@@ -357,7 +423,10 @@ pub fn verify_reference(path: &Path, device: &Device) -> Result<Report> {
         let draws_key = format!("step{k}.mix_draws");
         let mut mix = ReplayMix::new(dump.draws(&draws_key)?);
         if mix.remaining() < 2 * draws_per_call(layout) {
-            bail!("`{draws_key}` holds too few draws for the two syntheses of a step");
+            return Err(ReferenceError::FewDraws {
+                tensor: draws_key,
+                needed_for: "the two syntheses of a step",
+            });
         }
         let batch = Batch { images, labels };
         let (next, metrics) = trainer.step(model, &batch, StepInputs::new(lr, history), &mut mix);

@@ -1,0 +1,214 @@
+//! Errors of the file formats: weight files and state dicts ([`WeightsError`]), `.npy` arrays
+//! and embedding files ([`IoError`]). Each names the file, and the tensor where there is one.
+
+use std::path::PathBuf;
+
+use crate::error::Cause;
+
+/// How many names a list of offending tensors shows before it only counts the rest.
+pub const NAMES_SHOWN: usize = 10;
+
+/// A weight file or state dict that cannot be read, or does not fit a module.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: Cause,
+    },
+    #[error("{} is neither a PyTorch checkpoint (zip or legacy pickle) nor a safetensors file", path.display())]
+    UnknownFormat { path: PathBuf },
+    #[error("{} is not a valid safetensors file", path.display())]
+    NotSafetensors {
+        path: PathBuf,
+        #[source]
+        source: Box<WeightsError>,
+    },
+    /// Bytes that are not a safetensors container (no file known at this level).
+    #[error("{0}")]
+    Safetensors(#[source] Cause),
+    #[error("{} is not a readable PyTorch checkpoint (truncated, or not written by torch.save?)", path.display())]
+    NotTorch {
+        path: PathBuf,
+        #[source]
+        source: Cause,
+    },
+    #[error("{}: cannot read tensor `{tensor}`", path.display())]
+    TensorRead {
+        path: PathBuf,
+        tensor: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tensor whose values do not decode; the file, where known, is named by the layer above.
+    #[error("tensor `{tensor}`")]
+    Tensor {
+        tensor: String,
+        #[source]
+        source: Box<WeightsError>,
+    },
+    #[error("{}: tensor `{tensor}`", path.display())]
+    TensorInFile {
+        path: PathBuf,
+        tensor: String,
+        #[source]
+        source: Box<WeightsError>,
+    },
+    #[error("tensor `{tensor}` has a shape that does not match its data")]
+    ShapeData { tensor: String },
+    #[error("unsupported dtype {dtype}")]
+    UnsupportedDtype { dtype: String },
+    #[error("{bytes} bytes are not a whole number of {width}-byte values")]
+    Ragged { bytes: usize, width: usize },
+    #[error("expected a {rank}-d tensor, found shape {shape:?}")]
+    Rank { rank: usize, shape: Vec<usize> },
+    #[error("{} holds no tensors", path.display())]
+    Empty { path: PathBuf },
+    /// A state dict that does not fit a module. Shapes are in PyTorch's layout, as `weights
+    /// inspect` prints them.
+    #[error(
+        "cannot load weights:{}",
+        mismatch_lines(missing, unexpected, shapes, unused)
+    )]
+    Mismatch {
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+        shapes: Vec<ShapeMismatch>,
+        /// Values prepared for parameters the module does not reach (a naming bug, not a file
+        /// problem).
+        unused: Vec<String>,
+    },
+}
+
+/// One tensor whose shape differs from the parameter it should fill (PyTorch layout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    pub tensor: String,
+    pub expected: Vec<usize>,
+    pub found: Vec<usize>,
+}
+
+/// `names`, at most [`NAMES_SHOWN`] of them, then how many more.
+pub fn short_list(names: &[String]) -> String {
+    let mut out = names
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > NAMES_SHOWN {
+        out.push_str(&format!(" and {} more", names.len() - NAMES_SHOWN));
+    }
+    out
+}
+
+fn mismatch_lines(
+    missing: &[String],
+    unexpected: &[String],
+    shapes: &[ShapeMismatch],
+    unused: &[String],
+) -> String {
+    let mut out = String::new();
+    for s in shapes.iter().take(NAMES_SHOWN) {
+        out.push_str(&format!(
+            "\n  `{}`: expected shape {:?}, found {:?}",
+            s.tensor, s.expected, s.found
+        ));
+    }
+    if shapes.len() > NAMES_SHOWN {
+        out.push_str(&format!(
+            "\n  ... and {} more shape mismatches",
+            shapes.len() - NAMES_SHOWN
+        ));
+    }
+    for (what, names) in [
+        ("missing tensors", missing),
+        ("unexpected tensors", unexpected),
+        ("parameters the module does not have", unused),
+    ] {
+        if !names.is_empty() {
+            out.push_str(&format!("\n  {what}: {}", short_list(names)));
+        }
+    }
+    out
+}
+
+/// A `.npy` array or an embedding set that cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot flush {}", path.display())]
+    Flush {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot move {} to {}", from.display(), to.display())]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a .npy file", path.display())]
+    NotNpy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: expected {expected}, found shape {shape:?}", path.display())]
+    NpyShape {
+        path: PathBuf,
+        expected: &'static str,
+        shape: Vec<u64>,
+    },
+    #[error("{}: expected {expected}, found dtype {found}", path.display())]
+    NpyDtype {
+        path: PathBuf,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("{}: cannot read the values", path.display())]
+    NpyData {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: `{text}` is not an image", path.display())]
+    SourceLine {
+        path: PathBuf,
+        line: usize,
+        text: String,
+    },
+    #[error("{} lists {listed} images but {} has {rows} rows", paths.display(), embeddings.display())]
+    RowMismatch {
+        paths: PathBuf,
+        listed: usize,
+        embeddings: PathBuf,
+        rows: usize,
+    },
+}
