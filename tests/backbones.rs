@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use gca_hng::backbones::BackboneKind;
 use gca_hng::backbones::EfficientNetLiteConfig;
+use gca_hng::io::WeightsError;
 use gca_hng::io::state_dict::{HostTensor, load_torch};
 use gca_hng::io::weights::read_weights;
-use gca_hng::verify::backbone::verify_backbone;
+use gca_hng::verify::backbone::{BackboneCheckError, verify_backbone};
 
 fn fixtures() -> Option<PathBuf> {
     let dir = std::env::var_os("GCA_HNG_BACKBONE_DIR")
@@ -107,13 +108,30 @@ fn efficientnet_asset_loads_strictly_and_wrong_shapes_are_named() {
     );
     dict.tensors.remove("_conv_head.weight");
     dict.insert("_blocks.99._bn1.bias", HostTensor::new(vec![1], vec![0.0]));
-    let err = format!("{:#}", load_torch(model(), &dict, "", &device).unwrap_err());
+    let err = load_torch(model(), &dict, "", &device).unwrap_err();
+    let WeightsError::Mismatch {
+        missing,
+        unexpected,
+        shapes,
+        unused,
+    } = &err
+    else {
+        panic!("not a mismatch: {err}");
+    };
+    assert_eq!(missing, &["_conv_head.weight"]);
+    assert_eq!(unexpected, &["_blocks.99._bn1.bias"]);
+    assert_eq!(shapes.len(), 1, "{err}");
+    assert_eq!(shapes[0].tensor, "_blocks.3._bn1.weight");
+    assert_eq!(shapes[0].found, vec![2]);
+    assert!(unused.is_empty(), "{err}");
+    // The message names every one of them.
+    let text = err.to_string();
     for key in [
         "_blocks.3._bn1.weight",
         "_conv_head.weight",
         "_blocks.99._bn1.bias",
     ] {
-        assert!(err.contains(key), "`{key}` not named in: {err}");
+        assert!(text.contains(key), "`{key}` not named in: {text}");
     }
 }
 
@@ -127,11 +145,28 @@ fn weights_of_another_architecture_are_rejected_with_their_keys() {
         &Device::flex(),
     )
     .unwrap_err();
-    let err = format!("{err:#}");
-    assert!(err.contains("resnet50.pth"), "{err}");
+    let BackboneCheckError::Run {
+        weights, source, ..
+    } = &err
+    else {
+        panic!("not a failed run: {err}");
+    };
+    assert!(weights.ends_with("resnet50.pth"), "{err}");
+    let BackboneCheckError::Weights(WeightsError::Mismatch {
+        missing,
+        unexpected,
+        ..
+    }) = source.as_ref()
+    else {
+        panic!("not a mismatch: {source}");
+    };
     assert!(
-        err.contains("conv1.conv.weight") && err.contains("layer1.0.conv1.weight"),
-        "{err}"
+        missing.iter().any(|k| k == "conv1.conv.weight"),
+        "{missing:?}"
+    );
+    assert!(
+        unexpected.iter().any(|k| k == "layer1.0.conv1.weight"),
+        "{unexpected:?}"
     );
 }
 

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use gca_hng::data::inspect::{SplitCounts, counts_json, inspect};
-use gca_hng::data::{Dataset, DatasetKind, ImageSource, Split};
+use gca_hng::data::mat5::MatError;
+use gca_hng::data::{DataError, Dataset, DatasetKind, ImageSource, Split};
 use image::{Rgb, RgbImage};
 
 fn write_jpeg(path: &Path, colour: [u8; 3]) {
@@ -38,8 +39,13 @@ fn file_of(split: &Split, i: usize) -> PathBuf {
     }
 }
 
-fn err_text(r: Result<Dataset, gca_hng::data::DataError>) -> String {
-    r.expect_err("bad input must be an error").to_string()
+fn open_err(kind: DatasetKind, root: &Path) -> DataError {
+    Dataset::open(kind, root).expect_err("bad input must be an error")
+}
+
+/// Whether `e` is about line `line` of `file`.
+fn at_line(e: &DataError, file: &Path, line: usize) -> bool {
+    matches!(e, DataError::Parse { path, line: l, .. } if path == file && *l == line)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -102,28 +108,45 @@ fn cub_bad_inputs_name_file_and_line() {
     let images = root.join("images.txt");
 
     write(&images, "1 001.Black_footed_Albatross/a.jpg\n2\n");
-    let e = err_text(Dataset::open(DatasetKind::Cub, &root));
-    assert!(e.contains("images.txt:2:"), "{e}");
+    let e = open_err(DatasetKind::Cub, &root);
+    assert!(at_line(&e, &images, 2), "{e}");
 
     write(
         &images,
         "1 001.Black_footed_Albatross/a.jpg\nx 002.Laysan_Albatross/b.jpg\n",
     );
-    let e = err_text(Dataset::open(DatasetKind::Cub, &root));
-    assert!(e.contains("images.txt:2:") && e.contains("`x`"), "{e}");
+    let e = open_err(DatasetKind::Cub, &root);
+    assert!(at_line(&e, &images, 2), "{e}");
+    assert!(
+        e.to_string().contains("`x`"),
+        "the message quotes the field: {e}"
+    );
 
     // An image without a class.
     write(
         &images,
         "1 001.Black_footed_Albatross/a.jpg\n9 002.Laysan_Albatross/b.jpg\n",
     );
-    let e = err_text(Dataset::open(DatasetKind::Cub, &root));
-    assert!(e.contains("images.txt:2:") && e.contains("no class"), "{e}");
+    let e = open_err(DatasetKind::Cub, &root);
+    assert!(at_line(&e, &images, 2), "{e}");
 
     // A missing annotation file.
-    std::fs::remove_file(root.join("image_class_labels.txt")).unwrap();
-    let e = err_text(Dataset::open(DatasetKind::Cub, &root));
-    assert!(e.contains("image_class_labels.txt"), "{e}");
+    let labels = root.join("image_class_labels.txt");
+    std::fs::remove_file(&labels).unwrap();
+    let e = open_err(DatasetKind::Cub, &root);
+    assert!(
+        matches!(&e, DataError::Read { path, .. } if *path == labels),
+        "{e}"
+    );
+
+    // Not UTF-8: the offset of the first bad byte.
+    write(&labels, "1 1\n");
+    std::fs::write(&images, b"1 \xff.jpg\n").unwrap();
+    let e = open_err(DatasetKind::Cub, &root);
+    assert!(
+        matches!(&e, DataError::NotUtf8 { path, at: 2 } if *path == images),
+        "{e}"
+    );
 }
 
 #[test]
@@ -132,9 +155,10 @@ fn cub_missing_image_and_empty_split() {
     let root = cub_tree(dir.path());
     std::fs::remove_file(root.join("images/150.Sage_Thrasher/c.jpg")).unwrap();
     let ds = Dataset::open(DatasetKind::Cub, &root).unwrap();
-    let e = inspect(&ds).unwrap_err().to_string();
+    let e = inspect(&ds).unwrap_err();
     assert!(
-        e.contains("150.Sage_Thrasher/c.jpg") && e.contains("1 listed"),
+        matches!(&e, DataError::MissingImages { count: 1, shown }
+            if shown.len() == 1 && shown[0].ends_with("150.Sage_Thrasher/c.jpg")),
         "{e}"
     );
 
@@ -144,8 +168,12 @@ fn cub_missing_image_and_empty_split() {
         "1 001.Black_footed_Albatross/a.jpg\n",
     );
     write(&root.join("image_class_labels.txt"), "1 1\n");
-    let e = err_text(Dataset::open(DatasetKind::Cub, &root));
-    assert!(e.contains("split `test` has no images"), "{e}");
+    let e = open_err(DatasetKind::Cub, &root);
+    assert!(
+        matches!(&e, DataError::EmptySplit { annotation, split }
+            if *annotation == root.join("images.txt") && split == "test"),
+        "{e}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -346,8 +374,11 @@ fn cars_bad_mat_files() {
 
     for cut in [10, 200, good.len() - 3] {
         std::fs::write(&mat, &good[..cut]).unwrap();
-        let e = err_text(Dataset::open(DatasetKind::Cars, &root));
-        assert!(e.contains("cars_annos.mat"), "cut at {cut}: {e}");
+        let e = open_err(DatasetKind::Cars, &root);
+        assert!(
+            matches!(&e, DataError::Mat { path, .. } if *path == mat),
+            "cut at {cut}: {e}"
+        );
     }
 
     // A struct without `class`.
@@ -360,21 +391,33 @@ fn cars_bad_mat_files() {
         ),
     )]);
     std::fs::write(&mat, bytes).unwrap();
-    let e = err_text(Dataset::open(DatasetKind::Cars, &root));
+    let e = open_err(DatasetKind::Cars, &root);
     assert!(
-        e.contains("cars_annos.mat") && e.contains("annotations(1)") && e.contains("`class`"),
+        matches!(&e, DataError::Invalid { path, message }
+            if *path == mat && message.starts_with("annotations(1): field `class`")),
         "{e}"
     );
 
     // No `annotations` at all.
     std::fs::write(&mat, mat5::file(&[("other", Value::U8(1))])).unwrap();
-    let e = err_text(Dataset::open(DatasetKind::Cars, &root));
-    assert!(e.contains("no variable `annotations`"), "{e}");
+    let e = open_err(DatasetKind::Cars, &root);
+    assert!(
+        matches!(&e, DataError::Invalid { path, .. } if *path == mat),
+        "{e}"
+    );
+
+    // Not a MAT-file at all.
+    std::fs::write(&mat, vec![b'x'; 200]).unwrap();
+    let e = open_err(DatasetKind::Cars, &root);
+    assert!(
+        matches!(&e, DataError::Mat { path, source: MatError::NoEndian } if *path == mat),
+        "{e}"
+    );
 
     std::fs::remove_file(&mat).unwrap();
-    let e = err_text(Dataset::open(DatasetKind::Cars, &root));
+    let e = open_err(DatasetKind::Cars, &root);
     assert!(
-        e.contains("cars_annos.mat") && e.contains("cannot read"),
+        matches!(&e, DataError::Read { path, .. } if *path == mat),
         "{e}"
     );
 }
@@ -427,20 +470,18 @@ fn sop_bad_lines() {
         &f,
         "image_id class_id super_class_id path\n1 1 1 a.JPG\n2 one 1 b.JPG\n",
     );
-    let e = err_text(Dataset::open(DatasetKind::Sop, &root));
-    assert!(
-        e.contains("Ebay_train.txt:3:") && e.contains("class id"),
-        "{e}"
-    );
+    let e = open_err(DatasetKind::Sop, &root);
+    assert!(at_line(&e, &f, 3), "{e}");
     write(&f, "1 1 1 a.JPG\n");
-    let e = err_text(Dataset::open(DatasetKind::Sop, &root));
+    let e = open_err(DatasetKind::Sop, &root);
+    assert!(at_line(&e, &f, 1), "{e}");
+    write(&f, "image_id class_id super_class_id path\n");
+    let e = open_err(DatasetKind::Sop, &root);
     assert!(
-        e.contains("Ebay_train.txt:1:") && e.contains("header"),
+        matches!(&e, DataError::EmptySplit { annotation, split }
+            if *annotation == f && split == "train"),
         "{e}"
     );
-    write(&f, "image_id class_id super_class_id path\n");
-    let e = err_text(Dataset::open(DatasetKind::Sop, &root));
-    assert!(e.contains("split `train` has no images"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -519,20 +560,15 @@ fn inshop_query_and_gallery_share_labels() {
 fn inshop_bad_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let root = inshop_tree(dir.path(), &INSHOP_ROWS, Some(7));
-    let e = err_text(Dataset::open(DatasetKind::Inshop, &root));
-    assert!(
-        e.contains("list_eval_partition.txt:1:") && e.contains("declares 7"),
-        "{e}"
-    );
+    let list = root.join("list_eval_partition.txt");
+    let e = open_err(DatasetKind::Inshop, &root);
+    assert!(at_line(&e, &list, 1), "{e}");
 
     let mut rows = INSHOP_ROWS.to_vec();
     rows[3].2 = "validation";
     let root = inshop_tree(dir.path(), &rows, None);
-    let e = err_text(Dataset::open(DatasetKind::Inshop, &root));
-    assert!(
-        e.contains("list_eval_partition.txt:6:") && e.contains("`validation`"),
-        "{e}"
-    );
+    let e = open_err(DatasetKind::Inshop, &root);
+    assert!(at_line(&e, &root.join("list_eval_partition.txt"), 6), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -558,6 +594,9 @@ fn folder_tree_as_image_folder() {
     assert_eq!(train.classes[1].name.as_deref(), Some("b_class"));
 
     std::fs::remove_dir_all(root.join("test")).unwrap();
-    let e = err_text(Dataset::open(DatasetKind::Folder, root));
-    assert!(e.contains("test") && e.contains("cannot list"), "{e}");
+    let e = open_err(DatasetKind::Folder, root);
+    assert!(
+        matches!(&e, DataError::List { path, .. } if *path == root.join("test")),
+        "{e}"
+    );
 }

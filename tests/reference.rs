@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use gca_hng::io::WeightsError;
 use gca_hng::io::state_dict::StateDict;
-use gca_hng::verify::reference::verify_reference;
+use gca_hng::verify::reference::{ReferenceError, verify_reference};
 
 fn repo_dump() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.safetensors")
@@ -111,9 +112,24 @@ fn missing_and_unexpected_weights_are_named() {
     let path = dir.path().join("bad.safetensors");
     dict.write_safetensors(&path).unwrap();
     let err = verify_reference(&path, &Device::flex()).unwrap_err();
-    let msg = format!("{err:#}");
-    assert!(msg.contains("init.gnn.dim_red.bias"), "{msg}");
-    assert!(msg.contains("init.gnn.extra"), "{msg}");
+    let ReferenceError::InDump {
+        path: named,
+        source,
+    } = &err
+    else {
+        panic!("the dump is not named: {err}");
+    };
+    assert_eq!(*named, path);
+    let ReferenceError::Init(WeightsError::Mismatch {
+        missing,
+        unexpected,
+        ..
+    }) = source.as_ref()
+    else {
+        panic!("not a mismatch of `init.*`: {source}");
+    };
+    assert_eq!(missing, &["init.gnn.dim_red.bias"]);
+    assert_eq!(unexpected, &["init.gnn.extra"]);
 }
 
 #[test]
@@ -122,5 +138,8 @@ fn a_file_that_is_not_a_dump_is_an_error() {
     let path = dir.path().join("junk.safetensors");
     std::fs::write(&path, b"not a safetensors file").unwrap();
     let err = verify_reference(&path, &Device::flex()).unwrap_err();
-    assert!(format!("{err:#}").contains("junk.safetensors"));
+    assert!(
+        matches!(&err, ReferenceError::Weights(WeightsError::NotSafetensors { path: p, .. }) if *p == path),
+        "{err}"
+    );
 }

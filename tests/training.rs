@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use gca_hng::config::{BaseLoss, ExperimentConfig, SelectOn};
+use gca_hng::error::Error;
 use gca_hng::io::state_dict::StateDict;
+use gca_hng::train::run_dir::RunDirError;
 use gca_hng::train::step::StepMetrics;
 use gca_hng::train::{Observer, RunOptions, RunOutcome, train};
 
@@ -135,7 +137,10 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let err = train(&config, &tiny_options(&whole), &mut gca_hng::train::Silent)
         .err()
         .unwrap();
-    assert!(err.to_string().contains("--resume"), "{err}");
+    assert!(
+        matches!(&err, Error::RunDir(RunDirError::Occupied { root }) if root.ends_with("whole")),
+        "{err}"
+    );
     // Resuming with another configuration is refused.
     let mut other = config.clone();
     other.optim.lr = 1.0;
@@ -144,7 +149,10 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let err = train(&other, &again, &mut gca_hng::train::Silent)
         .err()
         .unwrap();
-    assert!(err.to_string().contains("configuration differs"), "{err}");
+    assert!(
+        matches!(&err, Error::RunDir(RunDirError::ConfigDiffers { root }) if root.ends_with("split")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -344,21 +344,34 @@ mod tests {
         let bytes = std::fs::read(&legacy).unwrap();
         let cut = dir.path().join("cut.pth");
         std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
-        let err = format!("{:#}", read_weights(&cut).unwrap_err());
-        assert!(err.contains("cut.pth"), "{err}");
+        let err = read_weights(&cut).unwrap_err();
+        assert!(
+            matches!(&err, WeightsError::NotTorch { path, .. }
+                | WeightsError::TensorRead { path, .. } if *path == cut),
+            "{err}"
+        );
 
         let text = dir.path().join("notes.pth");
         std::fs::write(&text, "hello, world").unwrap();
-        let err = format!("{:#}", read_weights(&text).unwrap_err());
+        let err = read_weights(&text).unwrap_err();
         assert!(
-            err.contains("notes.pth") && err.contains("neither"),
+            matches!(&err, WeightsError::UnknownFormat { path } if *path == text),
             "{err}"
         );
 
         let zip = dir.path().join("bad.pth");
         write_zip_checkpoint(&zip, b"\x80\x02garbage");
-        let err = format!("{:#}", read_weights(&zip).unwrap_err());
-        assert!(err.contains("bad.pth"), "{err}");
+        let err = read_weights(&zip).unwrap_err();
+        assert!(
+            matches!(&err, WeightsError::NotTorch { path, .. } if *path == zip),
+            "{err}"
+        );
+        let missing = dir.path().join("missing.pth");
+        let err = read_weights(&missing).unwrap_err();
+        assert!(
+            matches!(&err, WeightsError::Read { path, .. } if *path == missing),
+            "{err}"
+        );
     }
 
     #[test]

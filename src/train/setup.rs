@@ -385,7 +385,10 @@ mod tests {
         // Same seed, same classes; another seed, (here) other classes.
         assert_eq!(ids(&carve_validation(&s, 0.25, 7).unwrap().1), ids(&val));
         assert_ne!(ids(&carve_validation(&s, 0.25, 8).unwrap().1), ids(&val));
-        assert!(carve_validation(&split(3, 2), 0.5, 0).is_err());
+        assert!(matches!(
+            carve_validation(&split(3, 2), 0.5, 0),
+            Err(ConfigError::ValidationFraction { classes: 3, .. })
+        ));
     }
 
     #[test]
