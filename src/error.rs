@@ -37,8 +37,11 @@ pub enum Error {
     Plot(#[from] crate::train::plots::PlotError),
     #[error(transparent)]
     Name(#[from] UnknownName),
-    #[error("the pretrained weights do not fit the configured backbone")]
+    /// `weights` is the file named by `model.weights`, or the embedded asset.
+    #[error("the pretrained weights {weights} do not fit the configured {backbone} backbone")]
     Pretrained {
+        weights: String,
+        backbone: crate::backbones::BackboneKind,
         #[source]
         source: WeightsError,
     },
@@ -75,8 +78,6 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
-    #[error("{0}")]
-    Other(String),
 }
 
 impl Error {
@@ -96,13 +97,6 @@ impl Error {
         }
     }
 
-    /// The error underneath any [`Error::Context`] layers.
-    pub fn root(&self) -> &Error {
-        match self {
-            Self::Context { source, .. } => source.root(),
-            other => other,
-        }
-    }
 }
 
 /// A name that is none of the ones an enum accepts (`--kind`, `model.pooling`, ...).

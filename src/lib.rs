@@ -53,3 +53,5 @@ pub mod method;
 pub mod nn;
 pub mod train;
 pub mod verify;
+
+pub use error::Error;

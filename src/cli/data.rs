@@ -148,8 +148,7 @@ fn emoji_set(montage: Option<PathBuf>, classes: &[String], cell: u32, check: boo
                 .collect::<Result<_>>()?
         };
         let img = emoji::montage(asset, &chosen, cell)?;
-        img.save(&path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+        gca_hng::eval::grid::save_png(&img, &path)?;
         let sets: Vec<&str> = asset.sets.iter().map(|s| s.id.as_str()).collect();
         println!("wrote {} (columns: {})", path.display(), sets.join(", "));
         for (r, c) in chosen.iter().enumerate() {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::emoji::RasterError;
+use crate::error::Cause;
 use super::mat5::MatError;
 use super::transform::TransformError;
 
@@ -49,17 +50,19 @@ pub enum DataError {
     /// Listed images that are not files; `shown` holds the first few, `count` all of them.
     #[error("{count} listed image files do not exist:{}", list_paths(shown, *count))]
     MissingImages { count: usize, shown: Vec<PathBuf> },
+    /// `image`'s errors print their own cause and return it as their source too; only the
+    /// text is kept, so that the cause is printed once.
     #[error("cannot decode image {}", path.display())]
     Image {
         path: PathBuf,
         #[source]
-        source: Arc<image::ImageError>,
+        source: Cause,
     },
     #[error("cannot write image {}", path.display())]
     WriteImage {
         path: PathBuf,
         #[source]
-        source: Arc<image::ImageError>,
+        source: Cause,
     },
     #[error("{}: image has no pixels", path.display())]
     NoPixels { path: PathBuf },

@@ -3,7 +3,7 @@
 //! composited), CMYK JPEGs are converted, 16-bit channels are scaled to 8 bits.
 
 use std::path::Path;
-use std::sync::Arc;
+use crate::error::Cause;
 
 use image::{ImageReader, RgbImage};
 
@@ -17,7 +17,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, DataError> {
         .map_err(|e| DataError::read(path, e))?;
     let img = reader.decode().map_err(|e| DataError::Image {
         path: path.to_path_buf(),
-        source: Arc::new(e),
+        source: Cause::of(&e),
     })?;
     if img.width() == 0 || img.height() == 0 {
         return Err(DataError::NoPixels {

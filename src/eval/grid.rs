@@ -62,6 +62,6 @@ pub fn result_grid(store: &ImageStore, rows: &[GridRow], cell: u32) -> Result<Rg
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), DataError> {
     img.save(path).map_err(|e| DataError::WriteImage {
         path: path.to_path_buf(),
-        source: std::sync::Arc::new(e),
+        source: crate::error::Cause::of(&e),
     })
 }

@@ -303,7 +303,15 @@ pub fn build_model(
 ) -> Result<GcaHng> {
     let mut model = init_model(config, num_classes, device)?;
     model.embedder.backbone = load_torch(model.embedder.backbone, weights, "", device)
-        .map_err(|source| Error::Pretrained { source })?;
+        .map_err(|source| Error::Pretrained {
+            weights: config
+                .model
+                .weights
+                .clone()
+                .unwrap_or_else(|| "(embedded EfficientNet-Lite0)".into()),
+            backbone: config.model.backbone,
+            source,
+        })?;
     Ok(model)
 }
 
