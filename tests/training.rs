@@ -22,7 +22,7 @@ fn tiny_config() -> ExperimentConfig {
     c.data.classes_per_batch = 4;
     c.data.per_class = 2;
     c.data.workers = 1;
-    c.model.embedding = 16;
+    c.model.embedding_dim = 16;
     c.train.epochs = 2;
     c.train.eval_every = 1;
     c.train.select_on = SelectOn::Test;

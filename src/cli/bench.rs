@@ -133,7 +133,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             let cfg = StepBench {
                 classes,
                 per_class,
-                dim,
+                embedding_dim: dim,
                 layers,
                 heads,
                 feature_width,

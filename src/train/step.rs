@@ -16,22 +16,27 @@ use crate::nn::adamw::{AdamWSettings, TorchAdamW};
 
 /// The classifier's cross-entropy is scaled by this in the release.
 const CLASSIFIER_LOSS_SCALE: f64 = 10.0;
-/// J_div enters with this factor before `div_weight`.
+/// J_div enters with this factor before `diversity_weight`.
 const DIVERSITY_SCALE: f64 = 0.01;
 
 /// Hyper-parameters of the loss and the update (METHOD.md sections 6, 7 and 9).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepConfig {
-    /// Hardness schedule: `λ = exp(-alpha / J̄_m)`.
-    pub alpha: f64,
-    /// Weight of J_syn: `1 - exp(-beta / J̄_gen)`.
-    pub beta: f64,
-    /// Weight of J_cls in J_gen.
-    pub softmax_factor: f64,
-    /// Weight of J_div in J_gen.
-    pub div_weight: f64,
-    /// Weight of J_hard in J_gen.
-    pub dot_weight: f64,
+    /// α of the hardness schedule `λ = exp(-α / J̄_m)` (the release's `alpha`).
+    #[serde(alias = "alpha")]
+    pub hardness_alpha: f64,
+    /// β of J_syn's weight `1 - exp(-β / J̄_gen)` (the release's `beta`).
+    #[serde(alias = "beta")]
+    pub synthetic_beta: f64,
+    /// Weight of J_cls in J_gen (the release's `softmax_factor`).
+    #[serde(alias = "softmax_factor")]
+    pub classification_weight: f64,
+    /// Weight of J_div in J_gen (the release's `div_weight`).
+    #[serde(alias = "div_weight")]
+    pub diversity_weight: f64,
+    /// Weight of J_hard in J_gen (the release's `dot_weight`).
+    #[serde(alias = "dot_weight")]
+    pub hardness_weight: f64,
     /// Clip gradients of the embedder and the GNN by value (`None`: no clipping).
     pub grad_clip: Option<f64>,
     /// Which rows J_hard zeroes.
@@ -314,8 +319,8 @@ fn train_step(
         train_backbone,
     } = inputs;
     let labels = &batch.labels;
-    let lambda = hardness(config.alpha, history.metric);
-    let syn_weight = 1.0 - (-config.beta / history.generator).exp();
+    let lambda = hardness(config.hardness_alpha, history.metric);
+    let syn_weight = 1.0 - (-config.synthetic_beta / history.generator).exp();
     let mut metrics = StepMetrics::default();
 
     // 1-4: metric update of the embedder (and of the GNN through J_gce).
@@ -409,11 +414,11 @@ fn train_step(
         .map(|k| labels[k % c])
         .collect();
     let j_cls = cross_entropy(model.classifier.forward(syn.negatives.clone()), &mix_labels)
-        .mul_scalar(config.softmax_factor);
+        .mul_scalar(config.classification_weight);
     let j_hard = hardness_loss(z, syn.negatives, layout, config.masking);
     let j_gen = (j_cls.clone()
-        + j_hard.mul_scalar(config.dot_weight)
-        + j_div.clone().mul_scalar(config.div_weight))
+        + j_hard.mul_scalar(config.hardness_weight)
+        + j_div.clone().mul_scalar(config.diversity_weight))
     .mul_scalar(0.5);
     metrics.j_div = scalar(&j_div);
     metrics.j_gence = scalar(&j_cls);
