@@ -63,7 +63,7 @@ pub enum BenchCommand {
     /// Training batches through the input pipeline (sampler, decode, RandomResizedCrop, flip,
     /// normalisation); prints images per second.
     Data {
-        /// cub, cars, sop, inshop, folder or emoji.
+        /// The dataset layout.
         #[arg(long)]
         kind: DatasetKind,
         #[arg(long)]
