@@ -245,8 +245,8 @@ mod tests {
             assert!((s - 1.0).abs() < 1e-12, "row {o} sums to {s}");
         }
         // DINO's +0.1 makes even the same size a slight resample, not the identity: output o
-        // samples just before source o (up to 0.1 before it), which keeps most of the weight (at the border the
-        // clamped taps add up, so it can exceed one there).
+        // samples up to 0.1 before source o, which keeps most of the weight (at the border
+        // the clamped taps add up, so it can exceed one there).
         let same = bicubic_weights_1d(14, 14);
         for o in 0..14 {
             let own = same[o * 14 + o];
