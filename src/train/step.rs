@@ -477,11 +477,11 @@ mod tests {
 
     fn config(generation: bool) -> StepConfig {
         StepConfig {
-            alpha: 5.0,
-            beta: 20.0,
-            softmax_factor: 20.0,
-            div_weight: 20.0,
-            dot_weight: 20.0,
+            hardness_alpha: 5.0,
+            synthetic_beta: 20.0,
+            classification_weight: 20.0,
+            diversity_weight: 20.0,
+            hardness_weight: 20.0,
             grad_clip: Some(10.0),
             masking: HardnessMasking::Release,
             generation,
