@@ -96,7 +96,6 @@ impl Error {
             source: Box::new(self),
         }
     }
-
 }
 
 /// A name that is none of the ones an enum accepts (`--kind`, `model.pooling`, ...).

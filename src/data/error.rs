@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::emoji::RasterError;
-use crate::error::Cause;
 use super::mat5::MatError;
 use super::transform::TransformError;
+use crate::error::Cause;
 
 /// Bad input to the data code. `Clone` because the embedded emoji asset caches its outcome
 /// and the loader hands skipped images to more than one reader; sources sit behind `Arc`

@@ -2,8 +2,8 @@
 //! for the release: grey is replicated, palettes are expanded, alpha is dropped (not
 //! composited), CMYK JPEGs are converted, 16-bit channels are scaled to 8 bits.
 
-use std::path::Path;
 use crate::error::Cause;
+use std::path::Path;
 
 use image::{ImageReader, RgbImage};
 

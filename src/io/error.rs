@@ -212,3 +212,24 @@ pub enum IoError {
         rows: usize,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lists_of_tensors_are_cut_to_ten_and_a_count() {
+        let names: Vec<String> = (0..13).map(|i| format!("t{i}")).collect();
+        assert_eq!(
+            short_list(&names),
+            "t0, t1, t2, t3, t4, t5, t6, t7, t8, t9 and 3 more"
+        );
+        let e = WeightsError::Mismatch {
+            missing: names,
+            unexpected: Vec::new(),
+            shapes: Vec::new(),
+            unused: Vec::new(),
+        };
+        assert_eq!(e.to_string().lines().count(), 2, "{e}");
+    }
+}
