@@ -100,7 +100,7 @@ pub enum DataError {
         available: Vec<String>,
     },
     /// A batch plan that the split cannot fill.
-    #[error("{0}")]
+    #[error(transparent)]
     Batch(#[from] BatchError),
     #[error("cannot start loader threads")]
     Threads {

@@ -32,8 +32,8 @@ pub enum WeightsError {
         source: Box<WeightsError>,
     },
     /// Bytes that are not a safetensors container (no file known at this level).
-    #[error("{0}")]
-    Safetensors(#[source] Cause),
+    #[error(transparent)]
+    Safetensors(Cause),
     #[error("{} is not a readable PyTorch checkpoint (truncated, or not written by torch.save?)", path.display())]
     NotTorch {
         path: PathBuf,
@@ -231,5 +231,22 @@ mod tests {
             unused: Vec::new(),
         };
         assert_eq!(e.to_string().lines().count(), 2, "{e}");
+    }
+
+    /// The printed chain states the cause once, although `safetensors` repeats it in its own
+    /// source.
+    #[test]
+    fn a_foreign_file_prints_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.safetensors");
+        std::fs::write(&path, b"x").unwrap();
+        let e = crate::io::state_dict::StateDict::read_safetensors(&path).unwrap_err();
+        assert_eq!(
+            crate::error::chain(&e),
+            format!(
+                "{} is not a valid safetensors file: header too small",
+                path.display()
+            )
+        );
     }
 }
