@@ -3,13 +3,12 @@
 
 pub mod checkpoint;
 pub mod evaluator;
+pub mod outcome;
 pub mod plots;
 pub mod run;
 pub mod run_dir;
 pub mod setup;
 pub mod step;
 
-pub use run::{
-    EpochRecord, Observer, RunOptions, RunOutcome, RunSummary, Silent, embed_settings, image_store,
-    image_store_for, train,
-};
+pub use outcome::{EpochRecord, Observer, RunOptions, RunOutcome, RunSummary, Silent};
+pub use run::{embed_settings, image_store, image_store_for, train};

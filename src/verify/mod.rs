@@ -3,4 +3,5 @@
 
 pub mod backbone;
 pub mod compare;
+pub mod dump;
 pub mod reference;

@@ -1,0 +1,114 @@
+//! What a training run is given besides its configuration, what it reports while it runs, and
+//! what it gives back.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::SelectOn;
+use crate::eval::metrics::RetrievalMetrics;
+use crate::train::step::{LearningRates, StepMetrics};
+
+/// How a run is carried out (as opposed to what it trains, which is the configuration).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The run folder.
+    pub out: PathBuf,
+    /// Continue the run in `out` from its `last` checkpoint.
+    pub resume: bool,
+    /// Overrides `data.root`.
+    pub data_root: Option<PathBuf>,
+    /// Set (by a signal handler) to stop after the current step with a resumable checkpoint.
+    pub stop: Arc<AtomicBool>,
+    /// Cap on steps per epoch (smoke runs).
+    pub max_steps_per_epoch: Option<usize>,
+    /// Also evaluate the model before training (recorded as epoch 0).
+    pub evaluate_untrained: bool,
+    /// Leave out unreadable images (a batch that loses rows is skipped).
+    pub skip_bad_images: bool,
+    /// Where rasterised emoji are cached between runs.
+    pub emoji_cache: Option<PathBuf>,
+    /// Evaluate on the first N classes of each evaluation split only (smoke runs).
+    pub eval_class_limit: Option<usize>,
+}
+
+impl RunOptions {
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        Self {
+            out: out.into(),
+            resume: false,
+            data_root: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            max_steps_per_epoch: None,
+            evaluate_untrained: false,
+            skip_bad_images: false,
+            emoji_cache: None,
+            eval_class_limit: None,
+        }
+    }
+}
+
+/// What happened in one epoch (epoch 0: the untrained model).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epochs trained when this was recorded.
+    pub epoch: usize,
+    /// Mean of every step loss over the epoch.
+    pub losses: BTreeMap<String, f64>,
+    pub lr: Option<LearningRates>,
+    /// Whether the backbone trained (false during warm-up).
+    pub backbone_trained: bool,
+    pub steps: usize,
+    pub train_seconds: f64,
+    pub images_per_second: f64,
+    /// Batches left out because unreadable images were skipped.
+    pub skipped_batches: usize,
+    pub validation: Option<RetrievalMetrics>,
+    pub test: Option<RetrievalMetrics>,
+    pub eval_seconds: f64,
+}
+
+/// Callbacks for a progress display.
+pub trait Observer {
+    fn epoch_started(&mut self, _epoch: usize, _epochs: usize, _steps: usize, _done: usize) {}
+    fn step_done(&mut self, _metrics: &StepMetrics, _images: usize) {}
+    fn epoch_done(&mut self, _record: &EpochRecord) {}
+    fn evaluating(&mut self, _split: &str, _done: usize, _total: usize) {}
+    fn note(&mut self, _message: &str) {}
+}
+
+/// An observer that shows nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// The result of a finished run, as `summary.json` records it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Where the best epoch was chosen: `validation` (classes held out of training) or `test`
+    /// (the release's protocol, optimistic).
+    pub selected_on: SelectOn,
+    pub best_epoch: usize,
+    /// Recall@1 on the selection split at the best epoch.
+    pub best_selection_recall_at_1: f64,
+    /// Test metrics of the selected model.
+    pub test_at_best: Option<RetrievalMetrics>,
+    /// Test metrics after the last epoch.
+    pub final_test: Option<RetrievalMetrics>,
+    pub epochs: usize,
+    pub seconds: f64,
+    pub backbone_weights: String,
+    pub device: String,
+    pub records: Vec<EpochRecord>,
+}
+
+pub enum RunOutcome {
+    Finished(Box<RunSummary>),
+    /// Stopped on request; `last` holds the state to resume from.
+    Interrupted {
+        epoch: usize,
+        step: usize,
+    },
+}
