@@ -105,11 +105,12 @@ fn run(cli: Cli) -> Result<Outcome> {
 /// libmimalloc-sys 0.1.49); the crate does not export it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Keeps freed memory for reuse instead of returning it to the OS after 10 ms: with tensors
-/// of tens of megabytes freed and reallocated within a step, purging cost a tenth of a CPU
-/// step in page faults and zeroing. Only a value equal to the option's default (10 ms in
-/// mimalloc v2, 1000 ms in v3) is changed, so a user's `MIMALLOC_PURGE_DELAY` wins and a
-/// different mimalloc build leaves the setting alone rather than changing another option.
+/// Keeps freed memory for reuse instead of returning it to the OS after 10 ms: tensors of tens
+/// of megabytes are freed and reallocated within every step, and purging them made each step
+/// pay again for page faults and zeroing (BENCHMARKS.md). Only a value equal to the option's
+/// default (10 ms in mimalloc v2, 1000 ms in v3) is changed, so a user's
+/// `MIMALLOC_PURGE_DELAY` wins and a different mimalloc build leaves the setting alone rather
+/// than changing another option.
 fn keep_freed_memory() {
     // SAFETY: plain option get/set on mimalloc's global option table.
     unsafe {
@@ -143,6 +144,6 @@ fn main() -> ExitCode {
 
 // Tensors of tens of megabytes are allocated and freed many times per training step. glibc
 // hands such sizes back to the OS on every free, so each step paid for fresh zeroed pages
-// (about a tenth of a CPU step); mimalloc keeps them for reuse (see `keep_freed_memory`).
+// (BENCHMARKS.md); mimalloc keeps them for reuse (see `keep_freed_memory`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
