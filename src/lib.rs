@@ -7,6 +7,7 @@
 //! files, [`verify`] checks everything against the authors' release, [`bench`] times it.
 
 pub mod backbones;
+pub mod backends;
 pub mod bench;
 pub mod config;
 pub mod data;
