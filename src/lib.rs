@@ -41,6 +41,7 @@ macro_rules! string_forms_from_value_enum {
 }
 
 pub mod backbones;
+pub mod backends;
 pub mod bench;
 pub mod config;
 pub mod data;

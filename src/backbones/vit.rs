@@ -5,9 +5,10 @@ use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::backends::gelu;
 use crate::io::state_dict::{Layout, TorchNamed, TorchParam, join, push};
 
 #[derive(Config, Debug)]

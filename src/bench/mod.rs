@@ -1,6 +1,8 @@
-//! Timing one full training step without a backbone.
+//! Benchmarks: one full training step without a backbone, a backbone alone, whole training
+//! steps ([`train`]) and the input pipeline ([`data`]).
 
 pub mod data;
+pub mod train;
 
 use std::time::Instant;
 

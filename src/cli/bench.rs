@@ -1,4 +1,5 @@
-//! `gca-hng bench`: timings of the training step, a backbone and the input pipeline.
+//! `gca-hng bench`: timings of the training step, a backbone, whole training steps and the
+//! input pipeline.
 
 use std::path::PathBuf;
 
@@ -7,7 +8,9 @@ use clap::Subcommand;
 
 use gca_hng::backbones::{BackboneKind, BatchNormMode, Pooling};
 use gca_hng::bench::data::{DataBench, bench_data};
+use gca_hng::bench::train::{TrainBench, bench_train};
 use gca_hng::bench::{StepBench, bench_backbone, bench_step, median};
+use gca_hng::config::{ConfigBase, ExperimentConfig, RunSettings};
 use gca_hng::data::DatasetKind;
 use gca_hng::data::loader::LoaderConfig;
 use gca_hng::device::DeviceSpec;
@@ -57,6 +60,33 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         iters: usize,
         /// Print `{"median_s": ...}` only.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whole training steps of a preset, as `train` runs them after the warm-up epochs:
+    /// loader, backbone forward and backward, GCA-HNG step, three optimisers; prints seconds
+    /// per step and images per second.
+    Train {
+        /// A preset (see `config list`); `demo` trains on the embedded emoji set.
+        #[arg(long)]
+        preset: String,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed steps before them.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// The dataset's folder (as for `train`).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
+        /// Pretrained backbone weights (as for `train`).
+        #[arg(long, conflicts_with = "synthetic")]
+        weights: Option<PathBuf>,
+        /// Random images and randomly initialised weights: no dataset or weights needed
+        /// (the loader is left out).
+        #[arg(long)]
+        synthetic: bool,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -170,6 +200,62 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                 &times,
                 json,
             );
+        }
+        BenchCommand::Train {
+            preset,
+            steps,
+            warmup,
+            data_root,
+            weights,
+            synthetic,
+            json,
+        } => {
+            let (spec, device) = open_device(device)?;
+            anyhow::ensure!(steps > 0, "--steps must be at least 1");
+            let settings = RunSettings {
+                weights,
+                data_root: data_root.clone(),
+                out: None,
+                select_on: None,
+                generation: None,
+                device: Some(spec),
+            };
+            let config =
+                ExperimentConfig::assemble(&ConfigBase::Preset(preset.clone()), &settings, &[])?;
+            let bench = TrainBench {
+                warmup,
+                steps,
+                synthetic,
+                data_root,
+            };
+            let r = bench_train(&config, &bench, &device)?;
+            let m = median(&r.seconds);
+            let min = r.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max = r.seconds.iter().cloned().fold(0.0, f64::max);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "preset": preset,
+                        "device": spec.to_string(),
+                        "synthetic": synthetic,
+                        "steps": r.seconds.len(),
+                        "images_per_step": r.images_per_step,
+                        "median_s": m,
+                        "min_s": min,
+                        "max_s": max,
+                        "images_per_s": r.images_per_second(),
+                    })
+                );
+            } else {
+                println!(
+                    "bench train {preset}{} on {spec}: median {m:.3} s per step of {} images over {} steps (min {min:.3}, max {max:.3}), {:.1} images/s",
+                    if synthetic { " (synthetic)" } else { "" },
+                    r.images_per_step,
+                    r.seconds.len(),
+                    r.images_per_second()
+                );
+            }
         }
         // The input pipeline runs on the CPU whatever `--device` says.
         BenchCommand::Data {

@@ -3,9 +3,9 @@
 use burn::config::Config;
 use burn::module::{Flag, Initializer, Module, Param, RunningState};
 use burn::nn::LayerNorm;
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
+use crate::backends::gelu;
 use crate::io::state_dict::{Layout, TorchNamed, TorchParam, push};
 
 /// Configuration of a [`BatchNorm1d`].

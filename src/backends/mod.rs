@@ -1,0 +1,24 @@
+//! Our own CPU kernels for burn's Flex backend, reached through burn's backend-extension
+//! mechanism: burn-flex runs element-wise operations on one thread with libm's scalar
+//! special functions, which left a core idle for much of a training step. Other devices keep
+//! burn's own operations.
+
+pub mod gelu;
+
+pub use gelu::gelu;
+
+use burn::backend::DispatchDevice;
+use burn::tensor::Device;
+
+/// Whether tensors on `device` run on burn's Flex backend (with or without autodiff), where
+/// the kernels of this module apply.
+pub fn is_flex(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+/// Element count of one rayon task: large enough that scheduling costs little, small enough
+/// that the tensors of a step (tens of thousands to millions of elements) split over every core.
+pub(crate) const CHUNK: usize = 1 << 14;
