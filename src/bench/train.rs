@@ -5,14 +5,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Distribution, Tensor};
 
-use crate::config::{DatasetKind, ExperimentConfig};
+use crate::config::{ConfigError, DatasetKind, ExperimentConfig};
 use crate::data::loader::{Loader, LoaderConfig, sample_seed};
 use crate::data::sampler::{BalancedSampler, SamplerConfig, ShortClass, view_major};
 use crate::data::tensor::images_tensor;
 use crate::data::transform::{RandomResizedCropConfig, Transform};
+use crate::data::{BatchError, DataError};
+use crate::error::{Error, Result};
 use crate::method::model::GcaHng;
 use crate::method::synthesis::SeededMix;
 use crate::train::image_store;
@@ -68,7 +69,11 @@ pub fn bench_train(
     device: &Device,
 ) -> Result<TrainTimes> {
     if bench.steps == 0 {
-        bail!("at least one timed step is needed");
+        return Err(ConfigError::Invalid {
+            key: "--steps",
+            rule: "must be at least 1",
+        }
+        .into());
     }
     let ad = device.clone().autodiff();
     let seed = config.train.seed;
@@ -151,7 +156,12 @@ pub fn bench_train(
                     .map(|b| view_major(&b, layout.classes, layout.per_class)),
             );
             if plan.len() == before {
-                bail!("the training split has fewer images than one batch of {n}");
+                return Err(DataError::Batch(BatchError::TooFewImages {
+                    have: train.samples.len(),
+                    classes: layout.classes,
+                    per_class: layout.per_class,
+                })
+                .into());
             }
         }
         plan.truncate(total);
@@ -177,7 +187,10 @@ pub fn bench_train(
         )?;
         let mut since = Instant::now();
         for (i, host) in loader.enumerate() {
-            let host = host.with_context(|| format!("batch {i}"))?;
+            let host = host.map_err(|e| Error::Context {
+                what: format!("batch {i}"),
+                source: Box::new(e.into()),
+            })?;
             let batch = Batch {
                 images: images_tensor(&host, &ad),
                 labels: host.labels.clone(),
