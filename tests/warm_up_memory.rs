@@ -26,7 +26,7 @@ fn warm_up_steps_do_not_accumulate_memory() {
     let mut config = ExperimentConfig::demo();
     config.data.classes_per_batch = 8;
     config.data.per_class = 2;
-    config.model.embedding = 32;
+    config.model.embedding_dim = 32;
     let device = Device::default().autodiff();
     let (weights, _) = setup::pretrained_weights(&config).unwrap();
     let mut model = setup::build_model(&config, 50, &weights, &device).unwrap();

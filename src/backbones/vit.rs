@@ -238,14 +238,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bicubic_weights_sum_to_one_and_identity_at_scale_one() {
+    fn bicubic_weights_sum_to_one_and_the_same_size_still_resamples() {
         let w = bicubic_weights_1d(14, 10);
         for o in 0..10 {
             let s: f64 = w[o * 14..(o + 1) * 14].iter().sum();
             assert!((s - 1.0).abs() < 1e-12, "row {o} sums to {s}");
         }
-        // With the +0.1, even the same size is a (slight) resample, not the identity.
+        // DINO's +0.1 makes even the same size a slight resample, not the identity: output o
+        // samples up to 0.1 before source o, which keeps most of the weight (at the border
+        // the clamped taps add up, so it can exceed one there).
         let same = bicubic_weights_1d(14, 14);
-        assert!((same[0] - 1.0).abs() > 1e-4);
+        for o in 0..14 {
+            let own = same[o * 14 + o];
+            let off = (own - 1.0).abs();
+            assert!(off > 1e-4 && off < 0.1, "weight of {o} on itself: {own}");
+        }
+    }
+
+    #[test]
+    fn the_trained_grid_size_uses_the_position_embedding_as_is() {
+        let device = Device::flex();
+        let vit = VitConfig::new()
+            .with_dim(12)
+            .with_depth(1)
+            .with_num_heads(2)
+            .with_image_size(64)
+            .init(&device);
+        let pos = vit.pos_embed.val();
+        let grid = ((pos.dims()[1] - 1) as f64).sqrt() as usize;
+        assert_eq!(grid, 4);
+        let same = vit.position_embedding(grid, grid);
+        assert_eq!(
+            same.into_data().try_to_vec::<f32>().unwrap(),
+            pos.clone().into_data().try_to_vec::<f32>().unwrap()
+        );
+        // Another size is resampled: same class token, new patch grid.
+        let other = vit.position_embedding(3, 5);
+        assert_eq!(other.dims(), [1, 1 + 15, 12]);
+        assert_ne!(
+            other
+                .narrow(1, 1, 15)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()[..12],
+            pos.narrow(1, 1, 1).into_data().try_to_vec::<f32>().unwrap()[..]
+        );
     }
 }

@@ -22,7 +22,8 @@ use crate::train::step::{
 pub struct StepBench {
     pub classes: usize,
     pub per_class: usize,
-    pub dim: usize,
+    /// Embedding width d.
+    pub embedding_dim: usize,
     pub layers: usize,
     pub heads: usize,
     /// Backbone feature width fed to the embedding head.
@@ -43,19 +44,19 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
             BackboneConfig::Identity {
                 width: cfg.feature_width,
             },
-            cfg.dim,
+            cfg.embedding_dim,
         ),
-        GnnConfig::new(cfg.dim, cfg.num_classes)
+        GnnConfig::new(cfg.embedding_dim, cfg.num_classes)
             .with_num_layers(cfg.layers)
             .with_num_heads(cfg.heads),
     );
     let mut model = model_cfg.init(&device);
     let step_cfg = StepConfig {
-        alpha: 5.0,
-        beta: 20.0,
-        softmax_factor: 20.0,
-        div_weight: 20.0,
-        dot_weight: 20.0,
+        hardness_alpha: 5.0,
+        synthetic_beta: 20.0,
+        classification_weight: 20.0,
+        diversity_weight: 20.0,
+        hardness_weight: 20.0,
         grad_clip: Some(10.0),
         masking: HardnessMasking::SameClass,
         generation: true,

@@ -63,7 +63,7 @@ pub enum BenchCommand {
     /// Training batches through the input pipeline (sampler, decode, RandomResizedCrop, flip,
     /// normalisation); prints images per second.
     Data {
-        /// cub, cars, sop, inshop, folder or emoji.
+        /// The dataset layout.
         #[arg(long)]
         kind: DatasetKind,
         #[arg(long)]
@@ -133,7 +133,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             let cfg = StepBench {
                 classes,
                 per_class,
-                dim,
+                embedding_dim: dim,
                 layers,
                 heads,
                 feature_width,

@@ -14,7 +14,7 @@ pub enum DataCommand {
     /// Read a dataset's annotations, check that every listed image exists, and print the
     /// number of classes and images of each split.
     Inspect {
-        /// cub, cars, sop, inshop, folder or emoji.
+        /// The dataset layout.
         #[arg(long)]
         kind: DatasetKind,
         /// The dataset's folder (not needed for `emoji`).

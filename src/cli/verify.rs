@@ -28,7 +28,7 @@ pub enum VerifyCommand {
     /// Run a pretrained backbone on the inputs stored in an expected-outputs file and compare
     /// every output recorded for the architecture.
     Backbone {
-        /// resnet50, googlenet, vit-s16 or efficientnet-lite0.
+        /// The architecture.
         #[arg(long)]
         arch: BackboneKind,
         /// Weights: PyTorch `.pth` or safetensors.

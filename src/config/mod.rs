@@ -65,8 +65,9 @@ pub struct ModelConfig {
     /// ResNet-50 pooling: `avg`, `max` or `avg+max`.
     pub pooling: String,
     pub batch_norm: BatchNormMode,
-    /// Embedding width d.
-    pub embedding: usize,
+    /// Embedding width d (METHOD.md section 2). Read also under its earlier name `embedding`.
+    #[serde(alias = "embedding")]
+    pub embedding_dim: usize,
     pub gnn_layers: usize,
     pub heads: usize,
     pub attention_dropout: f64,
@@ -79,13 +80,27 @@ pub struct LossConfig {
     /// `false` trains the plain baseline (no graph, no synthesis).
     pub generation: bool,
     pub masking: HardnessMasking,
-    pub alpha: f64,
-    pub beta: f64,
-    pub softmax_factor: f64,
-    pub div_weight: f64,
-    pub dot_weight: f64,
+    /// α of the hardness schedule `λ = exp(-α / J̄_m)` (METHOD.md section 6; the release's
+    /// `alpha`).
+    #[serde(alias = "alpha")]
+    pub hardness_alpha: f64,
+    /// β of J_syn's weight `1 - exp(-β / J̄_gen)` (METHOD.md section 7; the release's `beta`).
+    #[serde(alias = "beta")]
+    pub synthetic_beta: f64,
+    /// Weight of J_cls in J_gen (the release's `softmax_factor`).
+    #[serde(alias = "softmax_factor")]
+    pub classification_weight: f64,
+    /// Weight of J_div in J_gen (the release's `div_weight`).
+    #[serde(alias = "div_weight")]
+    pub diversity_weight: f64,
+    /// Weight of J_hard in J_gen (the release's `dot_weight`).
+    #[serde(alias = "dot_weight")]
+    pub hardness_weight: f64,
+    /// Proxy-Anchor's margin δ.
     pub proxy_margin: f64,
-    pub proxy_alpha: f64,
+    /// Proxy-Anchor's scale (the α of the Proxy-Anchor paper, unrelated to `hardness_alpha`).
+    #[serde(alias = "proxy_alpha")]
+    pub proxy_scale: f64,
     /// Proxy learning rate = `lr * proxy_lr_ratio` (100 in the Proxy-Anchor paper).
     pub proxy_lr_ratio: f64,
 }
@@ -159,7 +174,7 @@ impl ExperimentConfig {
             let Some((key, raw)) = item.split_once('=') else {
                 bail!("override `{item}` is not of the form key=value");
             };
-            let key = key.trim();
+            let key = current_key(key.trim());
             let value = parse_value(raw.trim());
             let parts: Vec<&str> = key.split('.').collect();
             set_path(&mut tree, &parts, value, key)?;
@@ -220,11 +235,15 @@ impl ExperimentConfig {
             "model.pooling",
             "must be avg, max or avg+max",
         )?;
-        check(m.embedding > 0, "model.embedding", "must be positive")?;
         check(
-            m.heads > 0 && m.embedding.is_multiple_of(m.heads),
+            m.embedding_dim > 0,
+            "model.embedding_dim",
+            "must be positive",
+        )?;
+        check(
+            m.heads > 0 && m.embedding_dim.is_multiple_of(m.heads),
             "model.heads",
-            "must divide model.embedding",
+            "must divide model.embedding_dim",
         )?;
         check(m.gnn_layers >= 1, "model.gnn_layers", "must be at least 1")?;
         check(
@@ -282,6 +301,25 @@ impl ExperimentConfig {
     }
 }
 
+/// Keys renamed since they were first written, old name first: config files and run folders
+/// keep loading through serde aliases, and `--set` takes the old names through this table.
+const RENAMED_KEYS: [(&str, &str); 7] = [
+    ("model.embedding", "model.embedding_dim"),
+    ("loss.alpha", "loss.hardness_alpha"),
+    ("loss.beta", "loss.synthetic_beta"),
+    ("loss.softmax_factor", "loss.classification_weight"),
+    ("loss.div_weight", "loss.diversity_weight"),
+    ("loss.dot_weight", "loss.hardness_weight"),
+    ("loss.proxy_alpha", "loss.proxy_scale"),
+];
+
+fn current_key(key: &str) -> &str {
+    RENAMED_KEYS
+        .iter()
+        .find(|(old, _)| *old == key)
+        .map_or(key, |(_, new)| new)
+}
+
 fn set_path(node: &mut toml::Value, parts: &[&str], value: toml::Value, key: &str) -> Result<()> {
     let table = node
         .as_table_mut()
@@ -335,14 +373,17 @@ mod tests {
     fn presets_follow_the_release_table() {
         let c = ExperimentConfig::preset("cub-resnet50").unwrap();
         assert_eq!((c.data.classes_per_batch, c.data.per_class), (27, 3));
-        assert_eq!((c.loss.div_weight, c.loss.dot_weight), (60.0, 20.0));
+        assert_eq!(
+            (c.loss.diversity_weight, c.loss.hardness_weight),
+            (60.0, 20.0)
+        );
         assert_eq!(c.model.batch_norm, BatchNormMode::Frozen);
         assert_eq!(c.optim.warm_up_epochs, 2);
         let c = ExperimentConfig::preset("inshop-googlenet").unwrap();
         assert_eq!((c.model.gnn_layers, c.model.heads), (1, 2));
-        assert_eq!((c.loss.alpha, c.train.epochs), (2.0, 200));
+        assert_eq!((c.loss.hardness_alpha, c.train.epochs), (2.0, 200));
         let c = ExperimentConfig::preset("sop-dino").unwrap();
-        assert_eq!((c.model.embedding, c.optim.lr), (384, 1.5e-5));
+        assert_eq!((c.model.embedding_dim, c.optim.lr), (384, 1.5e-5));
     }
 
     #[test]
@@ -358,6 +399,19 @@ mod tests {
         assert_eq!(c.optim.lr, 3e-4);
         assert_eq!(c.loss.masking, HardnessMasking::Release);
         assert_eq!(c.data.root.as_deref(), Some("/x"));
+        let old_names = ExperimentConfig::preset("cub-resnet50")
+            .unwrap()
+            .with_overrides(&["loss.dot_weight=7".into(), "model.embedding=256".into()])
+            .unwrap();
+        assert_eq!(old_names.loss.hardness_weight, 7.0);
+        assert_eq!(old_names.model.embedding_dim, 256);
+        let old_file = ExperimentConfig::preset("cub-resnet50")
+            .unwrap()
+            .to_toml()
+            .replace("hardness_alpha =", "alpha =")
+            .replace("embedding_dim =", "embedding =");
+        let back: ExperimentConfig = toml::from_str(&old_file).unwrap();
+        assert_eq!(back, ExperimentConfig::preset("cub-resnet50").unwrap());
         let base = ExperimentConfig::preset("cub-resnet50").unwrap();
         let err = base
             .clone()

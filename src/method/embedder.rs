@@ -16,7 +16,7 @@ pub struct EmbeddingHeadConfig {
     /// Backbone feature width.
     pub d_input: usize,
     /// Embedding width `d`.
-    pub d_embedding: usize,
+    pub embedding_dim: usize,
 }
 
 #[derive(Module, Debug)]
@@ -29,7 +29,7 @@ impl EmbeddingHeadConfig {
     pub fn init(&self, device: &Device) -> EmbeddingHead {
         EmbeddingHead {
             norm: BatchNorm1dConfig::new(self.d_input).init(device),
-            linear: LinearConfig::new(self.d_input, self.d_embedding).init(device),
+            linear: LinearConfig::new(self.d_input, self.embedding_dim).init(device),
         }
     }
 }
@@ -52,7 +52,7 @@ impl TorchNamed for EmbeddingHead {
 pub struct EmbedderConfig {
     pub backbone: BackboneConfig,
     /// Embedding width `d`.
-    pub d_embedding: usize,
+    pub embedding_dim: usize,
 }
 
 /// `z = Linear(BatchNorm1d(backbone(x)))` (`feature_extractor` in the release).
@@ -66,7 +66,7 @@ impl EmbedderConfig {
     pub fn init(&self, device: &Device) -> Embedder {
         Embedder {
             backbone: self.backbone.init(device),
-            head: EmbeddingHeadConfig::new(self.backbone.width(), self.d_embedding).init(device),
+            head: EmbeddingHeadConfig::new(self.backbone.width(), self.embedding_dim).init(device),
         }
     }
 }

@@ -19,13 +19,13 @@ const MASKED: f32 = -1.0e30;
 #[derive(Config, Debug)]
 pub struct GnnConfig {
     /// Embedding width `d` (node and edge features).
-    pub d_model: usize,
+    pub embedding_dim: usize,
     /// Number of training classes (width of the node classifier).
     pub num_classes: usize,
     /// Number of layers L. Default: 2.
     #[config(default = 2)]
     pub num_layers: usize,
-    /// Attention heads H of the node update; must divide `d_model`. Default: 4.
+    /// Attention heads H of the node update; must divide `embedding_dim`. Default: 4.
     #[config(default = 4)]
     pub num_heads: usize,
     /// Dropout on the edge update's attention weights while training. Default: 0.1.
@@ -84,7 +84,7 @@ pub struct NodeUpdate {
 
 impl NodeUpdate {
     fn new(config: &GnnConfig, device: &Device) -> Self {
-        let d = config.d_model;
+        let d = config.embedding_dim;
         Self {
             query: xavier_linear(d, d, device),
             key: xavier_linear(d, d, device),
@@ -168,7 +168,7 @@ pub struct EdgeUpdate {
 
 impl EdgeUpdate {
     fn new(config: &GnnConfig, device: &Device) -> Self {
-        let d = config.d_model;
+        let d = config.embedding_dim;
         Self {
             node_to_edge: LinearConfig::new(d, d).init(device),
             query: xavier_linear(d, d, device),
@@ -280,12 +280,12 @@ pub struct Gnn {
 impl GnnConfig {
     pub fn init(&self, device: &Device) -> Gnn {
         assert!(
-            self.num_heads > 0 && self.d_model.is_multiple_of(self.num_heads),
-            "num_heads ({}) must divide d_model ({})",
+            self.num_heads > 0 && self.embedding_dim.is_multiple_of(self.num_heads),
+            "num_heads ({}) must divide embedding_dim ({})",
             self.num_heads,
-            self.d_model
+            self.embedding_dim
         );
-        let d = self.d_model;
+        let d = self.embedding_dim;
         // Both head BatchNorms start at weight 1, bias 0, and never train their bias.
         let head_norm = || {
             BatchNorm1dConfig::new(d)

@@ -38,7 +38,7 @@ impl GcaHngConfig {
         GcaHng {
             embedder: self.embedder.init(device),
             gnn: self.gnn.init(device),
-            classifier: LinearConfig::new(self.embedder.d_embedding, self.gnn.num_classes)
+            classifier: LinearConfig::new(self.embedder.embedding_dim, self.gnn.num_classes)
                 .init(device),
             proxies: self.proxy_anchor.as_ref().map(|c| c.init(device)),
         }

@@ -174,3 +174,121 @@ fn running_state_id(state: &RunningState<Tensor<1>>) -> burn::module::ParamId {
 pub fn gelu_norm<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
     norm.forward(gelu(x))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+        t.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    }
+
+    fn assert_close(got: &[f64], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{what}: {got:?} vs {want:?}");
+        }
+    }
+
+    /// Two features over a batch of four: feature 0 is [1, 2, 3, 6] (mean 3, biased variance
+    /// 3.5, unbiased 14/3), feature 1 is [0, 0, 4, 4] (mean 2, biased 4, unbiased 16/3).
+    fn input(device: &Device) -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 2.0, 0.0, 3.0, 4.0, 6.0, 4.0], [4, 2]),
+            device,
+        )
+    }
+
+    fn layer(device: &Device) -> BatchNorm1d {
+        let mut bn = BatchNorm1dConfig::new(2).init(device);
+        bn.weight = Param::from_data(TensorData::new(vec![2.0f32, 1.0], [2]), device);
+        bn.bias = Param::from_data(TensorData::new(vec![0.5f32, 0.0], [2]), device);
+        bn
+    }
+
+    #[test]
+    fn training_normalises_with_the_biased_batch_variance() {
+        let device = Device::flex().autodiff();
+        let y = host(layer(&device).forward(input(&device)));
+        let eps = 1e-5;
+        let (s0, s1) = ((3.5f64 + eps).sqrt(), (4.0f64 + eps).sqrt());
+        let want: Vec<f64> = [[1.0, 0.0], [2.0, 0.0], [3.0, 4.0], [6.0, 4.0]]
+            .iter()
+            .flat_map(|[a, b]| [2.0 * (a - 3.0) / s0 + 0.5, (b - 2.0) / s1])
+            .collect();
+        assert_close(&y, &want, "output");
+    }
+
+    #[test]
+    fn running_statistics_follow_pytorch() {
+        let device = Device::flex().autodiff();
+        let bn = layer(&device);
+        let _ = bn.forward(input(&device));
+        // 0.9 * 0 + 0.1 * mean; 0.9 * 1 + 0.1 * unbiased variance.
+        assert_close(&host(bn.running_mean.value()), &[0.3, 0.2], "mean after 1");
+        let var1 = [0.9 + 0.1 * 14.0 / 3.0, 0.9 + 0.1 * 16.0 / 3.0];
+        assert_close(&host(bn.running_var.value()), &var1, "var after 1");
+        assert_close(
+            &host(bn.num_batches_tracked.value()),
+            &[1.0],
+            "count after 1",
+        );
+
+        let _ = bn.forward(input(&device));
+        assert_close(
+            &host(bn.running_mean.value()),
+            &[0.57, 0.38],
+            "mean after 2",
+        );
+        let var2 = [
+            0.9 * var1[0] + 0.1 * 14.0 / 3.0,
+            0.9 * var1[1] + 0.1 * 16.0 / 3.0,
+        ];
+        assert_close(&host(bn.running_var.value()), &var2, "var after 2");
+        assert_close(
+            &host(bn.num_batches_tracked.value()),
+            &[2.0],
+            "count after 2",
+        );
+    }
+
+    #[test]
+    fn eval_mode_uses_and_keeps_the_running_statistics() {
+        let eps = 1e-5;
+        let want: Vec<f64> = [[1.0, 0.0], [2.0, 0.0], [3.0, 4.0], [6.0, 4.0]]
+            .iter()
+            .flat_map(|[a, b]| {
+                [
+                    2.0 * (a - 1.0) / (4.0f64 + eps).sqrt() + 0.5,
+                    (b + 1.0) / (0.25f64 + eps).sqrt(),
+                ]
+            })
+            .collect();
+        let check = |device: Device, training: bool, what: &str| {
+            let mut bn = layer(&device);
+            bn.running_mean = RunningState::new(Tensor::from_data(
+                TensorData::new(vec![1.0f32, -1.0], [2]),
+                &device,
+            ));
+            bn.running_var = RunningState::new(Tensor::from_data(
+                TensorData::new(vec![4.0f32, 0.25], [2]),
+                &device,
+            ));
+            let bn = bn.set_training(training);
+            assert_close(&host(bn.forward(input(&device))), &want, what);
+            assert_close(&host(bn.running_mean.value()), &[1.0, -1.0], what);
+            assert_close(&host(bn.running_var.value()), &[4.0, 0.25], what);
+            assert_close(&host(bn.num_batches_tracked.value()), &[0.0], what);
+        };
+        check(Device::flex().autodiff(), false, "eval mode");
+        // Without autodiff (inference) the running statistics are used even in training mode.
+        check(Device::flex(), true, "inference device");
+    }
+}

@@ -268,15 +268,15 @@ pub fn init_model(
     device: &Device,
 ) -> Result<GcaHng> {
     let m = &config.model;
-    let embedder = EmbedderConfig::new(backbone_config(config)?, m.embedding);
-    let gnn = GnnConfig::new(m.embedding, num_classes)
+    let embedder = EmbedderConfig::new(backbone_config(config)?, m.embedding_dim);
+    let gnn = GnnConfig::new(m.embedding_dim, num_classes)
         .with_num_layers(m.gnn_layers)
         .with_num_heads(m.heads)
         .with_attention_dropout(m.attention_dropout);
     let proxy_anchor = (config.loss.base == BaseLoss::ProxyAnchor).then(|| {
-        ProxyAnchorConfig::new(num_classes, m.embedding)
+        ProxyAnchorConfig::new(num_classes, m.embedding_dim)
             .with_margin(config.loss.proxy_margin)
-            .with_alpha(config.loss.proxy_alpha)
+            .with_scale(config.loss.proxy_scale)
     });
     Ok(GcaHngConfig::new(embedder, gnn)
         .with_proxy_anchor(proxy_anchor)
@@ -311,11 +311,11 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(GcaHng, Experime
 pub fn step_config(config: &ExperimentConfig) -> StepConfig {
     let l = &config.loss;
     StepConfig {
-        alpha: l.alpha,
-        beta: l.beta,
-        softmax_factor: l.softmax_factor,
-        div_weight: l.div_weight,
-        dot_weight: l.dot_weight,
+        hardness_alpha: l.hardness_alpha,
+        synthetic_beta: l.synthetic_beta,
+        classification_weight: l.classification_weight,
+        diversity_weight: l.diversity_weight,
+        hardness_weight: l.hardness_weight,
         grad_clip: (config.optim.grad_clip > 0.0).then_some(config.optim.grad_clip),
         masking: l.masking,
         generation: l.generation,

@@ -16,22 +16,27 @@ use crate::nn::adamw::{AdamWSettings, TorchAdamW};
 
 /// The classifier's cross-entropy is scaled by this in the release.
 const CLASSIFIER_LOSS_SCALE: f64 = 10.0;
-/// J_div enters with this factor before `div_weight`.
+/// J_div enters with this factor before `diversity_weight`.
 const DIVERSITY_SCALE: f64 = 0.01;
 
 /// Hyper-parameters of the loss and the update (METHOD.md sections 6, 7 and 9).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepConfig {
-    /// Hardness schedule: `λ = exp(-alpha / J̄_m)`.
-    pub alpha: f64,
-    /// Weight of J_syn: `1 - exp(-beta / J̄_gen)`.
-    pub beta: f64,
-    /// Weight of J_cls in J_gen.
-    pub softmax_factor: f64,
-    /// Weight of J_div in J_gen.
-    pub div_weight: f64,
-    /// Weight of J_hard in J_gen.
-    pub dot_weight: f64,
+    /// α of the hardness schedule `λ = exp(-α / J̄_m)` (the release's `alpha`).
+    #[serde(alias = "alpha")]
+    pub hardness_alpha: f64,
+    /// β of J_syn's weight `1 - exp(-β / J̄_gen)` (the release's `beta`).
+    #[serde(alias = "beta")]
+    pub synthetic_beta: f64,
+    /// Weight of J_cls in J_gen (the release's `softmax_factor`).
+    #[serde(alias = "softmax_factor")]
+    pub classification_weight: f64,
+    /// Weight of J_div in J_gen (the release's `div_weight`).
+    #[serde(alias = "div_weight")]
+    pub diversity_weight: f64,
+    /// Weight of J_hard in J_gen (the release's `dot_weight`).
+    #[serde(alias = "dot_weight")]
+    pub hardness_weight: f64,
     /// Clip gradients of the embedder and the GNN by value (`None`: no clipping).
     pub grad_clip: Option<f64>,
     /// Which rows J_hard zeroes.
@@ -314,8 +319,8 @@ fn train_step(
         train_backbone,
     } = inputs;
     let labels = &batch.labels;
-    let lambda = hardness(config.alpha, history.metric);
-    let syn_weight = 1.0 - (-config.beta / history.generator).exp();
+    let lambda = hardness(config.hardness_alpha, history.metric);
+    let syn_weight = 1.0 - (-config.synthetic_beta / history.generator).exp();
     let mut metrics = StepMetrics::default();
 
     // 1-4: metric update of the embedder (and of the GNN through J_gce).
@@ -409,11 +414,11 @@ fn train_step(
         .map(|k| labels[k % c])
         .collect();
     let j_cls = cross_entropy(model.classifier.forward(syn.negatives.clone()), &mix_labels)
-        .mul_scalar(config.softmax_factor);
+        .mul_scalar(config.classification_weight);
     let j_hard = hardness_loss(z, syn.negatives, layout, config.masking);
     let j_gen = (j_cls.clone()
-        + j_hard.mul_scalar(config.dot_weight)
-        + j_div.clone().mul_scalar(config.div_weight))
+        + j_hard.mul_scalar(config.hardness_weight)
+        + j_div.clone().mul_scalar(config.diversity_weight))
     .mul_scalar(0.5);
     metrics.j_div = scalar(&j_div);
     metrics.j_gence = scalar(&j_cls);
@@ -429,4 +434,210 @@ fn train_step(
 pub fn logsumexp_rows(x: T<2>) -> T<2> {
     let max = x.clone().max_dim(1).detach();
     (x - max.clone()).exp().sum_dim(1).log() + max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbones::{Backbone, BackboneConfig, LinearBackboneConfig};
+    use crate::io::state_dict::{StateDict, export_torch};
+    use crate::method::embedder::EmbedderConfig;
+    use crate::method::gnn::GnnConfig;
+    use crate::method::model::GcaHngConfig;
+    use crate::method::synthesis::SeededMix;
+    use burn::tensor::{Device, TensorData};
+
+    /// C = 3 class slots, P = 2 views, 3x4x4 images, 10 training classes.
+    const LAYOUT: BatchLayout = BatchLayout {
+        classes: 3,
+        per_class: 2,
+    };
+
+    fn model(device: &Device) -> GcaHng {
+        GcaHngConfig::new(
+            EmbedderConfig::new(
+                BackboneConfig::Linear(LinearBackboneConfig::new(48, 32)),
+                16,
+            ),
+            GnnConfig::new(16, 10).with_attention_dropout(0.0),
+        )
+        .init(device)
+    }
+
+    fn batch(device: &Device) -> Batch {
+        let values: Vec<f32> = (0..6 * 48)
+            .map(|k| ((k * 37 % 101) as f32 / 50.0 - 1.0) * (1.0 + (k / 48) as f32 / 3.0))
+            .collect();
+        Batch {
+            images: Tensor::from_data(TensorData::new(values, [6, 3, 4, 4]), device),
+            // View-major: slot c of every view is the same class.
+            labels: vec![2, 7, 5, 2, 7, 5],
+        }
+    }
+
+    fn config(generation: bool) -> StepConfig {
+        StepConfig {
+            hardness_alpha: 5.0,
+            synthetic_beta: 20.0,
+            classification_weight: 20.0,
+            diversity_weight: 20.0,
+            hardness_weight: 20.0,
+            grad_clip: Some(10.0),
+            masking: HardnessMasking::Release,
+            generation,
+        }
+    }
+
+    fn rates(backbone: f64, head: f64, gnn: f64, classifier: f64) -> LearningRates {
+        LearningRates {
+            backbone,
+            head,
+            gnn,
+            classifier,
+            proxies: 0.0,
+        }
+    }
+
+    const GROUPS: [&str; 4] = [
+        "feature_extractor.backbone.",
+        "feature_extractor.fc.",
+        "gnn.",
+        "softmax_classifier.",
+    ];
+
+    fn is_buffer(name: &str) -> bool {
+        ["running_mean", "running_var", "num_batches_tracked"]
+            .iter()
+            .any(|b| name.ends_with(b))
+    }
+
+    /// Runs one step from a fresh model; returns the names of the parameters (not buffers)
+    /// that moved, and the step's losses.
+    fn moved_by_step(
+        generation: bool,
+        lr: LearningRates,
+        train_backbone: bool,
+    ) -> (Vec<String>, StepMetrics, Trainer, GcaHng) {
+        let device = Device::flex().autodiff();
+        device.seed(7);
+        let model = model(&device);
+        let before: StateDict = export_torch(&model, "");
+        let mut trainer = Trainer::new(
+            config(generation),
+            WeightDecays {
+                metric: 1e-4,
+                gnn: 1e-4,
+                classifier: 0.01,
+            },
+            LAYOUT,
+        );
+        let inputs = StepInputs {
+            lr,
+            history: LossHistory::default(),
+            train_backbone,
+        };
+        let (model, metrics) = trainer.step(model, &batch(&device), inputs, &mut SeededMix::new(3));
+        let after = export_torch(&model, "");
+        assert_eq!(before.tensors.len(), after.tensors.len());
+        let moved = before
+            .tensors
+            .iter()
+            .filter(|(name, t)| !is_buffer(name) && after.tensors[*name].data != t.data)
+            .map(|(name, _)| name.clone())
+            .collect();
+        (moved, metrics, trainer, model)
+    }
+
+    fn groups_of(moved: &[String]) -> Vec<&'static str> {
+        GROUPS
+            .iter()
+            .copied()
+            .filter(|g| moved.iter().any(|m| m.starts_with(g)))
+            .collect()
+    }
+
+    #[test]
+    fn each_learning_rate_moves_only_its_own_parameters() {
+        let cases = [
+            (rates(1e-2, 0.0, 0.0, 0.0), GROUPS[0]),
+            (rates(0.0, 1e-2, 0.0, 0.0), GROUPS[1]),
+            (rates(0.0, 0.0, 1e-2, 0.0), GROUPS[2]),
+            (rates(0.0, 0.0, 0.0, 1e-2), GROUPS[3]),
+        ];
+        for (lr, group) in cases {
+            let (moved, metrics, _, _) = moved_by_step(true, lr, true);
+            assert_eq!(groups_of(&moved), [group], "{lr:?}: {moved:?}");
+            for (name, value) in metrics.named() {
+                assert!(value.is_finite(), "{name} = {value}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_generator_update_moves_the_coefficient_head() {
+        // In a fresh run's first step J_gce does not reach the coefficient head (`gnn.fc.0`),
+        // so only the generator update (phase 6) can move it.
+        let (moved, metrics, _, _) = moved_by_step(true, rates(0.0, 0.0, 1e-2, 0.0), true);
+        assert!(moved.iter().any(|m| m == "gnn.fc.0.weight"), "{moved:?}");
+        assert!(
+            moved.iter().any(|m| m.starts_with("gnn.cls.0")),
+            "{moved:?}"
+        );
+        assert!(metrics.j_gen > 0.0 && metrics.j_gence > 0.0, "{metrics:?}");
+    }
+
+    #[test]
+    fn all_three_phases_report_their_losses() {
+        let (moved, m, _, _) = moved_by_step(true, rates(1e-3, 1e-3, 1e-3, 1e-3), true);
+        assert_eq!(groups_of(&moved), GROUPS);
+        assert!(m.j_m > 0.0 && m.j_gnnce > 0.0 && m.j_softce > 0.0, "{m:?}");
+        // In the first epoch (J̄_gen = 1e6) J_syn enters with weight 1 - exp(-2e-5).
+        assert!(m.j_syn > 0.0 && m.j_syn < 1e-3, "{m:?}");
+        assert!(
+            (m.j_metric - (m.j_m + m.j_syn + m.j_gnnce)).abs() < 1e-4,
+            "{m:?}"
+        );
+        assert!(m.j_gen > 0.0 && m.j_gence > 0.0 && m.j_div != 0.0, "{m:?}");
+        // The classifier loss is scaled by 10: ten times the cross-entropy of 10 classes.
+        assert!(m.j_softce > 5.0 && m.j_softce < 100.0, "{m:?}");
+    }
+
+    #[test]
+    fn the_baseline_skips_graph_classifier_and_generator() {
+        let (moved, m, trainer, model) = moved_by_step(false, rates(1e-3, 1e-3, 1e-3, 1e-3), true);
+        assert_eq!(groups_of(&moved), &GROUPS[..2], "{moved:?}");
+        assert!(m.j_m > 0.0);
+        assert_eq!(m.j_metric, m.j_m);
+        for v in [m.j_gnnce, m.j_syn, m.j_softce, m.j_div, m.j_gence, m.j_gen] {
+            assert_eq!(v, 0.0, "{m:?}");
+        }
+        assert_eq!(
+            trainer.optim.gnn.steps_of(model.gnn.classifier.weight.id),
+            0
+        );
+        assert_eq!(
+            trainer
+                .optim
+                .classifier
+                .steps_of(model.classifier.weight.id),
+            0
+        );
+    }
+
+    #[test]
+    fn warm_up_freezes_the_backbone_only() {
+        let (moved, _, trainer, model) = moved_by_step(true, rates(1e-3, 1e-3, 1e-3, 1e-3), false);
+        assert_eq!(groups_of(&moved), &GROUPS[1..], "{moved:?}");
+        let Backbone::Linear(lin) = &model.embedder.backbone else {
+            unreachable!()
+        };
+        assert_eq!(trainer.optim.embedder.steps_of(lin.lin.weight.id), 0);
+        assert_eq!(
+            trainer
+                .optim
+                .embedder
+                .steps_of(model.embedder.head.linear.weight.id),
+            1
+        );
+    }
 }

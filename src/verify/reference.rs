@@ -60,6 +60,9 @@ pub struct DumpMeta {
     pub backbone_width: usize,
     pub j_avg: f64,
     pub j_gen: f64,
+    /// The release's config names: `alpha` is our `hardness_alpha`, `beta` our
+    /// `synthetic_beta`, `softmax_factor` our `classification_weight`, `div_weight` our
+    /// `diversity_weight`, `dot_weight` our `hardness_weight`.
     pub alpha: f64,
     pub beta: f64,
     pub softmax_factor: f64,
@@ -96,11 +99,11 @@ impl DumpMeta {
 
     pub fn step_config(&self) -> StepConfig {
         StepConfig {
-            alpha: self.alpha,
-            beta: self.beta,
-            softmax_factor: self.softmax_factor,
-            div_weight: self.div_weight,
-            dot_weight: self.dot_weight,
+            hardness_alpha: self.alpha,
+            synthetic_beta: self.beta,
+            classification_weight: self.softmax_factor,
+            diversity_weight: self.div_weight,
+            hardness_weight: self.dot_weight,
             grad_clip: self.grad_clip_value,
             masking: self.hardness_masking.unwrap_or(HardnessMasking::Release),
             generation: true,

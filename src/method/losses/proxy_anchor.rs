@@ -32,14 +32,14 @@ use crate::method::losses::{l2_normalize, one_hot};
 pub struct ProxyAnchorConfig {
     /// Number of training classes (one proxy each).
     pub num_classes: usize,
-    /// Embedding width.
-    pub d_embedding: usize,
+    /// Embedding width d.
+    pub embedding_dim: usize,
     /// Margin δ. Default: 0.1 (the Proxy-Anchor paper's).
     #[config(default = 0.1)]
     pub margin: f64,
-    /// Scale α. Default: 32 (the Proxy-Anchor paper's).
+    /// Scale (the Proxy-Anchor paper's α, not GCA-HNG's hardness α). Default: 32 (the paper's).
     #[config(default = 32.0)]
-    pub alpha: f64,
+    pub scale: f64,
 }
 
 /// The proxies and the loss's constants.
@@ -48,7 +48,7 @@ pub struct ProxyAnchor {
     /// `[num_classes, d]`.
     pub proxies: Param<Tensor<2>>,
     pub margin: f64,
-    pub alpha: f64,
+    pub scale: f64,
 }
 
 impl ProxyAnchorConfig {
@@ -58,9 +58,9 @@ impl ProxyAnchorConfig {
         let std = (2.0 / self.num_classes as f64).sqrt();
         ProxyAnchor {
             proxies: Initializer::Normal { mean: 0.0, std }
-                .init([self.num_classes, self.d_embedding], device),
+                .init([self.num_classes, self.embedding_dim], device),
             margin: self.margin,
-            alpha: self.alpha,
+            scale: self.scale,
         }
     }
 }
@@ -74,12 +74,12 @@ impl ProxyAnchor {
         let positive = one_hot(labels, classes, &device);
         let negative = positive.clone().neg().add_scalar(1.0);
         let pos_sum = ((cos.clone().sub_scalar(self.margin))
-            .mul_scalar(-self.alpha)
+            .mul_scalar(-self.scale)
             .exp()
             * positive)
             .sum_dim(0);
         let neg_sum =
-            ((cos.add_scalar(self.margin)).mul_scalar(self.alpha).exp() * negative).sum_dim(0);
+            ((cos.add_scalar(self.margin)).mul_scalar(self.scale).exp() * negative).sum_dim(0);
         let mut present = vec![false; classes];
         for &l in labels {
             present[l] = true;
@@ -174,7 +174,7 @@ mod tests {
                 &device,
             )),
             margin: 0.1,
-            alpha: 32.0,
+            scale: 32.0,
         };
         let zt = Tensor::<2>::from_data(TensorData::new(flat(&z), [4, 2]), &device);
         let ours = crate::train::step::scalar(&loss.forward(zt, &labels));
