@@ -300,7 +300,7 @@ impl AdamWSlack {
         assert_eq!(grad.len(), self.m.len(), "a gradient of another size");
         self.steps += 1;
         let scale = grad.iter().fold(0.0f64, |m, g| m.max(g.abs()));
-        let (b1, b2) = (self.beta_1, self.beta_2);
+        let b1 = self.beta_1;
         self.m_noise = b1 * self.m_noise + (1.0 - b1) * self.noise * scale;
         let bound = 2.0 * lr * self.largest_ratio();
         for ((m, &g), slack) in self.m.iter_mut().zip(grad).zip(&mut self.slack) {
