@@ -197,8 +197,16 @@ mod tests {
     #[test]
     fn a_backend_left_out_is_named_with_its_feature() {
         for (spec, feature, built) in [
-            (DeviceSpec::Wgpu(Adapter::Cpu), "wgpu", cfg!(feature = "wgpu")),
-            (DeviceSpec::Vulkan(Adapter::Cpu), "vulkan", cfg!(feature = "vulkan")),
+            (
+                DeviceSpec::Wgpu(Adapter::Cpu),
+                "wgpu",
+                cfg!(feature = "wgpu"),
+            ),
+            (
+                DeviceSpec::Vulkan(Adapter::Cpu),
+                "vulkan",
+                cfg!(feature = "vulkan"),
+            ),
             (DeviceSpec::Cuda(0), "cuda", cfg!(feature = "cuda")),
         ] {
             if built {

@@ -414,7 +414,10 @@ mod tests {
         assert!((0.999..1.01).contains(&rule.largest_ratio()));
         rule.step(&[1.0, 1.0, 1.0], 0.01);
         assert!(rule.largest_ratio() > 1.0 && rule.largest_ratio() < 1.01);
-        assert!((rule.slack()[1] - 0.02).abs() < 1e-12, "determined now, slack kept");
+        assert!(
+            (rule.slack()[1] - 0.02).abs() < 1e-12,
+            "determined now, slack kept"
+        );
     }
 
     #[test]

@@ -17,8 +17,8 @@ use crate::method::gnn::GnnConfig;
 use crate::method::graph::{BatchLayout, CorrelationGraph};
 use crate::method::losses::{HardnessMasking, diversity_loss, npair_loss, synthetic_npair_loss};
 use crate::method::model::{GcaHng, GcaHngConfig};
-use crate::nn::adamw::TorchAdamW;
 use crate::method::synthesis::{ReplayMix, draws_per_call, hardness, synthesize};
+use crate::nn::adamw::TorchAdamW;
 use crate::train::step::{
     Batch, LearningRates, LossHistory, StepConfig, StepInputs, Trainer, WeightDecays,
     logsumexp_rows,
