@@ -1,27 +1,56 @@
-//! Choosing the compute device at run time: `cpu`, `vulkan:N` or `cuda:N`.
+//! Choosing the compute device at run time: `cpu`, `vulkan:N`, `vulkan:cpu`, `wgpu:N`,
+//! `wgpu:cpu` or `cuda:N`.
 
 use std::str::FromStr;
 
 use burn::tensor::Device;
+
+/// Which adapter of a wgpu-based backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adapter {
+    /// The N-th discrete GPU. Discrete only, so that a machine with a GPU never lands on a
+    /// software driver by accident.
+    Discrete(usize),
+    /// A CPU adapter: a software driver such as Mesa's llvmpipe. Slow, but it runs the GPU
+    /// code path on any machine, which is how CI tests it.
+    Cpu,
+}
+
+impl std::fmt::Display for Adapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Discrete(i) => write!(f, "{i}"),
+            Self::Cpu => f.write_str("cpu"),
+        }
+    }
+}
 
 /// A device named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
     /// burn's Flex backend (pure Rust, multi-threaded).
     Cpu,
-    /// The N-th discrete GPU through Vulkan (cargo feature `vulkan`).
-    Vulkan(usize),
+    /// A Vulkan adapter (cargo feature `vulkan`): kernels compile to SPIR-V.
+    Vulkan(Adapter),
+    /// An adapter of whichever graphics API wgpu settles on (cargo feature `wgpu`): kernels
+    /// compile to WGSL unless the binary also has `vulkan` and the adapter is a Vulkan one.
+    Wgpu(Adapter),
     /// The N-th CUDA GPU (cargo feature `cuda`).
     Cuda(usize),
 }
 
+/// The forms a device spec takes, for error messages.
+pub const EXPECTED: &str = "expected cpu, vulkan:N, vulkan:cpu, wgpu:N, wgpu:cpu or cuda:N";
+
 /// Why a device could not be named or opened.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
-    #[error("bad device index `{index}` in `{spec}`")]
+    #[error("bad device index `{index}` in `{spec}`: {EXPECTED}")]
     BadIndex { spec: String, index: String },
-    #[error("unknown device `{spec}`: expected cpu, vulkan:N or cuda:N")]
+    #[error("unknown device `{spec}`: {EXPECTED}")]
     Unknown { spec: String },
+    #[error("`{spec}`: CUDA has no CPU adapter; {EXPECTED}")]
+    NoCpuAdapter { spec: String },
     /// A device named by a configuration key; the cause follows in the chain.
     #[error("`{key}`")]
     Setting {
@@ -29,9 +58,12 @@ pub enum DeviceError {
         #[source]
         source: Box<DeviceError>,
     },
-    #[error("this binary was built without {backend} support: rebuild with `--features {feature}`")]
+    #[error(
+        "device `{spec}` needs the `{feature}` backend, which this binary was built without: \
+         rebuild with `cargo build --release --features {feature}`"
+    )]
     NotBuilt {
-        backend: &'static str,
+        spec: DeviceSpec,
         feature: &'static str,
     },
     #[error("device {spec} computed a wrong result in a self-test")]
@@ -45,19 +77,30 @@ impl FromStr for DeviceSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, index) = match s.split_once(':') {
-            Some((k, i)) => {
-                let index = i.parse::<usize>().map_err(|_| DeviceError::BadIndex {
+            Some((k, i)) => (k, Some(i)),
+            None => (s, None),
+        };
+        let adapter = || match index {
+            None => Ok(Adapter::Discrete(0)),
+            Some("cpu") => Ok(Adapter::Cpu),
+            Some(i) => i
+                .parse::<usize>()
+                .map(Adapter::Discrete)
+                .map_err(|_| DeviceError::BadIndex {
                     spec: s.to_string(),
                     index: i.to_string(),
-                })?;
-                (k, index)
-            }
-            None => (s, 0),
+                }),
         };
         match kind {
-            "cpu" | "flex" => Ok(Self::Cpu),
-            "vulkan" => Ok(Self::Vulkan(index)),
-            "cuda" => Ok(Self::Cuda(index)),
+            "cpu" | "flex" if index.is_none() => Ok(Self::Cpu),
+            "vulkan" => adapter().map(Self::Vulkan),
+            "wgpu" => adapter().map(Self::Wgpu),
+            "cuda" => match adapter()? {
+                Adapter::Discrete(i) => Ok(Self::Cuda(i)),
+                Adapter::Cpu => Err(DeviceError::NoCpuAdapter {
+                    spec: s.to_string(),
+                }),
+            },
             _ => Err(DeviceError::Unknown {
                 spec: s.to_string(),
             }),
@@ -69,7 +112,8 @@ impl std::fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Cpu => write!(f, "cpu"),
-            Self::Vulkan(i) => write!(f, "vulkan:{i}"),
+            Self::Vulkan(a) => write!(f, "vulkan:{a}"),
+            Self::Wgpu(a) => write!(f, "wgpu:{a}"),
             Self::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
@@ -109,24 +153,117 @@ impl DeviceSpec {
         }
     }
 
-    /// The burn device, or an error naming the cargo feature this binary lacks.
+    /// Whether kernels run on burn's CPU backend, where every result is the one `verify
+    /// reference`'s exact-parity tolerances were set on. Every other device (llvmpipe
+    /// included) sums in other orders.
+    pub fn is_flex(&self) -> bool {
+        matches!(self, Self::Cpu)
+    }
+
+    /// The cargo feature this spec needs, if any.
+    pub fn feature(&self) -> Option<&'static str> {
+        match self {
+            Self::Cpu => None,
+            Self::Vulkan(_) => Some("vulkan"),
+            Self::Wgpu(_) => Some("wgpu"),
+            Self::Cuda(_) => Some("cuda"),
+        }
+    }
+
+    /// The burn device, or an error naming the spec and the cargo feature this binary lacks.
     pub fn device(&self) -> Result<Device, DeviceError> {
         match *self {
             Self::Cpu => Ok(Device::flex()),
             #[cfg(feature = "vulkan")]
-            Self::Vulkan(i) => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(i))),
-            #[cfg(not(feature = "vulkan"))]
-            Self::Vulkan(_) => Err(DeviceError::NotBuilt {
-                backend: "Vulkan",
-                feature: "vulkan",
-            }),
+            Self::Vulkan(a) => Ok(Device::vulkan(kind(a))),
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu(a) => Ok(Device::wgpu(kind(a))),
             #[cfg(feature = "cuda")]
             Self::Cuda(i) => Ok(Device::cuda(i)),
-            #[cfg(not(feature = "cuda"))]
-            Self::Cuda(_) => Err(DeviceError::NotBuilt {
-                backend: "CUDA",
-                feature: "cuda",
+            #[allow(unreachable_patterns)]
+            _ => Err(DeviceError::NotBuilt {
+                spec: *self,
+                feature: self.feature().unwrap_or("?"),
             }),
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn kind(adapter: Adapter) -> burn::tensor::DeviceKind {
+    match adapter {
+        Adapter::Discrete(i) => burn::tensor::DeviceKind::DiscreteGpu(i),
+        Adapter::Cpu => burn::tensor::DeviceKind::Cpu,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        for (text, spec) in [
+            ("cpu", DeviceSpec::Cpu),
+            ("vulkan:1", DeviceSpec::Vulkan(Adapter::Discrete(1))),
+            ("vulkan:cpu", DeviceSpec::Vulkan(Adapter::Cpu)),
+            ("wgpu:0", DeviceSpec::Wgpu(Adapter::Discrete(0))),
+            ("wgpu:cpu", DeviceSpec::Wgpu(Adapter::Cpu)),
+            ("cuda:2", DeviceSpec::Cuda(2)),
+        ] {
+            assert_eq!(text.parse::<DeviceSpec>(), Ok(spec));
+            assert_eq!(spec.to_string(), text);
+        }
+        assert_eq!("flex".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!(
+            "wgpu".parse::<DeviceSpec>(),
+            Ok(DeviceSpec::Wgpu(Adapter::Discrete(0)))
+        );
+        assert!(matches!(
+            "cuda:cpu".parse::<DeviceSpec>(),
+            Err(DeviceError::NoCpuAdapter { .. })
+        ));
+        assert!(matches!(
+            "wgpu:x".parse::<DeviceSpec>(),
+            Err(DeviceError::BadIndex { .. })
+        ));
+        for bad in ["cpu:0", "metal:0"] {
+            assert!(matches!(
+                bad.parse::<DeviceSpec>(),
+                Err(DeviceError::Unknown { .. })
+            ));
+        }
+        for bad in ["cuda:cpu", "cpu:0", "wgpu:x", "metal:0", "vulkan:-1"] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err().to_string();
+            assert!(err.contains(bad) && err.contains("wgpu:cpu"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_backend_left_out_is_named_with_its_feature() {
+        for (spec, feature, built) in [
+            (
+                DeviceSpec::Wgpu(Adapter::Cpu),
+                "wgpu",
+                cfg!(feature = "wgpu"),
+            ),
+            (
+                DeviceSpec::Vulkan(Adapter::Cpu),
+                "vulkan",
+                cfg!(feature = "vulkan"),
+            ),
+            (DeviceSpec::Cuda(0), "cuda", cfg!(feature = "cuda")),
+        ] {
+            if built {
+                continue;
+            }
+            let err = spec.device().unwrap_err();
+            assert!(matches!(err, DeviceError::NotBuilt { .. }));
+            let err = err.to_string();
+            assert!(
+                err.contains(&spec.to_string()) && err.contains(&format!("--features {feature}")),
+                "{err}"
+            );
         }
     }
 }

@@ -28,8 +28,10 @@ use shared::Outcome;
 #[derive(Parser)]
 #[command(name = "gca-hng", version, about)]
 struct Cli {
-    /// Compute device: cpu, vulkan:N or cuda:N (default: cpu; for `train`, the config's
-    /// `train.device`).
+    /// Compute device (default: cpu; for `train`, the config's `train.device`): cpu (Flex),
+    /// vulkan:N or wgpu:N (the N-th discrete GPU), vulkan:cpu or wgpu:cpu (a CPU adapter
+    /// such as llvmpipe), cuda:N. GPU devices need the binary built with
+    /// `--features vulkan`, `wgpu` or `cuda`.
     #[arg(long, global = true)]
     device: Option<DeviceSpec>,
     #[command(subcommand)]

@@ -8,14 +8,16 @@ use clap::Subcommand;
 use gca_hng::backbones::BackboneKind;
 use gca_hng::device::DeviceSpec;
 use gca_hng::verify::backbone::verify_backbone;
-use gca_hng::verify::reference::verify_reference;
+use gca_hng::verify::reference::{ParameterRule, verify_reference_with};
 
 use crate::shared::{Outcome, open_device};
 
 #[derive(Subcommand)]
 pub enum VerifyCommand {
     /// Replay a dump of the authors' release and compare every stage, gradient, loss and
-    /// parameter it records.
+    /// parameter it records. On a device other than `cpu`, parameters after AdamW steps are
+    /// judged by the GPU rule (README, "Devices"): elements whose update rounding decides get
+    /// the slack of that update.
     Reference {
         /// The dump (`.safetensors`).
         dump: PathBuf,
@@ -58,7 +60,7 @@ pub fn run(what: VerifyCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             Ok(Outcome::passed(report.passed()))
         }
         VerifyCommand::Reference { dump, quiet } => {
-            let report = verify_reference(&dump, &device)?;
+            let report = verify_reference_with(&dump, &device, ParameterRule::for_device(&spec))?;
             print!("{}", report.table(quiet));
             println!(
                 "{}",

@@ -62,6 +62,18 @@ pub struct TorchAdamW {
     states: HashMap<ParamId, AdamWState<1>>,
     /// Clip every gradient element to [-c, c] before the step.
     pub clip_value: Option<f64>,
+    /// With `Some`, every gradient a step applies is appended, in order: `verify reference`
+    /// needs them to tell which updates rounding decides. `None` (no copies) in training.
+    pub trace: Option<Vec<AppliedGradient>>,
+}
+
+/// One parameter's gradient as one AdamW step applied it (after clipping; zeros for a
+/// parameter that had a gradient before but none this time), in burn's layout.
+#[derive(Clone, Debug)]
+pub struct AppliedGradient {
+    pub id: ParamId,
+    pub lr: f64,
+    pub grad: HostTensor,
 }
 
 impl TorchAdamW {
@@ -76,6 +88,7 @@ impl TorchAdamW {
             inner,
             states: HashMap::new(),
             clip_value,
+            trace: None,
         }
     }
 
@@ -200,6 +213,13 @@ impl ModuleMapper for StepMapper<'_> {
             Some(c) => grad.clamp(-c, c),
             None => grad,
         };
+        if let Some(trace) = self.optim.trace.as_mut() {
+            trace.push(AppliedGradient {
+                id,
+                lr: self.lr,
+                grad: HostTensor::from_tensor(grad.clone()),
+            });
+        }
         let shape = value.shape();
         let numel = shape.num_elements();
         let (updated, state) = self.optim.inner.step::<1>(
