@@ -11,7 +11,8 @@
 #   - .gl/release/ (the authors' release tree) and .gl/release-tools/make_fixtures.py (from
 #     ../shared/tools/release/), for the release's head step on CUDA.
 # Run: run(command="bash scripts/device-check.sh", carry=[".gl"], timeout_s=600).
-# Every step has its own time limit so that the whole run ends inside 9 minutes; a step that
+# Every step has its own time limit so that the whole run ends inside 7.5 minutes (the session's
+# device time is 15 minutes, start-up included); a step that
 # fails or runs out leaves its log and the next one runs. Writes $OUT/log.txt (everything)
 # and $OUT/summary.txt (one line per row).
 set -u
@@ -25,7 +26,7 @@ ldconfig
 if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 fi
-deadline=$((SECONDS + 540))
+deadline=$((SECONDS + ${DEVICE_CHECK_SECONDS:-450}))
 
 # step NAME LIMIT_S COMMAND...: runs with the smaller of LIMIT_S and the time left, logs
 # everything, and puts the command's last `median`/`PASS`/`FAIL` line in the summary.
@@ -47,6 +48,7 @@ step() {
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$summary"
+echo "host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(grep -o -w 'avx512f' /proc/cpuinfo | head -1 || echo no-avx512)" | tee -a "$summary"
 bins=()
 for b in vulkan cuda; do
   if [ -f ".gl/gca-hng-$b.gz" ]; then
@@ -55,25 +57,40 @@ for b in vulkan cuda; do
     echo "gca-hng-$b: not carried, its rows are not measured" | tee -a "$summary"
   fi
 done
+torch_ok=0
+python3 -c "import torch, torchvision; assert torch.cuda.is_available()" 2>>"$log" && torch_ok=1
+[ "$torch_ok" = 1 ] || echo "pytorch: torch with CUDA is not available, its rows are not measured" | tee -a "$summary"
+release_ok=0
+[ -d .gl/release ] && [ -f .gl/release-tools/make_fixtures.py ] && release_ok=1
 
+# The head step first: the cheapest rows, and the ones a session most needs.
+for b in "${bins[@]}"; do
+  step "head step 27x3 d512 L2 H4, $b:0" 90 "/tmp/gca-hng-$b" --device "$b:0" bench step --classes 27 --per-class 3 --dim 512 --layers 2 --heads 4 --warmup 3 --iters 10
+done
+if [ "$torch_ok" = 1 ] && [ "$release_ok" = 1 ]; then
+  step "release head step 27x3 d512 L2 H4, cuda" 90 env PYTHONUNBUFFERED=1 python3 scripts/release_step_device.py .gl/release-tools .gl/release cuda 27 3 512 2 4 10
+fi
+for b in "${bins[@]}"; do
+  # Autotune times its candidates during the warm-up iterations.
+  step "resnet50 b81 224 fwd+bwd f32, $b:0" 150 "/tmp/gca-hng-$b" --device "$b:0" bench backbone --arch resnet50 --batch 81 --size 224 --warmup 3 --iters 10
+done
+if [ "$torch_ok" = 1 ]; then
+  step "pytorch resnet50 b81 224 fwd+bwd, f32 and TF32" 120 env PYTHONUNBUFFERED=1 python3 scripts/torch_resnet50_bench.py
+fi
 for b in "${bins[@]}"; do
   bin=/tmp/gca-hng-$b
-  dev=$b:0
   # Parameters after AdamW steps under the GPU rule; every other row at its CPU tolerance.
-  step "verify reference, $dev" 120 "$bin" --device "$dev" verify reference --quiet tests/fixtures/tiny.safetensors
-  # Autotune times its candidates during the warm-up iterations.
-  step "resnet50 b81 224 fwd+bwd f32, $dev" 150 "$bin" --device "$dev" bench backbone --arch resnet50 --batch 81 --size 224 --warmup 3 --iters 10
-  step "head step 27x3 d512 L2 H4, $dev" 90 "$bin" --device "$dev" bench step --classes 27 --per-class 3 --dim 512 --layers 2 --heads 4 --warmup 3 --iters 10
+  step "verify reference, $b:0" 120 "$bin" --device "$b:0" verify reference --quiet tests/fixtures/tiny.safetensors
+  # Whole training steps (backbone + head + three optimisers), random images.
+  step "bench train cub-resnet50 synthetic, $b:0" 120 "$bin" --device "$b:0" bench train --preset cub-resnet50 --synthetic --warmup 3 --steps 10
+  step "bench train demo synthetic, $b:0" 60 "$bin" --device "$b:0" bench train --preset demo --synthetic --warmup 3 --steps 10
 done
-
-if python3 -c "import torch, torchvision; assert torch.cuda.is_available()" 2>>"$log"; then
-  step "pytorch resnet50 b81 224 fwd+bwd, f32 and TF32" 150 env PYTHONUNBUFFERED=1 python3 scripts/torch_resnet50_bench.py
-  if [ -d .gl/release ] && [ -f .gl/release-tools/make_fixtures.py ]; then
-    step "release head step 27x3 d512 L2 H4, cuda" 90 env PYTHONUNBUFFERED=1 python3 scripts/release_step_device.py .gl/release-tools .gl/release cuda 27 3 512 2 4 10
-  else
-    echo "release head step: .gl/release or .gl/release-tools not carried" | tee -a "$summary"
-  fi
-else
-  echo "pytorch: torch with CUDA is not available, its rows are not measured" | tee -a "$summary"
+# The host's CPU, all cores, for the CPU rows on a second kind of processor.
+for b in "${bins[@]}"; do
+  step "head step 27x3 d512 L2 H4, host cpu" 60 "/tmp/gca-hng-$b" --device cpu bench step --classes 27 --per-class 3 --dim 512 --layers 2 --heads 4 --warmup 1 --iters 3
+  break
+done
+if [ "$release_ok" = 1 ] && python3 -c "import torch" 2>>"$log"; then
+  step "release head step 27x3 d512 L2 H4, host cpu" 60 env PYTHONUNBUFFERED=1 python3 scripts/release_step_device.py .gl/release-tools .gl/release cpu 27 3 512 2 4 3
 fi
 echo "f16/bf16 rows: not measured, gca-hng has no --precision yet" | tee -a "$summary"

@@ -244,6 +244,33 @@ pub fn scalar(t: &Tensor<1>) -> f64 {
     crate::io::host::host_values(t.clone())[0] as f64
 }
 
+/// The losses of a step, kept on the device until the step is over and then read in one
+/// transfer: on a GPU every read waits for the queue to drain and cuts the fusion streams, so
+/// reading each loss where it is computed would stall the step eight times.
+#[derive(Default)]
+struct PendingMetrics {
+    losses: Vec<(Loss, Tensor<1>)>,
+}
+
+impl PendingMetrics {
+    fn record(&mut self, loss: Loss, value: &Tensor<1>) {
+        self.losses.push((loss, value.clone().detach()));
+    }
+
+    fn read(self) -> StepMetrics {
+        let mut metrics = StepMetrics::default();
+        if self.losses.is_empty() {
+            return metrics;
+        }
+        let (names, values): (Vec<Loss>, Vec<Tensor<1>>) = self.losses.into_iter().unzip();
+        let host = crate::io::host::host_values(Tensor::cat(values, 0));
+        for (loss, value) in names.into_iter().zip(host) {
+            *metrics.get_mut(loss) = value as f64;
+        }
+        metrics
+    }
+}
+
 /// The training procedure of one batch: the three optimisers, the loss settings and the batch
 /// layout they apply to.
 #[derive(Clone)]
@@ -321,7 +348,7 @@ fn train_step(
     let labels = &batch.labels;
     let lambda = hardness(config.hardness_alpha, history.metric);
     let syn_weight = 1.0 - (-config.synthetic_beta / history.generator).exp();
-    let mut metrics = StepMetrics::default();
+    let mut metrics = PendingMetrics::default();
 
     // 1-4: metric update of the embedder (and of the GNN through J_gce).
     let features = if train_backbone {
@@ -343,7 +370,7 @@ fn train_step(
         Some(proxies) => proxies.forward(z.clone(), labels),
         None => npair_loss(z.clone(), labels, layout),
     };
-    metrics.j_m = scalar(&j_m);
+    metrics.record(Loss::M, &j_m);
     let j_metric = if config.generation {
         let graph = CorrelationGraph::build(z.clone(), layout);
         let out = model.gnn.forward(&graph);
@@ -354,13 +381,13 @@ fn train_step(
             None => synthetic_npair_loss(z.clone(), syn.negatives, layout),
         }
         .mul_scalar(syn_weight);
-        metrics.j_gnnce = scalar(&j_gce);
-        metrics.j_syn = scalar(&j_syn);
+        metrics.record(Loss::Gnnce, &j_gce);
+        metrics.record(Loss::Syn, &j_syn);
         j_m + j_syn + j_gce
     } else {
         j_m
     };
-    metrics.j_metric = scalar(&j_metric);
+    metrics.record(Loss::Metric, &j_metric);
     let mut grads = j_metric.backward();
     let mut g_backbone = GradientsParams::from_module(&mut grads, &model.embedder.backbone);
     let mut g_head = GradientsParams::from_module(&mut grads, &model.embedder.head);
@@ -388,14 +415,14 @@ fn train_step(
 
     if !config.generation {
         // The baseline has no synthetic negatives for the classifier to judge.
-        return (model, metrics);
+        return (model, metrics.read());
     }
 
     // 5: the classifier learns the training classes on detached embeddings.
     let z = z.detach();
     let j_softce = cross_entropy(model.classifier.forward(z.clone()), labels)
         .mul_scalar(CLASSIFIER_LOSS_SCALE);
-    metrics.j_softce = scalar(&j_softce);
+    metrics.record(Loss::Softce, &j_softce);
     let mut grads = j_softce.backward();
     let mut g_cls = GradientsParams::from_module(&mut grads, &model.classifier);
     drop(grads);
@@ -420,14 +447,14 @@ fn train_step(
         + j_hard.mul_scalar(config.hardness_weight)
         + j_div.clone().mul_scalar(config.diversity_weight))
     .mul_scalar(0.5);
-    metrics.j_div = scalar(&j_div);
-    metrics.j_gence = scalar(&j_cls);
-    metrics.j_gen = scalar(&j_gen);
+    metrics.record(Loss::Div, &j_div);
+    metrics.record(Loss::Gence, &j_cls);
+    metrics.record(Loss::Gen, &j_gen);
     let mut grads = j_gen.backward();
     let mut g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
     drop(grads);
     model.gnn = optim.gnn.step(lr.gnn, model.gnn, &mut g_gnn);
-    (model, metrics)
+    (model, metrics.read())
 }
 
 /// `log(sum(exp(x)))` over each row, `[rows, cols] -> [rows, 1]`.
