@@ -64,6 +64,10 @@ pub fn conv_impl_for(conv: &Conv2d, device: &Device) -> ConvImpl {
 
 /// `conv.forward(x)`, computed the fastest known way for `x`'s device.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    if crate::nn::precision::is_reduced(&x) {
+        // Reduced precision is for the GPU kernels; the lowering is tuned for f32 on the CPU.
+        return crate::nn::precision::conv2d(conv, x);
+    }
     match conv_impl_for(conv, &x.device()) {
         ConvImpl::Burn => conv.forward(x),
         ConvImpl::Lowered => lowered_conv2d(conv, x),

@@ -13,6 +13,7 @@ pub mod layers;
 pub mod resnet;
 pub mod vit;
 
+use crate::nn::precision::{self, Precision};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -51,7 +52,7 @@ impl LinearBackboneConfig {
 
 impl LinearBackbone {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        relu(self.lin.forward(images.flatten::<2>(1, 3)))
+        relu(precision::linear(&self.lin, images.flatten::<2>(1, 3)))
     }
 }
 
@@ -118,6 +119,19 @@ impl BackboneConfig {
 }
 
 impl Backbone {
+    /// `forward` with the arithmetic in `precision` (see [`crate::nn::precision`]); the
+    /// features come back in f32 whatever it is.
+    ///
+    /// # Shapes
+    /// - images: `[batch, 3, height, width]`
+    /// - output: `[batch, width]`
+    pub fn forward_in(&self, images: Tensor<4>, precision: Precision) -> Tensor<2> {
+        match precision {
+            Precision::F32 => self.forward(images),
+            reduced => precision::to_f32(self.forward(reduced.enter(images))),
+        }
+    }
+
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         match self {
             Self::Linear(b) => b.forward(images),

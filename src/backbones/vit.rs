@@ -9,6 +9,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::backends::gelu;
+use crate::nn::precision;
 use crate::io::state_dict::{Layout, TorchNamed, TorchParam, join, push};
 
 #[derive(Config, Debug)]
@@ -46,20 +47,28 @@ impl Attention {
         let [b, n, c] = x.dims();
         let h = self.num_heads;
         let hd = c / h;
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = precision::linear(&self.qkv, x)
             .reshape([b, n, 3, h, hd])
             .permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, n, hd]);
         let (q, k, v) = (part(0), part(1), part(2));
-        let attn = softmax(
-            q.mul_scalar((hd as f64).powf(-0.5))
-                .matmul(k.swap_dims(2, 3)),
-            3,
-        );
+        let scores = q.mul_scalar((hd as f64).powf(-0.5)).matmul(k.swap_dims(2, 3));
+        // The softmax in f32 under reduced precision, as autocast runs it.
+        let dtype = scores.dtype();
+        let attn = softmax(precision::to_f32(scores), 3).cast(dtype);
         let y = attn.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
-        self.proj.forward(y)
+        precision::linear(&self.proj, y)
+    }
+}
+
+/// LayerNorm with its statistics in f32 whatever the activations' precision, as autocast
+/// computes it.
+fn layer_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+    if precision::is_reduced(&x) {
+        let dtype = x.dtype();
+        norm.forward(precision::to_f32(x)).cast(dtype)
+    } else {
+        norm.forward(x)
     }
 }
 
@@ -74,11 +83,12 @@ pub struct Block {
 
 impl Block {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
-        let y = self
-            .fc2
-            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
-        x + y
+        let x = x.clone() + self.attn.forward(layer_norm(&self.norm1, x));
+        let hidden = gelu(precision::linear(
+            &self.fc1,
+            layer_norm(&self.norm2, x.clone()),
+        ));
+        x + precision::linear(&self.fc2, hidden)
     }
 }
 
@@ -144,16 +154,15 @@ impl Vit {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let [b, _, h, w] = images.dims();
         let (rows, cols) = (h / self.patch_size, w / self.patch_size);
-        let patches = self
-            .patch_embed
-            .forward(images)
+        let patches = precision::conv2d(&self.patch_embed, images)
             .flatten::<3>(2, 3)
             .swap_dims(1, 2);
         let d = patches.dims()[2];
-        let cls = self.cls_token.val().expand([b, 1, d]);
-        let x = Tensor::cat(vec![cls, patches], 1) + self.position_embedding(rows, cols);
+        let cls = precision::weight_for(self.cls_token.val(), &patches).expand([b, 1, d]);
+        let position = precision::weight_for(self.position_embedding(rows, cols), &patches);
+        let x = Tensor::cat(vec![cls, patches], 1) + position;
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
-        self.norm.forward(x).narrow(1, 0, 1).reshape([b, d])
+        layer_norm(&self.norm, x).narrow(1, 0, 1).reshape([b, d])
     }
 
     /// DINO's `interpolate_pos_encoding`: the trained grid as is when the input has its

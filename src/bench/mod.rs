@@ -4,6 +4,7 @@
 pub mod data;
 pub mod train;
 
+use crate::nn::precision::Precision;
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
@@ -62,6 +63,7 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
         grad_clip: Some(10.0),
         masking: HardnessMasking::SameClass,
         generation: true,
+        precision: Precision::F32,
     };
     let mut trainer = Trainer::new(
         step_cfg,
@@ -132,6 +134,7 @@ pub fn bench_backbone(
     size: usize,
     warmup: usize,
     iters: usize,
+    precision: Precision,
     device: &Device,
 ) -> Vec<f64> {
     let device = device.clone().autodiff();
@@ -145,7 +148,7 @@ pub fn bench_backbone(
             &device,
         );
         let start = Instant::now();
-        let features = model.forward(images);
+        let features = model.forward_in(images, precision);
         let grads = features.sum().backward();
         // GPU backends queue the work; wait for it before stopping the clock.
         let _ = device.sync();

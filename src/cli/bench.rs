@@ -14,6 +14,7 @@ use gca_hng::config::{ConfigBase, ExperimentConfig, RunSettings};
 use gca_hng::data::DatasetKind;
 use gca_hng::data::loader::LoaderConfig;
 use gca_hng::device::DeviceSpec;
+use gca_hng::nn::precision::Precision;
 
 use crate::shared::{Outcome, open_dataset, open_device};
 
@@ -59,6 +60,9 @@ pub enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        /// The backbone's arithmetic (f16/bf16: mixed precision, for GPUs).
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
         /// Print `{"median_s": ...}` only.
         #[arg(long)]
         json: bool,
@@ -86,6 +90,9 @@ pub enum BenchCommand {
         /// (the loader is left out).
         #[arg(long)]
         synthetic: bool,
+        /// The backbone's arithmetic (default: the preset's, f32).
+        #[arg(long)]
+        precision: Option<Precision>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -185,6 +192,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             size,
             warmup,
             iters,
+            precision,
             json,
         } => {
             let (spec, device) = open_device(device)?;
@@ -193,9 +201,9 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                 "--iters and --batch must be at least 1"
             );
             let cfg = arch.config(BatchNormMode::Train, Pooling::AvgPlusMax);
-            let times = bench_backbone(&cfg, batch, size, warmup, iters, &device);
+            let times = bench_backbone(&cfg, batch, size, warmup, iters, precision, &device);
             report_times(
-                &format!("bench backbone {arch} batch {batch} {size}px forward+backward"),
+                &format!("bench backbone {arch} batch {batch} {size}px {precision} forward+backward"),
                 &spec,
                 &times,
                 json,
@@ -208,6 +216,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             data_root,
             weights,
             synthetic,
+            precision,
             json,
         } => {
             let (spec, device) = open_device(device)?;
@@ -219,6 +228,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                 select_on: None,
                 generation: None,
                 device: Some(spec),
+                precision,
             };
             let config =
                 ExperimentConfig::assemble(&ConfigBase::Preset(preset.clone()), &settings, &[])?;
@@ -237,6 +247,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                     "{}",
                     serde_json::json!({
                         "preset": preset,
+                        "precision": config.train.precision.to_string(),
                         "device": spec.to_string(),
                         "synthetic": synthetic,
                         "steps": r.seconds.len(),
@@ -249,8 +260,9 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                 );
             } else {
                 println!(
-                    "bench train {preset}{} on {spec}: median {m:.3} s per step of {} images over {} steps (min {min:.3}, max {max:.3}), {:.1} images/s",
+                    "bench train {preset}{} {} on {spec}: median {m:.3} s per step of {} images over {} steps (min {min:.3}, max {max:.3}), {:.1} images/s",
                     if synthetic { " (synthetic)" } else { "" },
+                    config.train.precision,
                     r.images_per_step,
                     r.seconds.len(),
                     r.images_per_second()

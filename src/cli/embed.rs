@@ -7,6 +7,7 @@ use anyhow::Result;
 
 use gca_hng::data::sources::{collect_images, unlabelled_samples};
 use gca_hng::device::DeviceSpec;
+use gca_hng::nn::precision::Precision;
 use gca_hng::eval::embed::{EmbedOutput, embed_samples};
 use gca_hng::io::embedding_files::EmbeddingFiles;
 use gca_hng::train::{self, Observer, setup};
@@ -32,6 +33,10 @@ pub struct EmbedArgs {
     out: PathBuf,
     #[arg(long)]
     skip_bad_images: bool,
+    /// The backbone's arithmetic: f32 (default, whatever the run trained with), or f16/bf16
+    /// on a GPU.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
 }
 
 pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
@@ -46,7 +51,8 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         None => (unlabelled_samples(collect_images(&args.images)?), false),
     };
     let store = train::image_store_for(&config, samples.iter().map(|s| &s.source))?;
-    let settings = train::embed_settings(&config, args.skip_bad_images);
+    let mut settings = train::embed_settings(&config, args.skip_bad_images);
+    settings.precision = args.precision;
     let mut progress = TerminalProgress::new("");
     let samples = Arc::new(samples);
     let e = embed_samples(

@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use gca_hng::config::{ConfigBase, ExperimentConfig, RunSettings, SelectOn};
 use gca_hng::device::DeviceSpec;
+use gca_hng::nn::precision::Precision;
 use gca_hng::train::{self, RunOptions, RunOutcome};
 
 use crate::progress::{TerminalProgress, metrics_line};
@@ -38,6 +39,11 @@ pub struct TrainArgs {
     /// release's protocol) (sets `train.select_on`).
     #[arg(long, conflicts_with = "resume")]
     select_on: Option<SelectOn>,
+    /// The backbone's arithmetic: f32, or f16/bf16 mixed precision for GPUs (f32 master
+    /// weights, optimiser state, head and losses; f16 with dynamic loss scaling) (sets
+    /// `train.precision`).
+    #[arg(long, conflicts_with = "resume")]
+    precision: Option<Precision>,
     /// Train the plain baseline: no graph, no synthetic negatives (sets `loss.generation`).
     #[arg(long, conflicts_with = "resume")]
     no_generation: bool,
@@ -69,6 +75,7 @@ fn new_config(args: &TrainArgs, device: Option<DeviceSpec>) -> Result<Experiment
         select_on: args.select_on,
         generation: args.no_generation.then_some(false),
         device,
+        precision: args.precision,
     };
     Ok(ExperimentConfig::assemble(
         &base,

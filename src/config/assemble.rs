@@ -39,6 +39,8 @@ pub struct RunSettings {
     pub generation: Option<bool>,
     /// `train.device`.
     pub device: Option<DeviceSpec>,
+    /// `train.precision`.
+    pub precision: Option<crate::nn::precision::Precision>,
 }
 
 impl ExperimentConfig {
@@ -69,6 +71,9 @@ impl ExperimentConfig {
         if let Some(d) = settings.device {
             c.train.device = d.to_string();
         }
+        if let Some(p) = settings.precision {
+            c.train.precision = p;
+        }
         // Also validates the whole, so a typed setting that breaks a rule is reported too.
         c.with_overrides(overrides)
     }
@@ -91,8 +96,10 @@ mod tests {
             select_on: Some(SelectOn::Test),
             generation: Some(false),
             device: Some(DeviceSpec::Cuda(1)),
+            precision: Some(crate::nn::precision::Precision::Bf16),
         };
         let c = ExperimentConfig::assemble(&preset(), &settings, &[]).unwrap();
+        assert_eq!(c.train.precision, crate::nn::precision::Precision::Bf16);
         assert_eq!(c.model.weights.as_deref(), Some("w/resnet 50.pth"));
         assert_eq!(c.data.root.as_deref(), Some("/data/cub"));
         assert_eq!(c.train.out, "runs/x");
@@ -107,6 +114,7 @@ mod tests {
         expected.train.select_on = SelectOn::Test;
         expected.loss.generation = false;
         expected.train.device = "cuda:1".into();
+        expected.train.precision = crate::nn::precision::Precision::Bf16;
         assert_eq!(c, expected);
     }
 

@@ -133,6 +133,10 @@ pub struct TrainConfig {
     pub eval_every: usize,
     pub seed: u64,
     pub device: String,
+    /// The backbone's arithmetic in training and embedding (`f32`, `f16`, `bf16`); reduced
+    /// precision is meant for GPUs. Default: f32.
+    #[serde(default)]
+    pub precision: crate::nn::precision::Precision,
     pub out: String,
     pub select_on: SelectOn,
 }

@@ -1,6 +1,7 @@
 //! The presets: METHOD.md section 9's table of the release's settings, one per dataset and
 //! backbone, and the demo of DEMO.md.
 
+use crate::nn::precision::Precision;
 use super::*;
 
 /// Names of the presets, in the order `config list` shows them.
@@ -174,6 +175,7 @@ impl ExperimentConfig {
                 eval_every: r.eval_every,
                 seed: 0,
                 device: "cpu".into(),
+                precision: Precision::F32,
                 out: format!("runs/{name}"),
                 select_on: SelectOn::Validation,
             },
@@ -236,6 +238,7 @@ impl ExperimentConfig {
                 eval_every: 2,
                 seed: 0,
                 device: "cpu".into(),
+                precision: Precision::F32,
                 out: "runs/demo".into(),
                 select_on: SelectOn::Test,
             },

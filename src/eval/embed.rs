@@ -1,6 +1,7 @@
 //! Embedding images with a trained embedder: the test-time transform, batched forward passes
 //! in evaluation mode (running BatchNorm statistics, no autodiff), one row per image.
 
+use crate::nn::precision::Precision;
 use std::sync::Arc;
 
 use burn::module::Module;
@@ -27,6 +28,8 @@ pub struct EmbedSettings {
     pub threads: usize,
     /// Leave out unreadable images instead of stopping.
     pub skip_bad_images: bool,
+    /// The backbone's arithmetic.
+    pub precision: Precision,
 }
 
 /// Embeddings of a list of samples.
@@ -111,8 +114,10 @@ pub fn embed_samples(
         if batch.rows() > 0 {
             let images = images_tensor(&batch, &device);
             let z = match output {
-                EmbedOutput::Embedding => embedder.forward(images),
-                EmbedOutput::BackboneFeatures => embedder.backbone.forward(images),
+                EmbedOutput::Embedding => embedder.forward_in(images, settings.precision),
+                EmbedOutput::BackboneFeatures => {
+                    embedder.backbone.forward_in(images, settings.precision)
+                }
             };
             let [_, dim] = z.dims();
             out.dim = dim;

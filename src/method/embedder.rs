@@ -1,6 +1,7 @@
 //! The embedder: backbone features -> BatchNorm1d -> Linear to the embedding width.
 //! No L2 normalisation while training (METHOD.md section 2).
 
+use crate::nn::precision::Precision;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -74,6 +75,15 @@ impl EmbedderConfig {
 impl Embedder {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         self.head.forward(self.backbone.forward(images))
+    }
+
+    /// `forward` with the backbone in `precision`; the head is always f32.
+    ///
+    /// # Shapes
+    /// - images: `[batch, 3, height, width]`
+    /// - output: `[batch, embedding_dim]`
+    pub fn forward_in(&self, images: Tensor<4>, precision: Precision) -> Tensor<2> {
+        self.head.forward(self.backbone.forward_in(images, precision))
     }
 }
 

@@ -94,10 +94,23 @@ impl TorchAdamW {
 
     /// Steps every parameter of `module` that has a gradient in `grads` or has had one before.
     pub fn step<M: Module>(&mut self, lr: f64, module: M, grads: &mut GradientsParams) -> M {
+        self.step_scaled(lr, module, grads, 1.0)
+    }
+
+    /// [`step`](Self::step) with every gradient multiplied by `factor` first (before
+    /// clipping): the unscaling of a loss-scaled gradient.
+    pub fn step_scaled<M: Module>(
+        &mut self,
+        lr: f64,
+        module: M,
+        grads: &mut GradientsParams,
+        factor: f64,
+    ) -> M {
         let mut mapper = StepMapper {
             optim: self,
             lr,
             grads,
+            factor,
         };
         module.map(&mut mapper)
     }
@@ -196,6 +209,7 @@ struct StepMapper<'a> {
     optim: &'a mut TorchAdamW,
     lr: f64,
     grads: &'a mut GradientsParams,
+    factor: f64,
 }
 
 impl ModuleMapper for StepMapper<'_> {
@@ -205,6 +219,7 @@ impl ModuleMapper for StepMapper<'_> {
         let state = self.optim.states.remove(&id);
         let value = tensor.clone().inner();
         let grad = match (grad, &state) {
+            (Some(g), _) if self.factor != 1.0 => g.mul_scalar(self.factor),
             (Some(g), _) => g,
             (None, Some(_)) => value.zeros_like(),
             (None, None) => return Param::from_mapped_value(id, tensor, mapper),

@@ -67,7 +67,20 @@ impl BatchNorm1dConfig {
 }
 
 impl BatchNorm1d {
+    /// Normalises `input`; under reduced precision the statistics, the running state and the
+    /// normalisation are f32 and only the output returns to the input's dtype, as autocast
+    /// runs BatchNorm.
+    ///
+    /// # Shapes
+    /// - input: `[batch, features, ...]`
+    /// - output: the input's shape
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        if crate::nn::precision::is_reduced(&input) {
+            let dtype = input.dtype();
+            return self
+                .forward(crate::nn::precision::to_f32(input))
+                .cast(dtype);
+        }
         if input.device().is_autodiff() && self.training.is_enabled() {
             self.forward_train(input)
         } else {

@@ -1,5 +1,6 @@
 //! Building blocks that behave exactly as PyTorch's: BatchNorm with PyTorch's running
-//! statistics and AdamW with PyTorch's bookkeeping.
+//! statistics, AdamW with PyTorch's bookkeeping, and autocast-style mixed precision.
 
 pub mod adamw;
 pub mod batch_norm;
+pub mod precision;

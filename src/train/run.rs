@@ -99,6 +99,7 @@ pub fn embed_settings(config: &ExperimentConfig, skip_bad_images: bool) -> Embed
         batch: 64,
         threads: config.data.workers.max(1),
         skip_bad_images,
+        precision: config.train.precision,
     }
 }
 

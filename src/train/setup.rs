@@ -342,6 +342,7 @@ pub fn step_config(config: &ExperimentConfig) -> StepConfig {
         grad_clip: (config.optim.grad_clip > 0.0).then_some(config.optim.grad_clip),
         masking: l.masking,
         generation: l.generation,
+        precision: config.train.precision,
     }
 }
 

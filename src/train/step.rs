@@ -12,7 +12,9 @@ use crate::method::losses::{
 };
 use crate::method::model::GcaHng;
 use crate::method::synthesis::{MixSource, hardness, synthesize};
+use crate::backbones::Backbone;
 use crate::nn::adamw::{AdamWSettings, TorchAdamW};
+use crate::nn::precision::{LossScaler, Precision, scale_gradient};
 
 /// The classifier's cross-entropy is scaled by this in the release.
 const CLASSIFIER_LOSS_SCALE: f64 = 10.0;
@@ -43,6 +45,9 @@ pub struct StepConfig {
     pub masking: HardnessMasking,
     /// `false` trains the plain N-pair baseline: no graph, no synthesis.
     pub generation: bool,
+    /// The backbone's arithmetic; everything after it is f32.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// Learning rates of one step.
@@ -257,17 +262,21 @@ impl PendingMetrics {
         self.losses.push((loss, value.clone().detach()));
     }
 
-    fn read(self) -> StepMetrics {
+    /// The losses, and `extra`'s value read in the same transfer.
+    fn read(self, extra: Option<Tensor<1>>) -> (StepMetrics, Option<f64>) {
         let mut metrics = StepMetrics::default();
-        if self.losses.is_empty() {
-            return metrics;
+        let (names, mut values): (Vec<Loss>, Vec<Tensor<1>>) = self.losses.into_iter().unzip();
+        let has_extra = extra.is_some();
+        values.extend(extra);
+        if values.is_empty() {
+            return (metrics, None);
         }
-        let (names, values): (Vec<Loss>, Vec<Tensor<1>>) = self.losses.into_iter().unzip();
         let host = crate::io::host::host_values(Tensor::cat(values, 0));
-        for (loss, value) in names.into_iter().zip(host) {
-            *metrics.get_mut(loss) = value as f64;
+        for (loss, value) in names.iter().zip(&host) {
+            *metrics.get_mut(*loss) = *value as f64;
         }
-        metrics
+        let extra = has_extra.then(|| host[names.len()] as f64);
+        (metrics, extra)
     }
 }
 
@@ -278,12 +287,15 @@ pub struct Trainer {
     pub optim: Optimisers,
     pub config: StepConfig,
     pub layout: BatchLayout,
+    /// Loss scaling of the backbone's gradient, under f16 only.
+    pub scaler: Option<LossScaler>,
 }
 
 impl Trainer {
     pub fn new(config: StepConfig, decays: WeightDecays, layout: BatchLayout) -> Self {
         Self {
             optim: Optimisers::new(decays, config.grad_clip),
+            scaler: config.precision.scales_loss().then(LossScaler::default),
             config,
             layout,
         }
@@ -301,6 +313,7 @@ impl Trainer {
         train_step(
             model,
             &mut self.optim,
+            self.scaler.as_mut(),
             &self.config,
             self.layout,
             batch,
@@ -331,9 +344,11 @@ impl StepInputs {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_step(
     mut model: GcaHng,
     optim: &mut Optimisers,
+    mut scaler: Option<&mut LossScaler>,
     config: &StepConfig,
     layout: BatchLayout,
     batch: &Batch,
@@ -351,8 +366,19 @@ fn train_step(
     let mut metrics = PendingMetrics::default();
 
     // 1-4: metric update of the embedder (and of the GNN through J_gce).
+    let precision = config.precision;
+    // Under f16 the backbone's gradient is scaled on its way in and unscaled before its
+    // optimiser; nothing else sees the scale.
+    let scale = match (&scaler, train_backbone) {
+        (Some(s), true) => s.scale,
+        _ => 1.0,
+    };
     let features = if train_backbone {
-        model.embedder.backbone.forward(batch.images.clone())
+        let features = model
+            .embedder
+            .backbone
+            .forward_in(batch.images.clone(), precision);
+        scale_gradient(features, scale)
     } else {
         // Frozen during warm-up: run it with no parameter requiring a gradient, so that
         // autodiff records nothing. (Detaching its output instead leaves the recorded forward
@@ -363,7 +389,7 @@ fn train_step(
             .backbone
             .clone()
             .no_grad()
-            .forward(batch.images.clone())
+            .forward_in(batch.images.clone(), precision)
     };
     let z = model.embedder.head.forward(features);
     let j_m = match &model.proxies {
@@ -397,12 +423,26 @@ fn train_step(
         .as_ref()
         .map(|p| GradientsParams::from_module(&mut grads, p));
     drop(grads);
-    if train_backbone {
+    // The backbone steps last, once its gradient is known to be finite (under f16); nothing
+    // before then reads its parameters.
+    let overflow_check = (scale != 1.0)
+        .then(|| gradient_l1(&model.embedder.backbone, &g_backbone))
+        .flatten();
+    let mut backbone_step = |model: &mut GcaHng, optim: &mut Optimisers, l1: Option<f64>| {
+        if !train_backbone {
+            return;
+        }
+        if let (Some(scaler), Some(l1)) = (scaler.as_deref_mut(), l1) {
+            if !scaler.update(l1.is_finite()) {
+                return;
+            }
+        }
+        let backbone = std::mem::replace(&mut model.embedder.backbone, Backbone::Identity(Default::default()));
         model.embedder.backbone =
             optim
                 .embedder
-                .step(lr.backbone, model.embedder.backbone, &mut g_backbone);
-    }
+                .step_scaled(lr.backbone, backbone, &mut g_backbone, 1.0 / scale);
+    };
     if let (Some(proxies), Some(g)) = (model.proxies.take(), g_proxies.as_mut()) {
         model.proxies = Some(optim.embedder.step(lr.proxies, proxies, g));
     }
@@ -415,7 +455,9 @@ fn train_step(
 
     if !config.generation {
         // The baseline has no synthetic negatives for the classifier to judge.
-        return (model, metrics.read());
+        let (metrics, l1) = metrics.read(overflow_check);
+        backbone_step(&mut model, optim, l1);
+        return (model, metrics);
     }
 
     // 5: the classifier learns the training classes on detached embeddings.
@@ -454,7 +496,31 @@ fn train_step(
     let mut g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
     drop(grads);
     model.gnn = optim.gnn.step(lr.gnn, model.gnn, &mut g_gnn);
-    (model, metrics.read())
+    let (metrics, l1) = metrics.read(overflow_check);
+    backbone_step(&mut model, optim, l1);
+    (model, metrics)
+}
+
+/// The sum of `|g|` over every gradient of `module` in `grads`: infinite or NaN exactly when
+/// some element is.
+fn gradient_l1<M: Module>(module: &M, grads: &GradientsParams) -> Option<Tensor<1>> {
+    struct Sum<'a> {
+        grads: &'a GradientsParams,
+        parts: Vec<Tensor<1>>,
+    }
+    impl burn::module::ModuleVisitor for Sum<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.parts.push(g.abs().sum());
+            }
+        }
+    }
+    let mut sum = Sum {
+        grads,
+        parts: Vec::new(),
+    };
+    module.visit(&mut sum);
+    (!sum.parts.is_empty()).then(|| Tensor::cat(sum.parts, 0).sum())
 }
 
 /// `log(sum(exp(x)))` over each row, `[rows, cols] -> [rows, 1]`.

@@ -95,6 +95,7 @@ impl DumpMeta {
             grad_clip: self.grad_clip_value,
             masking: self.hardness_masking.unwrap_or(HardnessMasking::Release),
             generation: true,
+            precision: Default::default(),
         }
     }
 }

@@ -45,6 +45,7 @@ fn config(generation: bool) -> StepConfig {
         grad_clip: Some(10.0),
         masking: HardnessMasking::Release,
         generation,
+        precision: Default::default(),
     }
 }
 
@@ -199,4 +200,55 @@ fn warm_up_freezes_the_backbone_only() {
             .steps_of(model.embedder.head.linear.weight.id),
         1
     );
+}
+
+#[test]
+fn mixed_precision_steps_train_every_group_and_stay_near_f32() {
+    let lr = rates(1e-2, 1e-2, 1e-2, 1e-2);
+    let (_, reference, _, _) = moved_by_step(true, lr, true);
+    for precision in [Precision::F16, Precision::Bf16] {
+        let device = Device::flex().autodiff();
+        device.seed(7);
+        let model = model(&device);
+        let before: StateDict = export_torch(&model, "");
+        let mut trainer = Trainer::new(
+            StepConfig {
+                precision,
+                ..config(true)
+            },
+            WeightDecays {
+                metric: 1e-4,
+                gnn: 1e-4,
+                classifier: 0.01,
+            },
+            LAYOUT,
+        );
+        assert_eq!(trainer.scaler.is_some(), precision == Precision::F16);
+        let inputs = StepInputs {
+            lr,
+            history: LossHistory::default(),
+            train_backbone: true,
+        };
+        let (model, metrics) =
+            trainer.step(model, &batch(&device), inputs, &mut SeededMix::new(3));
+        let after = export_torch(&model, "");
+        let moved: Vec<String> = before
+            .tensors
+            .iter()
+            .filter(|(name, t)| !is_buffer(name) && after.tensors[*name].data != t.data)
+            .map(|(name, _)| name.clone())
+            .collect();
+        assert_eq!(groups_of(&moved), GROUPS, "{precision}: {moved:?}");
+        // Parameters stay f32 (the master weights).
+        for (name, t) in &after.tensors {
+            assert!(t.data.iter().all(|v| v.is_finite()), "{precision}: {name}");
+        }
+        for ((name, got), (_, want)) in metrics.named().iter().zip(reference.named()) {
+            let gap = (got - want).abs() / want.abs().max(1e-3);
+            assert!(gap < 5e-2, "{precision}: {name} {got} vs f32 {want}");
+        }
+        if let Some(s) = &trainer.scaler {
+            assert_eq!((s.scale, s.skipped), (65536.0, 0), "{precision}");
+        }
+    }
 }
