@@ -144,7 +144,7 @@ fn im2col_matmul(
 
 /// Padding before and after along spatial axis `axis` (0 height, 1 width), as burn's
 /// `Conv2d` computes it: TensorFlow/ONNX "SAME" puts the odd pixel after.
-fn padding_pair(
+pub(crate) fn padding_pair(
     padding: &PaddingConfig2d,
     axis: usize,
     size: usize,

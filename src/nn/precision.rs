@@ -73,9 +73,16 @@ pub fn is_reduced<const D: usize>(x: &Tensor<D>) -> bool {
 /// `conv.forward(x)` with the layer's parameters cast to `x`'s dtype (burn's own kernel).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let [_, _, h, w] = x.dims();
-    let ((top, bottom), (left, right)) =
-        conv.padding
-            .calculate_padding_2d_pairs(h, w, &conv.kernel_size, &conv.stride);
+    let pair = |axis: usize, size: usize| {
+        crate::backbones::conv::padding_pair(
+            &conv.padding,
+            axis,
+            size,
+            conv.kernel_size[axis],
+            conv.stride[axis],
+        )
+    };
+    let ((top, bottom), (left, right)) = (pair(0, h), pair(1, w));
     let options = ConvOptions::new_with_padding(
         conv.stride,
         [(top, bottom), (left, right)],

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::io::WeightsError;
 use crate::io::state_dict::{
-    HostTensor, Layout, StateDict, export_grads, export_torch, load_torch,
+    HostTensor, Layout, StateDict, TorchNamed, export_grads, export_torch, load_torch,
 };
 use crate::method::graph::CorrelationGraph;
 use crate::method::losses::{diversity_loss, npair_loss, synthetic_npair_loss};
