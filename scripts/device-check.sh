@@ -4,9 +4,10 @@
 #
 # Prepare on the build machine (once; .gl/ is ignored through .git/info/exclude and carried):
 #   - the Vulkan loader packages in .gl/*.deb (the device README says which);
-#   - .gl/gca-hng-vulkan.gz: `cargo build --release --features vulkan`, stripped, gzipped
+#   - .gl/gca-hng-vulkan.xz: `cargo build --release --features vulkan`, stripped, compressed
+#     with `xz` (gzip, `.gz`, also works; xz keeps the carried tree under its 64 MiB limit)
 #     (`vulkan` implies `wgpu`, autotune and fusion);
-#   - optionally .gl/gca-hng-cuda.gz, the same with `--features cuda` (its build downloads
+#   - optionally .gl/gca-hng-cuda.xz, the same with `--features cuda` (its build downloads
 #     LLVM, so it is built only where the network allows);
 #   - .gl/release/ (the authors' release tree) and .gl/release-tools/make_fixtures.py (from
 #     ../shared/tools/release/), for the release's head step on CUDA.
@@ -51,7 +52,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 echo "host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(grep -o -w 'avx512f' /proc/cpuinfo | head -1 || echo no-avx512)" | tee -a "$summary"
 bins=()
 for b in vulkan cuda; do
-  if [ -f ".gl/gca-hng-$b.gz" ]; then
+  if [ -f ".gl/gca-hng-$b.xz" ]; then
+    xz -dc ".gl/gca-hng-$b.xz" > "/tmp/gca-hng-$b" && chmod +x "/tmp/gca-hng-$b" && bins+=("$b")
+  elif [ -f ".gl/gca-hng-$b.gz" ]; then
     gunzip -c ".gl/gca-hng-$b.gz" > "/tmp/gca-hng-$b" && chmod +x "/tmp/gca-hng-$b" && bins+=("$b")
   else
     echo "gca-hng-$b: not carried, its rows are not measured" | tee -a "$summary"
