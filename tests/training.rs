@@ -638,20 +638,146 @@ fn sigterm_stops_with_a_checkpoint_that_resumes() {
     );
     assert!(run.join("last.safetensors").exists());
     assert!(!run.join("summary.json").exists());
-    succeed(
-        Command::new(bin)
-            .args([
-                "train",
-                "--max-steps-per-epoch",
-                "1",
-                "--eval-class-limit",
-                "4",
-                "--resume",
-            ])
-            .arg(&run),
-    );
+    // The smoke settings were saved with the run: the resume repeats none of them.
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("max_steps_per_epoch = 3"), "{saved}");
+    succeed(Command::new(bin).args(["train", "--resume"]).arg(&run));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["epochs"], 12);
-    assert_eq!(metrics_records(&run).len(), 12);
+    let records = metrics_records(&run);
+    assert_eq!(records.len(), 12);
+    assert!(records.iter().all(|r| r["steps"] == 3), "{records:?}");
+}
+
+/// Issue 11: two runs into one folder both finished and mixed their files; a live run could
+/// be resumed beside itself.
+#[test]
+fn a_run_folder_has_one_writer() {
+    use gca_hng::train::run_dir::RunDir;
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let held = RunDir::new(&out).lock().unwrap();
+    let pid = std::process::id();
+    let err = train(&tiny_config(), &tiny_options(&out), &mut gca_hng::train::Silent)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, Error::RunDir(RunDirError::Locked { pid: Some(p), .. }) if *p == pid),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&pid.to_string()), "{err}");
+    assert!(!out.join("config.toml").exists());
+    let mut resume = tiny_options(&out);
+    resume.resume = true;
+    let err = train(&tiny_config(), &resume, &mut gca_hng::train::Silent)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, Error::RunDir(RunDirError::Locked { .. })),
+        "{err}"
+    );
+    drop(held);
+    // Released with its holder: the folder can be taken again.
+    drop(RunDir::new(&out).lock().unwrap());
+}
+
+/// Issue 11: `--eval-class-limit 0` trained, then failed, leaving a half-made folder;
+/// `--max-steps-per-epoch 0` ran one step.
+#[test]
+fn settings_that_cannot_work_are_refused_before_the_folder_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    for (steps, classes, key) in [
+        (Some(0), None, "train.max_steps_per_epoch"),
+        (None, Some(0), "train.eval_class_limit"),
+    ] {
+        let mut opts = RunOptions::new(&out);
+        opts.max_steps_per_epoch = steps;
+        opts.eval_class_limit = classes;
+        let err = train(&tiny_config(), &opts, &mut gca_hng::train::Silent)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains(key), "{err}");
+        assert!(!out.exists());
+    }
+    let mut c = tiny_config();
+    c.data.image_size = 100_000;
+    c.data.resize = 100_000;
+    let err = train(&c, &RunOptions::new(&out), &mut gca_hng::train::Silent)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("data.image_size"), "{err}");
+    assert!(!out.exists());
+}
+
+/// Keeps every note a run makes.
+#[derive(Default)]
+struct Notes(Vec<String>);
+
+impl Observer for Notes {
+    fn note(&mut self, message: &str) {
+        self.0.push(message.to_string());
+    }
+}
+
+/// Issue 11: a full disk left `last.safetensors.partial` behind and said its cause twice; a
+/// damaged `last` could not be resumed from.
+#[test]
+fn checkpoints_survive_a_full_disk_and_a_damaged_last() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config();
+
+    // Writes through this link land on /dev/full: ENOSPC, as on a full disk.
+    let full = dir.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let partial = full.join("last.safetensors.partial");
+    std::os::unix::fs::symlink("/dev/full", &partial).unwrap();
+    let err = train(&config, &tiny_options(&full), &mut gca_hng::train::Silent)
+        .err()
+        .unwrap();
+    let text = gca_hng::error::chain(&err);
+    assert!(text.contains("no space left"), "{text}");
+    assert!(text.contains(full.to_str().unwrap()), "{text}");
+    assert_eq!(text.matches("space").count(), 1, "{text}");
+    assert!(partial.symlink_metadata().is_err(), "the .partial is removed");
+
+    // Stopped in the second epoch: `last` (mid-epoch 2) and its predecessor (end of epoch 1).
+    let run = dir.path().join("run");
+    let opts = tiny_options(&run);
+    let mut stopper = StopAfter {
+        after: 4,
+        seen: 0,
+        flag: opts.stop.clone(),
+    };
+    assert!(matches!(
+        train(&config, &opts, &mut stopper).unwrap(),
+        RunOutcome::Interrupted { .. }
+    ));
+    let last = run.join("last.safetensors");
+    let previous = run.join("last.previous.safetensors");
+    assert!(previous.exists());
+    let bytes = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &bytes[..bytes.len() / 2]).unwrap();
+    let mut resumed = tiny_options(&run);
+    resumed.resume = true;
+    let mut notes = Notes::default();
+    let outcome = train(&config, &resumed, &mut notes).unwrap();
+    assert!(matches!(outcome, RunOutcome::Finished(_)));
+    assert!(
+        notes
+            .0
+            .iter()
+            .any(|n| n.contains("cannot be resumed from") && n.contains("last.previous")),
+        "{:?}",
+        notes.0
+    );
+    assert!(
+        notes.0.iter().any(|n| n.contains("at epoch 2 step 0")),
+        "{:?}",
+        notes.0
+    );
 }

@@ -58,6 +58,7 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         &device,
         &mut |d, t| progress.evaluating("images", d, t),
     )?;
+    e.check_finite("the embeddings")?;
     let sources: Vec<_> = e
         .samples
         .iter()
@@ -83,11 +84,11 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             String::new()
         }
     );
-    if e.rows() < samples.len() {
-        println!(
-            "{} unreadable images were left out",
-            samples.len() - e.rows()
-        );
+    if !e.skipped.is_empty() {
+        println!("{} unreadable images were left out:", e.skipped.len());
+        for (_, err) in &e.skipped {
+            println!("  {}", gca_hng::error::chain(err));
+        }
     }
     Ok(Outcome::Success)
 }

@@ -57,6 +57,10 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         &device,
         &mut |_, _| {},
     )?;
+    e.check_finite("the query embeddings")?;
+    for (_, err) in &e.skipped {
+        eprintln!("left out {}", gca_hng::error::chain(err));
+    }
     anyhow::ensure!(
         e.dim == matrix.cols,
         "the model embeds into {} dimensions but {} has {}",

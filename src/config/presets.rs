@@ -176,6 +176,9 @@ impl ExperimentConfig {
                 device: "cpu".into(),
                 out: format!("runs/{name}"),
                 select_on: SelectOn::Validation,
+                max_steps_per_epoch: None,
+                eval_class_limit: None,
+                skip_bad_images: false,
             },
         })
     }
@@ -238,6 +241,9 @@ impl ExperimentConfig {
                 device: "cpu".into(),
                 out: "runs/demo".into(),
                 select_on: SelectOn::Test,
+                max_steps_per_epoch: None,
+                eval_class_limit: None,
+                skip_bad_images: false,
             },
         }
     }

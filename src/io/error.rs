@@ -23,6 +23,9 @@ pub enum WeightsError {
         #[source]
         source: Cause,
     },
+    /// The disk is full: said once, naming the folder that needs room.
+    #[error("no space left on the device of {}: {} was not written", path.parent().unwrap_or(path).display(), path.file_name().unwrap_or_default().to_string_lossy())]
+    NoSpace { path: PathBuf },
     #[error("{} is neither a PyTorch checkpoint (zip or legacy pickle) nor a safetensors file", path.display())]
     UnknownFormat { path: PathBuf },
     #[error("{} is not a valid safetensors file", path.display())]
@@ -197,6 +200,21 @@ pub enum IoError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{}: truncated: {size} bytes cannot hold the {shape:?} array its header declares", path.display())]
+    NpyTruncated {
+        path: PathBuf,
+        shape: Vec<u64>,
+        size: u64,
+    },
+    /// `row` and `col` are 0-based, as NumPy indexes.
+    #[error("{}: value [{row}, {col}] is not finite (NaN or infinite)", path.display())]
+    NpyNotFinite { path: PathBuf, row: usize, col: usize },
+    #[error("{}: label {index} is {value}, beyond the largest label (2^63 - 1)", path.display())]
+    NpyLabel {
+        path: PathBuf,
+        index: usize,
+        value: u64,
     },
     #[error("{}:{line}: `{text}` is not an image", path.display())]
     SourceLine {

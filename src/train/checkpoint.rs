@@ -60,6 +60,8 @@ pub enum CheckpointError {
         #[source]
         source: crate::error::Cause,
     },
+    #[error("{} does not read back as written (a failing disk?)", path.display())]
+    ReadBack { path: PathBuf },
     #[error("the checkpoint holds no model tensors")]
     NoModel,
     #[error("optimiser `{which}`")]
@@ -87,10 +89,12 @@ impl CheckpointError {
             | Self::BadProgress { .. }
             | Self::NoProgress { .. }
             | Self::EncodeProgress { .. }
+            | Self::ReadBack { .. }
             | Self::In { .. }) => e,
             Self::Weights(
                 e @ (WeightsError::Read { .. }
                 | WeightsError::NotSafetensors { .. }
+                | WeightsError::NoSpace { .. }
                 | WeightsError::Write { .. }),
             ) => Self::Weights(e),
             e => Self::In {
@@ -213,8 +217,83 @@ pub fn save(
         dict.metadata.insert(META_PROGRESS.into(), json);
     }
     let tmp = temporary_path(path);
-    dict.write_safetensors(&tmp)?;
-    Ok(finish_atomic(&tmp, path)?)
+    let written = dict
+        .write_safetensors(&tmp)
+        .map_err(CheckpointError::from)
+        .and_then(|()| sync(&tmp))
+        .and_then(|()| verify(&tmp, &dict));
+    if let Err(e) = written {
+        // Nothing half-written stays behind; the checkpoint at `path` is untouched.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // A resumable checkpoint keeps its predecessor until the new one is in place, so that a
+    // damaged `last` still leaves one to resume from.
+    if meta.progress.is_some() && path.exists() {
+        let previous = previous_path(path);
+        std::fs::rename(path, &previous).map_err(|source| IoError::Rename {
+            from: path.to_path_buf(),
+            to: previous,
+            source,
+        })?;
+    }
+    let renamed = finish_atomic(&tmp, path);
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(renamed?)
+}
+
+/// Where the checkpoint `path` is kept while its successor is written (`last.safetensors`:
+/// `last.previous.safetensors`).
+pub fn previous_path(path: &Path) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!("{stem}.previous.safetensors"))
+}
+
+fn sync(path: &Path) -> Result<(), CheckpointError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::StorageFull {
+                WeightsError::NoSpace {
+                    path: path.to_path_buf(),
+                }
+                .into()
+            } else {
+                IoError::Flush {
+                    path: path.to_path_buf(),
+                    source,
+                }
+                .into()
+            }
+        })
+}
+
+/// Reads a written checkpoint back and compares it with what was meant to be written: the
+/// same tensors with the same f32 values, and the same metadata.
+fn verify(path: &Path, written: &StateDict) -> Result<(), CheckpointError> {
+    let back = StateDict::read_safetensors(path)?;
+    let same = back.metadata == written.metadata
+        && back.tensors.len() == written.tensors.len()
+        && written.tensors.iter().all(|(k, t)| {
+            back.tensors.get(k).is_some_and(|b| {
+                b.shape == t.shape
+                    && b.data.len() == t.data.len()
+                    && b
+                        .data
+                        .iter()
+                        .zip(&t.data)
+                        .all(|(x, y)| (*x as f32).to_bits() == (*y as f32).to_bits())
+            })
+        });
+    if same {
+        Ok(())
+    } else {
+        Err(CheckpointError::ReadBack {
+            path: path.to_path_buf(),
+        })
+    }
 }
 
 /// Reads a checkpoint's metadata and tensors.
