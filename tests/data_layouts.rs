@@ -157,7 +157,7 @@ fn cub_missing_image_and_empty_split() {
     let ds = Dataset::open(DatasetKind::Cub, &root).unwrap();
     let e = inspect(&ds).unwrap_err();
     assert!(
-        matches!(&e, DataError::MissingImages { count: 1, shown }
+        matches!(&e, DataError::MissingImages { count: 1, shown, .. }
             if shown.len() == 1 && shown[0].ends_with("150.Sage_Thrasher/c.jpg")),
         "{e}"
     );

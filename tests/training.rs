@@ -781,3 +781,48 @@ fn checkpoints_survive_a_full_disk_and_a_damaged_last() {
         notes.0
     );
 }
+
+/// Issue 11: with `--skip-bad-images`, a zero-byte test image was left out of the evaluation
+/// and nothing said so.
+#[test]
+fn images_left_out_are_reported_in_every_phase_and_the_summary() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    for split in ["train", "test"] {
+        for class in ["a", "b", "c"] {
+            for i in 0..2 {
+                let path = root.join(split).join(class).join(format!("{i}.png"));
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                let shade = (i * 90 + class.as_bytes()[0] as usize) as u8;
+                image::RgbImage::from_pixel(40, 40, image::Rgb([shade, 255 - shade, 0]))
+                    .save(&path)
+                    .unwrap();
+            }
+        }
+    }
+    let empty = root.join("test/b/1.png");
+    std::fs::write(&empty, b"").unwrap();
+    let mut config = tiny_config();
+    config.data.kind = gca_hng::config::DatasetKind::Folder;
+    config.data.root = Some(root.display().to_string());
+    config.data.validation_fraction = 0.0;
+    config.data.classes_per_batch = 2;
+    config.train.epochs = 1;
+    config.train.skip_bad_images = true;
+    let out = dir.path().join("run");
+    let mut opts = RunOptions::new(&out);
+    opts.max_steps_per_epoch = Some(1);
+    let mut notes = Notes::default();
+    let RunOutcome::Finished(summary) = train(&config, &opts, &mut notes).unwrap() else {
+        panic!("the run should finish")
+    };
+    assert_eq!(summary.skipped_images.len(), 1, "{:?}", summary.skipped_images);
+    let line = &summary.skipped_images[0];
+    assert!(line.starts_with("test: ") && line.contains("1.png"), "{line}");
+    assert!(notes.0.contains(line), "{:?}", notes.0);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(written["skipped_images"][0], line.as_str());
+    assert_eq!(written["records"][0]["skipped_images"][0], line.as_str());
+}

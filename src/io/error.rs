@@ -23,6 +23,13 @@ pub enum WeightsError {
         #[source]
         source: Cause,
     },
+    /// Weights holding NaN or infinite values; `tensors` lists the first few.
+    #[error("{}: {count} tensors hold NaN or infinite values: {tensors}", path.display())]
+    NotFinite {
+        path: PathBuf,
+        count: usize,
+        tensors: String,
+    },
     /// The disk is full: said once, naming the folder that needs room.
     #[error("no space left on the device of {}: {} was not written", path.parent().unwrap_or(path).display(), path.file_name().unwrap_or_default().to_string_lossy())]
     NoSpace { path: PathBuf },
