@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use gca_hng::data::sources::{collect_images, unlabelled_samples};
+use gca_hng::data::sources::{collect_images, collect_images_following, unlabelled_samples};
 use gca_hng::device::DeviceSpec;
 use gca_hng::eval::embed::{EmbedOutput, embed_samples};
 use gca_hng::io::embedding_files::EmbeddingFiles;
@@ -32,6 +32,9 @@ pub struct EmbedArgs {
     out: PathBuf,
     #[arg(long)]
     skip_bad_images: bool,
+    /// Follow links to folders outside the folders given (each folder is still walked once).
+    #[arg(long)]
+    follow_links: bool,
 }
 
 pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
@@ -43,7 +46,11 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             setup::split_samples(&config, args.data_root.as_deref(), name)?,
             true,
         ),
-        None => (unlabelled_samples(collect_images(&args.images)?), false),
+        None => (unlabelled_samples(if args.follow_links {
+            collect_images_following(&args.images)?
+        } else {
+            collect_images(&args.images)?
+        }), false),
     };
     let store = train::image_store_for(&config, samples.iter().map(|s| &s.source))?;
     let settings = train::embed_settings(&config, args.skip_bad_images);

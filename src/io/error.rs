@@ -165,6 +165,9 @@ pub enum IoError {
         #[source]
         source: std::io::Error,
     },
+    /// The disk is full: said once, naming the folder that needs room.
+    #[error("no space left on the device of {}: {} was not written", path.parent().unwrap_or(path).display(), path.file_name().unwrap_or_default().to_string_lossy())]
+    NoSpace { path: PathBuf },
     #[error("cannot create {}", path.display())]
     Create {
         path: PathBuf,
