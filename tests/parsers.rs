@@ -122,7 +122,8 @@ fn inshop_files() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn cars_files() -> Vec<(&'static str, Vec<u8>)> {
-    let mat = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/cars_annos_scipy.mat");
+    let mat =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/cars_annos_scipy.mat");
     vec![("cars_annos.mat", std::fs::read(mat).unwrap())]
 }
 

@@ -661,9 +661,13 @@ fn a_run_folder_has_one_writer() {
     std::fs::create_dir_all(&out).unwrap();
     let held = RunDir::new(&out).lock().unwrap();
     let pid = std::process::id();
-    let err = train(&tiny_config(), &tiny_options(&out), &mut gca_hng::train::Silent)
-        .err()
-        .unwrap();
+    let err = train(
+        &tiny_config(),
+        &tiny_options(&out),
+        &mut gca_hng::train::Silent,
+    )
+    .err()
+    .unwrap();
     assert!(
         matches!(&err, Error::RunDir(RunDirError::Locked { pid: Some(p), .. }) if *p == pid),
         "{err}"
@@ -743,7 +747,10 @@ fn checkpoints_survive_a_full_disk_and_a_damaged_last() {
     assert!(text.contains("no space left"), "{text}");
     assert!(text.contains(full.to_str().unwrap()), "{text}");
     assert_eq!(text.matches("space").count(), 1, "{text}");
-    assert!(partial.symlink_metadata().is_err(), "the .partial is removed");
+    assert!(
+        partial.symlink_metadata().is_err(),
+        "the .partial is removed"
+    );
 
     // Stopped in the second epoch: `last` (mid-epoch 2) and its predecessor (end of epoch 1).
     let run = dir.path().join("run");
@@ -817,9 +824,17 @@ fn images_left_out_are_reported_in_every_phase_and_the_summary() {
     let RunOutcome::Finished(summary) = train(&config, &opts, &mut notes).unwrap() else {
         panic!("the run should finish")
     };
-    assert_eq!(summary.skipped_images.len(), 1, "{:?}", summary.skipped_images);
+    assert_eq!(
+        summary.skipped_images.len(),
+        1,
+        "{:?}",
+        summary.skipped_images
+    );
     let line = &summary.skipped_images[0];
-    assert!(line.starts_with("test: ") && line.contains("1.png"), "{line}");
+    assert!(
+        line.starts_with("test: ") && line.contains("1.png"),
+        "{line}"
+    );
     assert!(notes.0.contains(line), "{:?}", notes.0);
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();

@@ -46,11 +46,14 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             setup::split_samples(&config, args.data_root.as_deref(), name)?,
             true,
         ),
-        None => (unlabelled_samples(if args.follow_links {
-            collect_images_following(&args.images)?
-        } else {
-            collect_images(&args.images)?
-        }), false),
+        None => (
+            unlabelled_samples(if args.follow_links {
+                collect_images_following(&args.images)?
+            } else {
+                collect_images(&args.images)?
+            }),
+            false,
+        ),
     };
     let store = train::image_store_for(&config, samples.iter().map(|s| &s.source))?;
     let settings = train::embed_settings(&config, args.skip_bad_images);

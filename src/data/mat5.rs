@@ -453,7 +453,16 @@ mod tests {
         let mut one = fields.clone();
         one.extend(element(MI_INT8, b"a\0\0\0\0\0\0\0"));
         let e = parse(&declaring(MX_STRUCT, 40_000_000, &one)).unwrap_err();
-        assert!(matches!(e, MatError::Declared { count: 40_000_000, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                MatError::Declared {
+                    count: 40_000_000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = parse(&declaring(MX_CELL, 40_000_000, &[])).unwrap_err();
         assert!(matches!(e, MatError::Declared { .. }), "{e}");
         // Elements without fields hold nothing and are not kept.

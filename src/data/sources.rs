@@ -41,7 +41,9 @@ impl Walk {
             .collect();
         entries.sort();
         for p in entries {
-            let link = p.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink());
+            let link = p
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink());
             if p.is_dir() {
                 if link && !self.follow_out {
                     match std::fs::canonicalize(&p) {

@@ -16,7 +16,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
             source,
         })
         .and_then(|mut f| {
-            f.write_all(bytes).map_err(|source| write_error(&tmp, source))
+            f.write_all(bytes)
+                .map_err(|source| write_error(&tmp, source))
         });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
@@ -61,6 +62,12 @@ pub fn finish_atomic(tmp: &Path, path: &Path) -> Result<(), IoError> {
     done
 }
 
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,10 +86,4 @@ mod tests {
         assert!(tmp.symlink_metadata().is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
     }
-}
-
-pub fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
 }

@@ -219,7 +219,11 @@ pub enum IoError {
     },
     /// `row` and `col` are 0-based, as NumPy indexes.
     #[error("{}: value [{row}, {col}] is not finite (NaN or infinite)", path.display())]
-    NpyNotFinite { path: PathBuf, row: usize, col: usize },
+    NpyNotFinite {
+        path: PathBuf,
+        row: usize,
+        col: usize,
+    },
     #[error("{}: label {index} is {value}, beyond the largest label (2^63 - 1)", path.display())]
     NpyLabel {
         path: PathBuf,

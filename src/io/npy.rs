@@ -275,7 +275,7 @@ mod tests {
     /// A version 1.0 `.npy` file with `header` (the dict) and raw `data`.
     pub(crate) fn npy_bytes(header: &str, data: &[u8]) -> Vec<u8> {
         let mut h = header.to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');
@@ -310,11 +310,17 @@ mod tests {
         let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
         std::fs::write(&path, npy_bytes(header, &f32_bytes(&[1.0; 5]))).unwrap();
         let e = read_matrix(&path).unwrap_err();
-        assert!(matches!(&e, IoError::NpyTruncated { path: p, .. } if *p == path), "{e}");
+        assert!(
+            matches!(&e, IoError::NpyTruncated { path: p, .. } if *p == path),
+            "{e}"
+        );
         assert!(e.to_string().contains("t.npy: truncated"), "{e}");
         let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4000000000, 4000000), }";
         std::fs::write(&path, npy_bytes(header, &[])).unwrap();
-        assert!(matches!(read_matrix(&path), Err(IoError::NpyTruncated { .. })));
+        assert!(matches!(
+            read_matrix(&path),
+            Err(IoError::NpyTruncated { .. })
+        ));
     }
 
     #[test]
@@ -329,6 +335,9 @@ mod tests {
         let l = dir.path().join("l.npy");
         let header = "{'descr': '<u8', 'fortran_order': False, 'shape': (1,), }";
         std::fs::write(&l, npy_bytes(header, &u64::MAX.to_le_bytes())).unwrap();
-        assert!(matches!(read_labels(&l), Err(IoError::NpyLabel { index: 0, .. })));
+        assert!(matches!(
+            read_labels(&l),
+            Err(IoError::NpyLabel { index: 0, .. })
+        ));
     }
 }

@@ -280,8 +280,7 @@ fn verify(path: &Path, written: &StateDict) -> Result<(), CheckpointError> {
             back.tensors.get(k).is_some_and(|b| {
                 b.shape == t.shape
                     && b.data.len() == t.data.len()
-                    && b
-                        .data
+                    && b.data
                         .iter()
                         .zip(&t.data)
                         .all(|(x, y)| (*x as f32).to_bits() == (*y as f32).to_bits())

@@ -181,8 +181,8 @@ pub fn train(
         // The newest checkpoint that reads and loads: `last`, or the one it replaced.
         let restore = |path: &std::path::Path, trainer: &mut Trainer| {
             let (dict, meta) = checkpoint::read(path)?;
-            let m = checkpoint::load_model(model.clone(), &dict, &ad)
-                .map_err(|e| e.in_file(path))?;
+            let m =
+                checkpoint::load_model(model.clone(), &dict, &ad).map_err(|e| e.in_file(path))?;
             checkpoint::load_optimisers(trainer, &m, &dict, &ad).map_err(|e| e.in_file(path))?;
             let p = meta
                 .progress
