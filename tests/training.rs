@@ -841,3 +841,54 @@ fn images_left_out_are_reported_in_every_phase_and_the_summary() {
     assert_eq!(written["skipped_images"][0], line.as_str());
     assert_eq!(written["records"][0]["skipped_images"][0], line.as_str());
 }
+
+/// A run killed outright (SIGKILL: no handler, no checkpoint of its own) leaves its lock to
+/// the kernel and its last complete checkpoint; `--resume` alone finishes it.
+#[test]
+fn a_killed_run_resumes_from_its_last_checkpoint() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut config = tiny_config();
+    config.train.epochs = 6;
+    config.train.eval_every = 100;
+    config.train.out = run.display().to_string();
+    let file = dir.path().join("tiny.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_gca-hng");
+    let mut child = Command::new(bin)
+        .args([
+            "train",
+            "--max-steps-per-epoch",
+            "2",
+            "--eval-class-limit",
+            "4",
+            "--config",
+        ])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = line_channel(child.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // The second epoch's line comes after the first epoch's checkpoint.
+    loop {
+        match stdout.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.starts_with("epoch 2/6:") => break,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no second epoch line: {e:?}");
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(run.join("last.safetensors").exists());
+    succeed(Command::new(bin).args(["train", "--resume"]).arg(&run));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs"], 6);
+    assert!(!run.join("last.safetensors.partial").exists());
+}
