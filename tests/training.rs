@@ -892,3 +892,47 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     assert_eq!(summary["epochs"], 6);
     assert!(!run.join("last.safetensors.partial").exists());
 }
+
+/// Issue 11: two `train --out SAME` started together both exited 0 with their files mixed.
+#[test]
+fn two_trainings_into_one_folder_leave_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut config = tiny_config();
+    config.train.epochs = 1;
+    config.train.out = run.display().to_string();
+    let file = dir.path().join("tiny.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_gca-hng");
+    let start = || {
+        Command::new(bin)
+            .args([
+                "train",
+                "--max-steps-per-epoch",
+                "2",
+                "--eval-class-limit",
+                "4",
+            ])
+            .arg("--config")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(), start());
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    let errors: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).to_string())
+        .collect();
+    assert_eq!(ok, 1, "{errors:?}");
+    // Refused while the other ran (naming its pid), or after it finished.
+    assert!(
+        errors[0].contains("is in use by process") || errors[0].contains("already holds a run"),
+        "{errors:?}"
+    );
+    assert_eq!(metrics_records(&run).len(), 1);
+}
