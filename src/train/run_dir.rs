@@ -26,8 +26,9 @@ pub enum RunDirError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the configuration differs from the one {} was started with; resume with the run's own config.toml", root.display())]
-    ConfigDiffers { root: PathBuf },
+    /// `keys` lists the settings that differ (at most ten, then a count).
+    #[error("the configuration differs from the one {} was started with (in {keys}); resume with the run's own config.toml and no flags that change it", root.display())]
+    ConfigDiffers { root: PathBuf, keys: String },
     #[error("cannot encode {}", path.display())]
     Json {
         path: PathBuf,
@@ -190,6 +191,7 @@ impl RunDir {
         if !same {
             return Err(RunDirError::ConfigDiffers {
                 root: self.root.clone(),
+                keys: crate::io::error::short_list(&differing_keys(&saved, config_toml)),
             });
         }
         Ok(())
@@ -224,4 +226,47 @@ impl RunDir {
         })?;
         Ok(write_atomic(&path, json.as_bytes())?)
     }
+}
+
+/// The dotted keys whose values differ between two TOML texts (a key present in one only
+/// counts); a text that does not parse counts as empty.
+fn differing_keys(a: &str, b: &str) -> Vec<String> {
+    fn flatten(
+        prefix: &str,
+        value: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let parse = |text: &str| {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(t) = text.parse::<toml::Table>() {
+            flatten("", &toml::Value::Table(t), &mut out);
+        }
+        out
+    };
+    let (a, b) = (parse(a), parse(b));
+    let mut keys: Vec<String> = a
+        .iter()
+        .filter(|(k, v)| b.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
