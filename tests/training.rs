@@ -937,3 +937,92 @@ fn two_trainings_into_one_folder_leave_one_run() {
     );
     assert_eq!(metrics_records(&run).len(), 1);
 }
+
+/// A version 1.0 `.npy` file with `header` (the dict) and raw little-endian f32 `values`.
+fn npy_f32(path: &Path, header: &str, values: &[f32]) {
+    let mut h = header.to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    out.extend_from_slice(h.as_bytes());
+    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(path, out).unwrap();
+}
+
+/// Issue 11: `metrics` read Fortran order as C order; a NaN row ranked first in `search`
+/// (both read embeddings through the same reader); flags that did nothing were accepted;
+/// NaN pretrained weights were reported as a diverged loss.
+#[test]
+fn embeddings_in_fortran_order_or_with_nan_and_flags_that_do_nothing() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = env!("CARGO_BIN_EXE_gca-hng");
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("l.npy");
+    gca_hng::io::npy::write_labels(&labels, &[0, 0, 1, 1]).unwrap();
+    // Rows (1, 0), (1, 0.1), (0, 1), (0.1, 1): each row's nearest has its label.
+    let rows = [1.0f32, 0.0, 1.0, 0.1, 0.0, 1.0, 0.1, 1.0];
+    let c = dir.path().join("c.npy");
+    gca_hng::io::npy::write_matrix(&c, 4, 2, &rows).unwrap();
+    let f = dir.path().join("f.npy");
+    let columns = [1.0f32, 1.0, 0.0, 0.1, 0.0, 0.1, 1.0, 1.0];
+    npy_f32(
+        &f,
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (4, 2), }",
+        &columns,
+    );
+    let metrics = |e: &Path| {
+        Command::new(bin)
+            .args(["metrics", "--no-nmi", "--labels"])
+            .arg(&labels)
+            .arg("--embeddings")
+            .arg(e)
+            .output()
+            .unwrap()
+    };
+    let (from_c, from_f) = (metrics(&c), metrics(&f));
+    assert!(from_f.status.success(), "{from_f:?}");
+    assert_eq!(from_c.stdout, from_f.stdout);
+    let m: serde_json::Value = serde_json::from_slice(&from_f.stdout).unwrap();
+    assert_eq!(m["recall"]["1"], 100.0);
+    let mut with_nan = rows;
+    with_nan[5] = f32::NAN;
+    gca_hng::io::npy::write_matrix(&c, 4, 2, &with_nan).unwrap();
+    let out = metrics(&c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("c.npy: value [2, 1] is not finite"),
+        "{err}"
+    );
+
+    let out = Command::new(bin)
+        .args(["data", "inspect", "--kind", "emoji", "--skip-bad-images"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--decode"));
+
+    let weights = dir.path().join("nan.safetensors");
+    let mut dict = StateDict::default();
+    dict.insert(
+        "_conv_stem.weight",
+        gca_hng::io::host::HostTensor::new(vec![2], vec![1.0, f64::NAN]),
+    );
+    dict.write_safetensors(&weights).unwrap();
+    let mut config = tiny_config();
+    config.model.weights = Some(weights.display().to_string());
+    let err = train(
+        &config,
+        &tiny_options(&dir.path().join("run")),
+        &mut gca_hng::train::Silent,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("nan.safetensors") && err.contains("_conv_stem.weight"),
+        "{err}"
+    );
+}
