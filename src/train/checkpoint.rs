@@ -28,6 +28,7 @@ const META_CONFIG: &str = "gca-hng.config";
 const META_PROGRESS: &str = "gca-hng.progress";
 const META_CLASSES: &str = "gca-hng.num_classes";
 const META_KIND: &str = "gca-hng.checkpoint";
+const META_CHECKSUM: &str = "gca-hng.checksum";
 
 /// A checkpoint that cannot be written, read or restored.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +61,7 @@ pub enum CheckpointError {
         #[source]
         source: crate::error::Cause,
     },
-    #[error("{} does not read back as written (a failing disk?)", path.display())]
+    #[error("{} does not hold what was written to it (a damaged file or a failing disk?)", path.display())]
     ReadBack { path: PathBuf },
     #[error("the checkpoint holds no model tensors")]
     NoModel,
@@ -216,6 +217,8 @@ pub fn save(
             })?;
         dict.metadata.insert(META_PROGRESS.into(), json);
     }
+    dict.metadata
+        .insert(META_CHECKSUM.into(), format!("{:016x}", checksum(&dict)));
     let tmp = temporary_path(path);
     let written = dict
         .write_safetensors(&tmp)
@@ -295,9 +298,36 @@ fn verify(path: &Path, written: &StateDict) -> Result<(), CheckpointError> {
     }
 }
 
-/// Reads a checkpoint's metadata and tensors.
+/// FNV-1a over every tensor's name, shape and f32 values as stored, so that a checkpoint
+/// damaged after it was written (the container itself has no checksum) is told apart from a
+/// good one.
+fn checksum(dict: &StateDict) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |word: u64| {
+        h ^= word;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    for (name, t) in &dict.tensors {
+        name.bytes().for_each(|b| eat(b.into()));
+        t.shape.iter().for_each(|&d| eat(d as u64));
+        t.data
+            .iter()
+            .for_each(|&v| eat((v as f32).to_bits().into()));
+    }
+    h
+}
+
+/// Reads a checkpoint's metadata and tensors; one whose values do not match the checksum it
+/// was written with is refused.
 pub fn read(path: &Path) -> Result<(StateDict, CheckpointMeta), CheckpointError> {
     let dict = StateDict::read_safetensors(path)?;
+    if let Some(stored) = dict.metadata.get(META_CHECKSUM)
+        && *stored != format!("{:016x}", checksum(&dict))
+    {
+        return Err(CheckpointError::ReadBack {
+            path: path.to_path_buf(),
+        });
+    }
     let config_toml =
         dict.metadata
             .get(META_CONFIG)
