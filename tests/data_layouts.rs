@@ -157,7 +157,7 @@ fn cub_missing_image_and_empty_split() {
     let ds = Dataset::open(DatasetKind::Cub, &root).unwrap();
     let e = inspect(&ds).unwrap_err();
     assert!(
-        matches!(&e, DataError::MissingImages { count: 1, shown }
+        matches!(&e, DataError::MissingImages { count: 1, shown, .. }
             if shown.len() == 1 && shown[0].ends_with("150.Sage_Thrasher/c.jpg")),
         "{e}"
     );
@@ -599,4 +599,37 @@ fn folder_tree_as_image_folder() {
         matches!(&e, DataError::List { path, .. } if *path == root.join("test")),
         "{e}"
     );
+}
+
+/// Issue 11: a UTF-8 byte-order mark spoiled the header; an id too large for its type was
+/// called "not a non-negative integer"; a listed folder or dangling link "did not exist".
+#[test]
+fn byte_order_marks_large_ids_and_odd_listed_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = sop_tree(dir.path());
+    let train = root.join("Ebay_train.txt");
+    let text = std::fs::read_to_string(&train).unwrap();
+    std::fs::write(&train, format!("\u{feff}{text}")).unwrap();
+    Dataset::open(DatasetKind::Sop, &root).unwrap();
+
+    std::fs::write(
+        &train,
+        format!("{text}99999999999999999999999 1 1 bicycle_final/x.JPG\n"),
+    )
+    .unwrap();
+    let e = open_err(DatasetKind::Sop, &root).to_string();
+    assert!(e.contains("is larger than the largest image id"), "{e}");
+
+    let root = cub_tree(dir.path());
+    let listed = root.join("images/150.Sage_Thrasher/c.jpg");
+    std::fs::remove_file(&listed).unwrap();
+    std::fs::create_dir(&listed).unwrap();
+    let gone = root.join("images/001.Black_footed_Albatross/a.jpg");
+    std::fs::remove_file(&gone).unwrap();
+    std::os::unix::fs::symlink(root.join("nowhere.jpg"), &gone).unwrap();
+    let e = inspect(&Dataset::open(DatasetKind::Cub, &root).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.jpg (is a folder)"), "{e}");
+    assert!(e.contains("a.jpg (is a link to nothing)"), "{e}");
 }

@@ -189,7 +189,8 @@ fn an_interrupted_run_resumes_to_the_same_result() {
         .err()
         .unwrap();
     assert!(
-        matches!(&err, Error::RunDir(RunDirError::ConfigDiffers { root }) if root.ends_with("split")),
+        matches!(&err, Error::RunDir(RunDirError::ConfigDiffers { root, keys })
+            if root.ends_with("split") && keys == "optim.lr"),
         "{err}"
     );
 }
@@ -638,20 +639,392 @@ fn sigterm_stops_with_a_checkpoint_that_resumes() {
     );
     assert!(run.join("last.safetensors").exists());
     assert!(!run.join("summary.json").exists());
-    succeed(
+    // The smoke settings were saved with the run: the resume repeats none of them.
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("max_steps_per_epoch = 3"), "{saved}");
+    succeed(Command::new(bin).args(["train", "--resume"]).arg(&run));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs"], 12);
+    let records = metrics_records(&run);
+    assert_eq!(records.len(), 12);
+    assert!(records.iter().all(|r| r["steps"] == 3), "{records:?}");
+}
+
+/// Issue 11: two runs into one folder both finished and mixed their files; a live run could
+/// be resumed beside itself.
+#[test]
+fn a_run_folder_has_one_writer() {
+    use gca_hng::train::run_dir::RunDir;
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let held = RunDir::new(&out).lock().unwrap();
+    let pid = std::process::id();
+    let err = train(
+        &tiny_config(),
+        &tiny_options(&out),
+        &mut gca_hng::train::Silent,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(&err, Error::RunDir(RunDirError::Locked { pid: Some(p), .. }) if *p == pid),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&pid.to_string()), "{err}");
+    assert!(!out.join("config.toml").exists());
+    let mut resume = tiny_options(&out);
+    resume.resume = true;
+    let err = train(&tiny_config(), &resume, &mut gca_hng::train::Silent)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, Error::RunDir(RunDirError::Locked { .. })),
+        "{err}"
+    );
+    drop(held);
+    // Released with its holder: the folder can be taken again.
+    drop(RunDir::new(&out).lock().unwrap());
+}
+
+/// Issue 11: `--eval-class-limit 0` trained, then failed, leaving a half-made folder;
+/// `--max-steps-per-epoch 0` ran one step.
+#[test]
+fn settings_that_cannot_work_are_refused_before_the_folder_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    for (steps, classes, key) in [
+        (Some(0), None, "train.max_steps_per_epoch"),
+        (None, Some(0), "train.eval_class_limit"),
+    ] {
+        let mut opts = RunOptions::new(&out);
+        opts.max_steps_per_epoch = steps;
+        opts.eval_class_limit = classes;
+        let err = train(&tiny_config(), &opts, &mut gca_hng::train::Silent)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains(key), "{err}");
+        assert!(!out.exists());
+    }
+    let mut c = tiny_config();
+    c.data.image_size = 100_000;
+    c.data.resize = 100_000;
+    let err = train(&c, &RunOptions::new(&out), &mut gca_hng::train::Silent)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("data.image_size"), "{err}");
+    assert!(!out.exists());
+}
+
+/// Keeps every note a run makes.
+#[derive(Default)]
+struct Notes(Vec<String>);
+
+impl Observer for Notes {
+    fn note(&mut self, message: &str) {
+        self.0.push(message.to_string());
+    }
+}
+
+/// Issue 11: a full disk left `last.safetensors.partial` behind and said its cause twice; a
+/// damaged `last` could not be resumed from.
+#[test]
+fn checkpoints_survive_a_full_disk_and_a_damaged_last() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config();
+
+    // Writes through this link land on /dev/full: ENOSPC, as on a full disk.
+    let full = dir.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let partial = full.join("last.safetensors.partial");
+    std::os::unix::fs::symlink("/dev/full", &partial).unwrap();
+    let err = train(&config, &tiny_options(&full), &mut gca_hng::train::Silent)
+        .err()
+        .unwrap();
+    let text = gca_hng::error::chain(&err);
+    assert!(text.contains("no space left"), "{text}");
+    assert!(text.contains(full.to_str().unwrap()), "{text}");
+    assert_eq!(text.matches("space").count(), 1, "{text}");
+    assert!(
+        partial.symlink_metadata().is_err(),
+        "the .partial is removed"
+    );
+
+    // Stopped in the second epoch: `last` (mid-epoch 2) and its predecessor (end of epoch 1).
+    let run = dir.path().join("run");
+    let opts = tiny_options(&run);
+    let mut stopper = StopAfter {
+        after: 4,
+        seen: 0,
+        flag: opts.stop.clone(),
+    };
+    assert!(matches!(
+        train(&config, &opts, &mut stopper).unwrap(),
+        RunOutcome::Interrupted { .. }
+    ));
+    let last = run.join("last.safetensors");
+    let previous = run.join("last.previous.safetensors");
+    assert!(previous.exists());
+    // One flipped bit in the values: the file still parses, only its checksum tells.
+    let mut bytes = std::fs::read(&last).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0x10;
+    std::fs::write(&last, &bytes).unwrap();
+    let mut resumed = tiny_options(&run);
+    resumed.resume = true;
+    let mut notes = Notes::default();
+    let outcome = train(&config, &resumed, &mut notes).unwrap();
+    assert!(matches!(outcome, RunOutcome::Finished(_)));
+    assert!(
+        notes.0.iter().any(|n| n.contains("cannot be resumed from")
+            && n.contains("does not hold what was written")
+            && n.contains("last.previous")),
+        "{:?}",
+        notes.0
+    );
+    assert!(
+        notes.0.iter().any(|n| n.contains("at epoch 2 step 0")),
+        "{:?}",
+        notes.0
+    );
+}
+
+/// Issue 11: with `--skip-bad-images`, a zero-byte test image was left out of the evaluation
+/// and nothing said so.
+#[test]
+fn images_left_out_are_reported_in_every_phase_and_the_summary() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    for split in ["train", "test"] {
+        for class in ["a", "b", "c"] {
+            for i in 0..2 {
+                let path = root.join(split).join(class).join(format!("{i}.png"));
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                let shade = (i * 90 + class.as_bytes()[0] as usize) as u8;
+                image::RgbImage::from_pixel(40, 40, image::Rgb([shade, 255 - shade, 0]))
+                    .save(&path)
+                    .unwrap();
+            }
+        }
+    }
+    let empty = root.join("test/b/1.png");
+    std::fs::write(&empty, b"").unwrap();
+    let mut config = tiny_config();
+    config.data.kind = gca_hng::config::DatasetKind::Folder;
+    config.data.root = Some(root.display().to_string());
+    config.data.validation_fraction = 0.0;
+    config.data.classes_per_batch = 2;
+    config.train.epochs = 1;
+    config.train.skip_bad_images = true;
+    let out = dir.path().join("run");
+    let mut opts = RunOptions::new(&out);
+    opts.max_steps_per_epoch = Some(1);
+    let mut notes = Notes::default();
+    let RunOutcome::Finished(summary) = train(&config, &opts, &mut notes).unwrap() else {
+        panic!("the run should finish")
+    };
+    assert_eq!(
+        summary.skipped_images.len(),
+        1,
+        "{:?}",
+        summary.skipped_images
+    );
+    let line = &summary.skipped_images[0];
+    assert!(
+        line.starts_with("test: ") && line.contains("1.png"),
+        "{line}"
+    );
+    assert!(notes.0.contains(line), "{:?}", notes.0);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(written["skipped_images"][0], line.as_str());
+    assert_eq!(written["records"][0]["skipped_images"][0], line.as_str());
+}
+
+/// A run killed outright (SIGKILL: no handler, no checkpoint of its own) leaves its lock to
+/// the kernel and its last complete checkpoint; `--resume` alone finishes it.
+#[test]
+fn a_killed_run_resumes_from_its_last_checkpoint() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut config = tiny_config();
+    config.train.epochs = 6;
+    config.train.eval_every = 100;
+    config.train.out = run.display().to_string();
+    let file = dir.path().join("tiny.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_gca-hng");
+    let mut child = Command::new(bin)
+        .args([
+            "train",
+            "--max-steps-per-epoch",
+            "2",
+            "--eval-class-limit",
+            "4",
+            "--config",
+        ])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = line_channel(child.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // The second epoch's line comes after the first epoch's checkpoint.
+    loop {
+        match stdout.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.starts_with("epoch 2/6:") => break,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no second epoch line: {e:?}");
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(run.join("last.safetensors").exists());
+    succeed(Command::new(bin).args(["train", "--resume"]).arg(&run));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs"], 6);
+    assert!(!run.join("last.safetensors.partial").exists());
+}
+
+/// Issue 11: two `train --out SAME` started together both exited 0 with their files mixed.
+#[test]
+fn two_trainings_into_one_folder_leave_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut config = tiny_config();
+    config.train.epochs = 1;
+    config.train.out = run.display().to_string();
+    let file = dir.path().join("tiny.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_gca-hng");
+    let start = || {
         Command::new(bin)
             .args([
                 "train",
                 "--max-steps-per-epoch",
-                "1",
+                "2",
                 "--eval-class-limit",
                 "4",
-                "--resume",
             ])
-            .arg(&run),
+            .arg("--config")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(), start());
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    let errors: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).to_string())
+        .collect();
+    assert_eq!(ok, 1, "{errors:?}");
+    // Refused while the other ran (naming its pid), or after it finished.
+    assert!(
+        errors[0].contains("is in use by process") || errors[0].contains("already holds a run"),
+        "{errors:?}"
     );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["epochs"], 12);
-    assert_eq!(metrics_records(&run).len(), 12);
+    assert_eq!(metrics_records(&run).len(), 1);
+}
+
+/// A version 1.0 `.npy` file with `header` (the dict) and raw little-endian f32 `values`.
+fn npy_f32(path: &Path, header: &str, values: &[f32]) {
+    let mut h = header.to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    out.extend_from_slice(h.as_bytes());
+    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(path, out).unwrap();
+}
+
+/// Issue 11: `metrics` read Fortran order as C order; a NaN row ranked first in `search`
+/// (both read embeddings through the same reader); flags that did nothing were accepted;
+/// NaN pretrained weights were reported as a diverged loss.
+#[test]
+fn embeddings_in_fortran_order_or_with_nan_and_flags_that_do_nothing() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = env!("CARGO_BIN_EXE_gca-hng");
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("l.npy");
+    gca_hng::io::npy::write_labels(&labels, &[0, 0, 1, 1]).unwrap();
+    // Rows (1, 0), (1, 0.1), (0, 1), (0.1, 1): each row's nearest has its label.
+    let rows = [1.0f32, 0.0, 1.0, 0.1, 0.0, 1.0, 0.1, 1.0];
+    let c = dir.path().join("c.npy");
+    gca_hng::io::npy::write_matrix(&c, 4, 2, &rows).unwrap();
+    let f = dir.path().join("f.npy");
+    let columns = [1.0f32, 1.0, 0.0, 0.1, 0.0, 0.1, 1.0, 1.0];
+    npy_f32(
+        &f,
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (4, 2), }",
+        &columns,
+    );
+    let metrics = |e: &Path| {
+        Command::new(bin)
+            .args(["metrics", "--no-nmi", "--labels"])
+            .arg(&labels)
+            .arg("--embeddings")
+            .arg(e)
+            .output()
+            .unwrap()
+    };
+    let (from_c, from_f) = (metrics(&c), metrics(&f));
+    assert!(from_f.status.success(), "{from_f:?}");
+    assert_eq!(from_c.stdout, from_f.stdout);
+    let m: serde_json::Value = serde_json::from_slice(&from_f.stdout).unwrap();
+    assert_eq!(m["recall"]["1"], 100.0);
+    let mut with_nan = rows;
+    with_nan[5] = f32::NAN;
+    gca_hng::io::npy::write_matrix(&c, 4, 2, &with_nan).unwrap();
+    let out = metrics(&c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("c.npy: value [2, 1] is not finite"),
+        "{err}"
+    );
+
+    let out = Command::new(bin)
+        .args(["data", "inspect", "--kind", "emoji", "--skip-bad-images"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--decode"));
+
+    let weights = dir.path().join("nan.safetensors");
+    let mut dict = StateDict::default();
+    dict.insert(
+        "_conv_stem.weight",
+        gca_hng::io::host::HostTensor::new(vec![2], vec![1.0, f64::NAN]),
+    );
+    dict.write_safetensors(&weights).unwrap();
+    let mut config = tiny_config();
+    config.model.weights = Some(weights.display().to_string());
+    let err = train(
+        &config,
+        &tiny_options(&dir.path().join("run")),
+        &mut gca_hng::train::Silent,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("nan.safetensors") && err.contains("_conv_stem.weight"),
+        "{err}"
+    );
 }

@@ -23,8 +23,9 @@ pub enum DataCommand {
         /// Also decode every image (in parallel) to find unreadable ones.
         #[arg(long)]
         decode: bool,
-        /// With --decode: report unreadable images instead of stopping at the first.
-        #[arg(long)]
+        /// With --decode: report unreadable images instead of stopping at the first (the
+        /// counts then leave them out).
+        #[arg(long, requires = "decode")]
         skip_bad_images: bool,
         /// Print `{"splits": {"train": {"classes": N, "images": M}, ...}}` only.
         #[arg(long)]
@@ -76,10 +77,11 @@ fn inspect_dataset(
     json: bool,
 ) -> Result<()> {
     let dataset = open_dataset(kind, root)?;
-    let counts = inspect::inspect(&dataset)?;
+    let mut counts = inspect::inspect(&dataset)?;
     let mut bad = Vec::new();
     if decode {
         bad = inspect::decode_all(&dataset, skip_bad_images)?;
+        counts = inspect::counts_without(&dataset, &bad);
     }
     if json {
         println!("{}", inspect::counts_json(&counts));

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use gca_hng::data::sources::{collect_images, unlabelled_samples};
+use gca_hng::data::sources::{collect_images, collect_images_following, unlabelled_samples};
 use gca_hng::device::DeviceSpec;
 use gca_hng::nn::precision::Precision;
 use gca_hng::eval::embed::{EmbedOutput, embed_samples};
@@ -37,6 +37,9 @@ pub struct EmbedArgs {
     /// on a GPU.
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    /// Follow links to folders outside the folders given (each folder is still walked once).
+    #[arg(long)]
+    follow_links: bool,
 }
 
 pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
@@ -48,7 +51,14 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             setup::split_samples(&config, args.data_root.as_deref(), name)?,
             true,
         ),
-        None => (unlabelled_samples(collect_images(&args.images)?), false),
+        None => (
+            unlabelled_samples(if args.follow_links {
+                collect_images_following(&args.images)?
+            } else {
+                collect_images(&args.images)?
+            }),
+            false,
+        ),
     };
     let store = train::image_store_for(&config, samples.iter().map(|s| &s.source))?;
     let mut settings = train::embed_settings(&config, args.skip_bad_images);
@@ -64,6 +74,7 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         &device,
         &mut |d, t| progress.evaluating("images", d, t),
     )?;
+    e.check_finite("the embeddings")?;
     let sources: Vec<_> = e
         .samples
         .iter()
@@ -89,11 +100,11 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             String::new()
         }
     );
-    if e.rows() < samples.len() {
-        println!(
-            "{} unreadable images were left out",
-            samples.len() - e.rows()
-        );
+    if !e.skipped.is_empty() {
+        println!("{} unreadable images were left out:", e.skipped.len());
+        for (_, err) in &e.skipped {
+            println!("  {}", gca_hng::error::chain(err));
+        }
     }
     Ok(Outcome::Success)
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use gca_hng::data::sources::{collect_images, unlabelled_samples};
+use gca_hng::data::sources::{collect_images, collect_images_following, unlabelled_samples};
 use gca_hng::device::DeviceSpec;
 use gca_hng::eval::embed::{EmbedOutput, embed_samples};
 use gca_hng::eval::grid::{GridRow, result_grid, save_png};
@@ -34,6 +34,9 @@ pub struct SearchArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Follow links to folders outside the query folders (each folder is still walked once).
+    #[arg(long)]
+    follow_links: bool,
 }
 
 pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
@@ -43,7 +46,11 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (model, config) = setup::load_checkpoint(&path, &device)?;
     let gallery = EmbeddingFiles::new(&args.gallery);
     let (matrix, sources) = gallery.read()?;
-    let queries = collect_images(&args.queries)?;
+    let queries = if args.follow_links {
+        collect_images_following(&args.queries)?
+    } else {
+        collect_images(&args.queries)?
+    };
     let store = Arc::new(train::image_store_for(
         &config,
         queries.iter().chain(&sources),
@@ -57,6 +64,10 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         &device,
         &mut |_, _| {},
     )?;
+    e.check_finite("the query embeddings")?;
+    for (_, err) in &e.skipped {
+        eprintln!("left out {}", gca_hng::error::chain(err));
+    }
     anyhow::ensure!(
         e.dim == matrix.cols,
         "the model embeds into {} dimensions but {} has {}",

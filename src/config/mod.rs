@@ -139,6 +139,15 @@ pub struct TrainConfig {
     pub precision: crate::nn::precision::Precision,
     pub out: String,
     pub select_on: SelectOn,
+    /// At most this many steps per epoch (smoke runs); absent: whole epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps_per_epoch: Option<usize>,
+    /// Evaluate on the first N classes of each evaluation split only (smoke runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_class_limit: Option<usize>,
+    /// Leave out unreadable images instead of stopping; every one left out is reported.
+    #[serde(default)]
+    pub skip_bad_images: bool,
 }
 
 /// Every setting of one experiment.
@@ -233,6 +242,34 @@ impl ExperimentConfig {
             "must be at least data.image_size",
         )?;
         check(
+            d.image_size <= limits::IMAGE_SIZE,
+            "data.image_size",
+            "must be at most 4096",
+        )?;
+        check(
+            d.resize <= limits::RESIZE,
+            "data.resize",
+            "must be at most 8192",
+        )?;
+        check(
+            d.classes_per_batch <= limits::BATCH_IMAGES
+                && d.per_class <= limits::BATCH_IMAGES
+                && d.classes_per_batch * d.per_class <= limits::BATCH_IMAGES,
+            "data.classes_per_batch",
+            "times data.per_class must be at most 4096 images",
+        )?;
+        check(
+            (d.classes_per_batch * d.per_class) as u64 * (d.image_size as u64).pow(2) * 3 * 4
+                <= limits::BATCH_BYTES,
+            "data.image_size",
+            "makes one batch of images larger than 16 GiB (lower it or the batch size)",
+        )?;
+        check(
+            d.workers <= limits::WORKERS,
+            "data.workers",
+            "must be at most 256",
+        )?;
+        check(
             0.0 < d.crop_scale[0] && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0,
             "data.crop_scale",
             "must be [low, high] with 0 < low <= high <= 1",
@@ -269,6 +306,16 @@ impl ExperimentConfig {
         )?;
         check(m.gnn_layers >= 1, "model.gnn_layers", "must be at least 1")?;
         check(
+            m.embedding_dim <= limits::EMBEDDING_DIM,
+            "model.embedding_dim",
+            "must be at most 65536",
+        )?;
+        check(
+            m.gnn_layers <= limits::GNN_LAYERS,
+            "model.gnn_layers",
+            "must be at most 64",
+        )?;
+        check(
             (0.0..1.0).contains(&m.attention_dropout),
             "model.attention_dropout",
             "must be in [0, 1)",
@@ -298,6 +345,21 @@ impl ExperimentConfig {
         )?;
         check(self.train.epochs >= 1, "train.epochs", "must be at least 1")?;
         check(
+            self.train.epochs <= limits::EPOCHS,
+            "train.epochs",
+            "must be at most 100000",
+        )?;
+        check(
+            self.train.max_steps_per_epoch != Some(0),
+            "train.max_steps_per_epoch",
+            "must be at least 1 (leave it out for whole epochs)",
+        )?;
+        check(
+            self.train.eval_class_limit != Some(0),
+            "train.eval_class_limit",
+            "must be at least 1 (leave it out to evaluate on every class)",
+        )?;
+        check(
             self.train.eval_every >= 1,
             "train.eval_every",
             "must be at least 1",
@@ -321,6 +383,27 @@ impl ExperimentConfig {
             proxies: o.lr * self.loss.proxy_lr_ratio * step,
         }
     }
+}
+
+/// Upper bounds of the size settings, checked before anything is allocated from them: far
+/// above what any experiment uses, low enough that a typo cannot ask for terabytes.
+pub mod limits {
+    /// `data.image_size`, pixels.
+    pub const IMAGE_SIZE: usize = 4096;
+    /// `data.resize`, pixels.
+    pub const RESIZE: usize = 8192;
+    /// Images in one batch (`data.classes_per_batch` x `data.per_class`).
+    pub const BATCH_IMAGES: usize = 4096;
+    /// Bytes of one batch of f32 images.
+    pub const BATCH_BYTES: u64 = 16 << 30;
+    /// `data.workers`.
+    pub const WORKERS: usize = 256;
+    /// `model.embedding_dim`.
+    pub const EMBEDDING_DIM: usize = 65536;
+    /// `model.gnn_layers`.
+    pub const GNN_LAYERS: usize = 64;
+    /// `train.epochs`.
+    pub const EPOCHS: usize = 100_000;
 }
 
 /// Keys renamed since they were first written, old name first: config files and run folders
@@ -370,7 +453,10 @@ fn set_path(
 
 /// Optional keys may be absent from the serialised tree and still be set.
 fn is_optional_key(key: &str) -> bool {
-    matches!(key, "data.root" | "model.weights")
+    matches!(
+        key,
+        "data.root" | "model.weights" | "train.max_steps_per_epoch" | "train.eval_class_limit"
+    )
 }
 
 fn parse_value(raw: &str) -> toml::Value {

@@ -178,6 +178,9 @@ impl ExperimentConfig {
                 precision: Precision::F32,
                 out: format!("runs/{name}"),
                 select_on: SelectOn::Validation,
+                max_steps_per_epoch: None,
+                eval_class_limit: None,
+                skip_bad_images: false,
             },
         })
     }
@@ -241,6 +244,9 @@ impl ExperimentConfig {
                 precision: Precision::F32,
                 out: "runs/demo".into(),
                 select_on: SelectOn::Test,
+                max_steps_per_epoch: None,
+                eval_class_limit: None,
+                skip_bad_images: false,
             },
         }
     }

@@ -47,9 +47,14 @@ pub enum DataError {
     },
     #[error("{}: split `{split}` has no images", annotation.display())]
     EmptySplit { annotation: PathBuf, split: String },
-    /// Listed images that are not files; `shown` holds the first few, `count` all of them.
-    #[error("{count} listed image files do not exist:{}", list_paths(shown, *count))]
-    MissingImages { count: usize, shown: Vec<PathBuf> },
+    /// Listed images that are not files; `shown` holds the first few, `count` all of them,
+    /// `why` what each shown one is instead.
+    #[error("{count} listed image files are missing or not files:{}", list_paths(shown, why, *count))]
+    MissingImages {
+        count: usize,
+        shown: Vec<PathBuf>,
+        why: Vec<&'static str>,
+    },
     /// `image`'s errors print their own cause and return it as their source too; only the
     /// text is kept, so that the cause is printed once.
     #[error("cannot decode image {}", path.display())]
@@ -192,10 +197,11 @@ impl DataError {
 /// How many missing images a message lists before it only counts the rest.
 pub const MISSING_SHOWN: usize = 20;
 
-fn list_paths(shown: &[PathBuf], count: usize) -> String {
+fn list_paths(shown: &[PathBuf], why: &[&str], count: usize) -> String {
     let mut out: String = shown
         .iter()
-        .map(|p| format!("\n  {}", p.display()))
+        .zip(why.iter().chain(std::iter::repeat(&"does not exist")))
+        .map(|(p, w)| format!("\n  {} ({w})", p.display()))
         .collect();
     if count > shown.len() {
         out.push_str(&format!("\n  ... and {} more", count - shown.len()));
@@ -203,11 +209,26 @@ fn list_paths(shown: &[PathBuf], count: usize) -> String {
     out
 }
 
-/// Reads a whole text file, naming it when it is missing or not UTF-8.
+/// What a listed image path that is not a readable file is instead.
+pub fn not_a_file(path: &Path) -> &'static str {
+    match path.symlink_metadata() {
+        Err(_) => "does not exist",
+        Ok(m) if m.file_type().is_symlink() && !path.exists() => "is a link to nothing",
+        Ok(_) if path.is_dir() => "is a folder",
+        Ok(_) => "is not a regular file",
+    }
+}
+
+/// Reads a whole text file, naming it when it is missing or not UTF-8. A UTF-8 byte-order
+/// mark (what Windows editors put first) is dropped, so that it does not spoil a header.
 pub fn read_text(path: &Path) -> Result<String, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::read(path, e))?;
-    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
+    let mut text = String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
         path: path.to_path_buf(),
         at: e.utf8_error().valid_up_to(),
-    })
+    })?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
 }

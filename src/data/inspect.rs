@@ -16,7 +16,6 @@ pub struct SplitCounts {
 /// Counts per split; an error lists the missing files (the first few and how many).
 pub fn inspect(dataset: &Dataset) -> Result<Vec<SplitCounts>, DataError> {
     let mut missing = Vec::new();
-    let mut counts = Vec::new();
     for split in &dataset.splits {
         for s in &split.samples {
             if let ImageSource::File(p) = &s.source
@@ -25,24 +24,42 @@ pub fn inspect(dataset: &Dataset) -> Result<Vec<SplitCounts>, DataError> {
                 missing.push(p.clone());
             }
         }
-        counts.push(SplitCounts {
-            name: split.name.clone(),
-            classes: split
-                .samples
-                .iter()
-                .map(|s| s.label)
-                .collect::<BTreeSet<_>>()
-                .len(),
-            images: split.samples.len(),
-        });
     }
     if !missing.is_empty() {
+        let missing_count = missing.len();
+        let shown: Vec<_> = missing.into_iter().take(MISSING_SHOWN).collect();
         return Err(DataError::MissingImages {
-            count: missing.len(),
-            shown: missing.into_iter().take(MISSING_SHOWN).collect(),
+            count: missing_count,
+            why: shown.iter().map(|p| super::error::not_a_file(p)).collect(),
+            shown,
         });
     }
-    Ok(counts)
+    Ok(counts_without(dataset, &[]))
+}
+
+/// Counts per split of the images not in `left_out` (the unreadable ones `decode_all`
+/// found), so that counts say what training and evaluation will see.
+pub fn counts_without(dataset: &Dataset, left_out: &[DataError]) -> Vec<SplitCounts> {
+    let left_out: BTreeSet<&std::path::Path> = left_out.iter().filter_map(|e| e.path()).collect();
+    dataset
+        .splits
+        .iter()
+        .map(|split| {
+            let kept: Vec<_> = split
+                .samples
+                .iter()
+                .filter(|s| match &s.source {
+                    ImageSource::File(p) => !left_out.contains(p.as_path()),
+                    ImageSource::Emoji { .. } => true,
+                })
+                .collect();
+            SplitCounts {
+                name: split.name.clone(),
+                classes: kept.iter().map(|s| s.label).collect::<BTreeSet<_>>().len(),
+                images: kept.len(),
+            }
+        })
+        .collect()
 }
 
 /// `{"splits": {"train": {"classes": N, "images": M}, ...}}`, splits in dataset order.

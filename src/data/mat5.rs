@@ -6,6 +6,7 @@
 //! reads neither struct nor char arrays, and `matrw` 0.1.4 reads struct arrays but rejects
 //! (and panics on) char arrays stored as miUINT16, the encoding MATLAB uses for text.
 
+use std::cell::Cell;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -87,7 +88,13 @@ const MX_CHAR: u8 = 4;
 /// Nesting deeper than this is refused rather than risking the stack.
 const MAX_DEPTH: usize = 64;
 /// A compressed variable may not inflate beyond this (annotation files are megabytes).
-const MAX_INFLATED: u64 = 1 << 30;
+const MAX_INFLATED: u64 = 1 << 28;
+/// Arrays (including every struct field and cell item) a file may hold: decoded, each takes
+/// far more memory than its 8-byte tag in the file, so a small file could otherwise ask for
+/// gigabytes. Cars196's annotations hold about a hundred thousand.
+pub const MAX_ARRAYS: usize = 1 << 21;
+/// Bytes of numeric data a file may hold (each value is widened to an 8-byte f64).
+pub const MAX_NUMBERS: usize = 1 << 26;
 
 /// Why a MAT-file does not parse; byte offsets count from the start of the file or of the
 /// inflated variable they are in.
@@ -123,6 +130,14 @@ pub enum MatError {
         values: usize,
         count: usize,
     },
+    #[error("array `{name}` declares {count} elements but the bytes left hold at most {room}")]
+    Declared {
+        name: String,
+        count: usize,
+        room: usize,
+    },
+    #[error("holds more than {limit} {what}, beyond what an annotation file needs")]
+    TooLarge { what: &'static str, limit: usize },
     #[error("unsupported numeric data type {ty}")]
     NumericType { ty: u32 },
     #[error("char data is not {encoding}")]
@@ -147,7 +162,11 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<(String, MatValue)>, MatError> {
         b"MI" => true,
         _ => return Err(MatError::NoEndian),
     };
-    let r = Reader { big };
+    let r = Reader {
+        big,
+        arrays: Cell::new(0),
+        numbers: Cell::new(0),
+    };
     let mut vars = Vec::new();
     let mut at = 128;
     while at < bytes.len() {
@@ -160,6 +179,9 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<(String, MatValue)>, MatError> {
 
 struct Reader {
     big: bool,
+    /// Arrays and numbers decoded so far, against [`MAX_ARRAYS`] and [`MAX_NUMBERS`].
+    arrays: Cell<usize>,
+    numbers: Cell<usize>,
 }
 
 impl Reader {
@@ -214,6 +236,13 @@ impl Reader {
         if depth > MAX_DEPTH {
             return Err(MatError::TooDeep);
         }
+        self.arrays.set(self.arrays.get() + 1);
+        if self.arrays.get() > MAX_ARRAYS {
+            return Err(MatError::TooLarge {
+                what: "arrays",
+                limit: MAX_ARRAYS,
+            });
+        }
         match ty {
             MI_COMPRESSED => {
                 let mut inflated = Vec::new();
@@ -252,8 +281,14 @@ impl Reader {
             .ok_or(MatError::Malformed("array dimensions overflow"))?;
         let (_, name_raw, mut at) = self.element(b, at)?;
         let name = String::from_utf8_lossy(name_raw).into_owned();
+        // Every cell item and struct field is an element of at least one 8-byte tag, so the
+        // bytes left bound how many the array can hold, whatever its dimensions declare.
+        let room = (b.len().saturating_sub(at)) / 8;
         let value = match class {
             MX_CELL => {
+                if count > room {
+                    return Err(MatError::Declared { name, count, room });
+                }
                 let mut items = Vec::new();
                 for _ in 0..count {
                     let (ty, d, next) = self.element(b, at)?;
@@ -281,6 +316,13 @@ impl Reader {
                         String::from_utf8_lossy(&c[..end]).into_owned()
                     })
                     .collect();
+                let room = (b.len().saturating_sub(at)) / 8;
+                if !fields.is_empty() && count.saturating_mul(fields.len()) > room {
+                    return Err(MatError::Declared { name, count, room });
+                }
+                // Elements without fields hold nothing: none are kept, however many are
+                // declared.
+                let count = if fields.is_empty() { 0 } else { count };
                 let mut elements = Vec::new();
                 for _ in 0..count {
                     let mut values = Vec::with_capacity(fields.len());
@@ -323,6 +365,13 @@ impl Reader {
     }
 
     fn numbers(&self, ty: u32, d: &[u8]) -> Result<Vec<f64>, MatError> {
+        self.numbers.set(self.numbers.get().saturating_add(d.len()));
+        if self.numbers.get() > MAX_NUMBERS {
+            return Err(MatError::TooLarge {
+                what: "bytes of numbers",
+                limit: MAX_NUMBERS,
+            });
+        }
         macro_rules! conv {
             ($t:ty, $n:expr) => {
                 d.chunks_exact($n)
@@ -367,5 +416,70 @@ impl Reader {
             }
             other => Err(MatError::CharType { ty: other }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn element(ty: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = ty.to_le_bytes().to_vec();
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(8) * 8, 0);
+        out
+    }
+
+    /// A variable of `class` whose dimensions declare `n` elements, followed by `body`.
+    fn declaring(class: u8, n: i32, body: &[u8]) -> Vec<u8> {
+        let mut sub = element(MI_UINT32, &[class, 0, 0, 0, 0, 0, 0, 0]);
+        let dims: Vec<u8> = [1i32, n].iter().flat_map(|d| d.to_le_bytes()).collect();
+        sub.extend(element(MI_INT32, &dims));
+        sub.extend(element(MI_INT8, b"x"));
+        sub.extend_from_slice(body);
+        let mut file = b"MATLAB 5.0 MAT-file".to_vec();
+        file.resize(126, b' ');
+        file.extend_from_slice(b"IM");
+        file.extend(element(MI_MATRIX, &sub));
+        file
+    }
+
+    /// Issue 11: a small file declaring 40 M struct elements aborted on allocation.
+    #[test]
+    fn declared_counts_beyond_the_bytes_are_refused_without_allocating() {
+        let mut fields = (5u32 | (4 << 16)).to_le_bytes().to_vec();
+        fields.extend_from_slice(&8i32.to_le_bytes());
+        let mut one = fields.clone();
+        one.extend(element(MI_INT8, b"a\0\0\0\0\0\0\0"));
+        let e = parse(&declaring(MX_STRUCT, 40_000_000, &one)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MatError::Declared {
+                    count: 40_000_000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse(&declaring(MX_CELL, 40_000_000, &[])).unwrap_err();
+        assert!(matches!(e, MatError::Declared { .. }), "{e}");
+        // Elements without fields hold nothing and are not kept.
+        let mut none = fields;
+        none.extend(element(MI_INT8, b""));
+        let vars = parse(&declaring(MX_STRUCT, 40_000_000, &none)).unwrap_or_default();
+        assert!(vars.iter().all(|(_, v)| match v {
+            MatValue::Struct { elements, .. } => elements.is_empty(),
+            _ => true,
+        }));
+    }
+
+    #[test]
+    fn a_flood_of_small_arrays_stops_at_the_limit() {
+        // Cells of empty cells: 8 bytes each in the file.
+        let body = element(MI_MATRIX, &[]).repeat(MAX_ARRAYS + 1);
+        let e = parse(&declaring(MX_CELL, (MAX_ARRAYS + 1) as i32, &body)).unwrap_err();
+        assert!(matches!(e, MatError::TooLarge { .. }), "{e}");
     }
 }

@@ -52,11 +52,13 @@ pub fn expect_fields(
 
 /// Parses a non-negative integer field.
 pub fn parse_id(path: &Path, line: usize, field: &str, what: &str) -> Result<u64, DataError> {
-    field.parse::<u64>().map_err(|_| {
-        DataError::at(
-            path,
-            line,
-            format!("{what} `{field}` is not a non-negative integer"),
-        )
+    field.parse::<u64>().map_err(|e| {
+        let why = match e.kind() {
+            std::num::IntErrorKind::PosOverflow => {
+                format!("is larger than the largest {what} ({})", u64::MAX)
+            }
+            _ => "is not a non-negative integer".to_string(),
+        };
+        DataError::at(path, line, format!("{what} `{field}` {why}"))
     })
 }

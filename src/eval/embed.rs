@@ -42,11 +42,30 @@ pub struct EmbeddingSet {
     pub samples: Vec<usize>,
     /// Label of every row.
     pub labels: Vec<usize>,
+    /// Images left out because they could not be read (with `skip_bad_images`): index into
+    /// the input samples and why.
+    pub skipped: Vec<(usize, crate::data::DataError)>,
 }
 
 impl EmbeddingSet {
     pub fn rows(&self) -> usize {
         self.labels.len()
+    }
+
+    /// Refuses rows that are not finite (a model gone NaN): written out or searched, they
+    /// would rank without saying so. `what` names the set in the error.
+    pub fn check_finite(
+        &self,
+        what: &'static str,
+    ) -> Result<(), crate::eval::metrics::EmbeddingsError> {
+        match self.values.iter().position(|v| !v.is_finite()) {
+            Some(index) => Err(crate::eval::metrics::EmbeddingsError::NotFinite {
+                what,
+                index,
+                row: index / self.dim.max(1),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The labels as the metrics take them.
@@ -111,6 +130,7 @@ pub fn embed_samples(
     for batch in loader {
         let batch = batch?;
         done += batch.rows() + batch.skipped.len();
+        out.skipped.extend(batch.skipped.iter().cloned());
         if batch.rows() > 0 {
             let images = images_tensor(&batch, &device);
             let z = match output {

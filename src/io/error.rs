@@ -23,6 +23,16 @@ pub enum WeightsError {
         #[source]
         source: Cause,
     },
+    /// Weights holding NaN or infinite values; `tensors` lists the first few.
+    #[error("{}: {count} tensors hold NaN or infinite values: {tensors}", path.display())]
+    NotFinite {
+        path: PathBuf,
+        count: usize,
+        tensors: String,
+    },
+    /// The disk is full: said once, naming the folder that needs room.
+    #[error("no space left on the device of {}: {} was not written", path.parent().unwrap_or(path).display(), path.file_name().unwrap_or_default().to_string_lossy())]
+    NoSpace { path: PathBuf },
     #[error("{} is neither a PyTorch checkpoint (zip or legacy pickle) nor a safetensors file", path.display())]
     UnknownFormat { path: PathBuf },
     #[error("{} is not a valid safetensors file", path.display())]
@@ -155,6 +165,9 @@ pub enum IoError {
         #[source]
         source: std::io::Error,
     },
+    /// The disk is full: said once, naming the folder that needs room.
+    #[error("no space left on the device of {}: {} was not written", path.parent().unwrap_or(path).display(), path.file_name().unwrap_or_default().to_string_lossy())]
+    NoSpace { path: PathBuf },
     #[error("cannot create {}", path.display())]
     Create {
         path: PathBuf,
@@ -197,6 +210,25 @@ pub enum IoError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{}: truncated: {size} bytes cannot hold the {shape:?} array its header declares", path.display())]
+    NpyTruncated {
+        path: PathBuf,
+        shape: Vec<u64>,
+        size: u64,
+    },
+    /// `row` and `col` are 0-based, as NumPy indexes.
+    #[error("{}: value [{row}, {col}] is not finite (NaN or infinite)", path.display())]
+    NpyNotFinite {
+        path: PathBuf,
+        row: usize,
+        col: usize,
+    },
+    #[error("{}: label {index} is {value}, beyond the largest label (2^63 - 1)", path.display())]
+    NpyLabel {
+        path: PathBuf,
+        index: usize,
+        value: u64,
     },
     #[error("{}:{line}: `{text}` is not an image", path.display())]
     SourceLine {

@@ -16,21 +16,53 @@ pub struct Matrix {
     pub values: Vec<f32>,
 }
 
+/// Opens `path` and checks that it holds the bytes its header declares, before anything is
+/// allocated from the declared shape.
 fn open(path: &Path) -> Result<npyz::NpyFile<BufReader<File>>, IoError> {
     let file = File::open(path).map_err(|source| IoError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    npyz::NpyFile::new(BufReader::new(file)).map_err(|source| IoError::NotNpy {
+    let size = file
+        .metadata()
+        .map_err(|source| IoError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let npy = npyz::NpyFile::new(BufReader::new(file)).map_err(|source| IoError::NotNpy {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    let declared = npy
+        .shape()
+        .iter()
+        .try_fold(npy.dtype().num_bytes().unwrap_or(1) as u64, |a, &d| {
+            a.checked_mul(d)
+        });
+    match declared {
+        Some(bytes) if bytes <= size => Ok(npy),
+        _ => Err(IoError::NpyTruncated {
+            path: path.to_path_buf(),
+            shape: npy.shape().to_vec(),
+            size,
+        }),
+    }
 }
 
 fn data(path: &Path) -> impl Fn(std::io::Error) -> IoError + '_ {
-    move |source| IoError::NpyData {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        if source.kind() == std::io::ErrorKind::UnexpectedEof {
+            return IoError::NpyTruncated {
+                path: path.to_path_buf(),
+                shape: Vec::new(),
+                size: std::fs::metadata(path).map_or(0, |m| m.len()),
+            };
+        }
+        IoError::NpyData {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -41,7 +73,9 @@ fn type_str(npy: &npyz::NpyFile<BufReader<File>>) -> String {
     }
 }
 
-/// Reads `[n, d]` float32 or float64 embeddings.
+/// Reads `[n, d]` float16, float32 or float64 embeddings, in C or Fortran order (transposed
+/// on read into rows). A value that is not finite (or not as f32) is refused: it would rank
+/// first or last in every search without saying so.
 pub fn read_matrix(path: &Path) -> Result<Matrix, IoError> {
     let npy = open(path)?;
     let shape = npy.shape().to_vec();
@@ -53,6 +87,7 @@ pub fn read_matrix(path: &Path) -> Result<Matrix, IoError> {
         });
     }
     let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+    let fortran = npy.order() == npyz::Order::Fortran;
     let kind = type_str(&npy);
     let values: Vec<f32> = match kind.as_str() {
         "<f4" => npy.into_vec::<f32>().map_err(data(path))?,
@@ -76,6 +111,25 @@ pub fn read_matrix(path: &Path) -> Result<Matrix, IoError> {
             });
         }
     };
+    let values = if fortran && rows > 1 && cols > 1 {
+        // Column-major: value (r, c) is stored at c * rows + r.
+        let mut out = vec![0f32; values.len()];
+        for (c, column) in values.chunks_exact(rows).enumerate() {
+            for (r, &v) in column.iter().enumerate() {
+                out[r * cols + c] = v;
+            }
+        }
+        out
+    } else {
+        values
+    };
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(IoError::NpyNotFinite {
+            path: path.to_path_buf(),
+            row: i / cols.max(1),
+            col: i % cols.max(1),
+        });
+    }
     Ok(Matrix { rows, cols, values })
 }
 
@@ -115,8 +169,15 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>, IoError> {
             .into_vec::<u64>()
             .map_err(data(path))?
             .into_iter()
-            .map(|v| v as i64)
-            .collect(),
+            .enumerate()
+            .map(|(index, v)| {
+                i64::try_from(v).map_err(|_| IoError::NpyLabel {
+                    path: path.to_path_buf(),
+                    index,
+                    value: v,
+                })
+            })
+            .collect::<Result<_, _>>()?,
         "<u4" => npy
             .into_vec::<u32>()
             .map_err(data(path))?
@@ -209,5 +270,74 @@ mod tests {
         let junk = dir.path().join("junk.npy");
         std::fs::write(&junk, b"nope").unwrap();
         assert!(matches!(read_matrix(&junk), Err(IoError::NotNpy { path, .. }) if path == junk));
+    }
+
+    /// A version 1.0 `.npy` file with `header` (the dict) and raw `data`.
+    pub(crate) fn npy_bytes(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = header.to_string();
+        while !(10 + h.len() + 1).is_multiple_of(64) {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// Issue 11: Fortran order was read as C order.
+    #[test]
+    fn fortran_order_is_transposed_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.npy");
+        // [[1, 2, 3], [4, 5, 6]] stored column by column.
+        let data = f32_bytes(&[1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        let header = "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }";
+        std::fs::write(&path, npy_bytes(header, &data)).unwrap();
+        let m = read_matrix(&path).unwrap();
+        assert_eq!(m.values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn truncated_files_and_huge_shapes_are_named_not_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.npy");
+        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
+        std::fs::write(&path, npy_bytes(header, &f32_bytes(&[1.0; 5]))).unwrap();
+        let e = read_matrix(&path).unwrap_err();
+        assert!(
+            matches!(&e, IoError::NpyTruncated { path: p, .. } if *p == path),
+            "{e}"
+        );
+        assert!(e.to_string().contains("t.npy: truncated"), "{e}");
+        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4000000000, 4000000), }";
+        std::fs::write(&path, npy_bytes(header, &[])).unwrap();
+        assert!(matches!(
+            read_matrix(&path),
+            Err(IoError::NpyTruncated { .. })
+        ));
+    }
+
+    #[test]
+    fn non_finite_values_and_oversized_labels_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = dir.path().join("e.npy");
+        write_matrix(&e, 2, 2, &[1.0, 0.0, f32::NAN, 1.0]).unwrap();
+        assert!(matches!(
+            read_matrix(&e),
+            Err(IoError::NpyNotFinite { row: 1, col: 0, .. })
+        ));
+        let l = dir.path().join("l.npy");
+        let header = "{'descr': '<u8', 'fortran_order': False, 'shape': (1,), }";
+        std::fs::write(&l, npy_bytes(header, &u64::MAX.to_le_bytes())).unwrap();
+        assert!(matches!(
+            read_labels(&l),
+            Err(IoError::NpyLabel { index: 0, .. })
+        ));
     }
 }

@@ -83,9 +83,18 @@ impl StateDict {
         path: &Path,
         dtype: StoredDtype,
     ) -> Result<(), WeightsError> {
-        let write = |e: safetensors::SafeTensorError| WeightsError::Write {
-            path: path.to_path_buf(),
-            source: Cause::of(&e),
+        let write = |e: safetensors::SafeTensorError| match e {
+            safetensors::SafeTensorError::IoError(e)
+                if e.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                WeightsError::NoSpace {
+                    path: path.to_path_buf(),
+                }
+            }
+            e => WeightsError::Write {
+                path: path.to_path_buf(),
+                source: Cause::of(&e),
+            },
         };
         let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .tensors

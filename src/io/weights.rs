@@ -401,4 +401,51 @@ mod tests {
         assert_eq!(bias[2], half::f16::from_f32(0.1).to_f64());
         assert_ne!(bias[2], 0.1f32 as f64);
     }
+
+    /// Issue 11: mutated `torch.save` files (zip and legacy) neither panic nor give an error
+    /// that does not name the file.
+    #[test]
+    fn mutated_pth_files_give_errors_naming_the_file() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngSeed, TestRunner};
+        let dir = tempfile::tempdir().unwrap();
+        let zip = dir.path().join("z.pth");
+        write_zip_checkpoint(&zip, &state_dict_pickle());
+        let legacy = dir.path().join("l.pth");
+        write_legacy_checkpoint(&legacy);
+        let mut runner = TestRunner::new(Config {
+            cases: 48,
+            rng_seed: RngSeed::Fixed(11),
+            failure_persistence: None,
+            ..Config::default()
+        });
+        for path in [zip, legacy] {
+            let good = std::fs::read(&path).unwrap();
+            let edits = (
+                prop::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+                prop::option::of(any::<usize>()),
+            );
+            runner
+                .run(&edits, |(writes, cut)| {
+                    let mut b = good.clone();
+                    for (at, v) in writes {
+                        let n = b.len();
+                        b[at % n] = v;
+                    }
+                    if let Some(cut) = cut {
+                        b.truncate(cut % (b.len() + 1));
+                    }
+                    let bad = path.with_extension("bad.pth");
+                    std::fs::write(&bad, &b).unwrap();
+                    let result = std::panic::catch_unwind(|| read_weights(&bad));
+                    prop_assert!(result.is_ok(), "the reader panicked");
+                    if let Ok(Err(e)) = result {
+                        let text = crate::error::chain(&e);
+                        prop_assert!(text.contains("bad.pth"), "{}", text);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
 }

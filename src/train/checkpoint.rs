@@ -28,6 +28,7 @@ const META_CONFIG: &str = "gca-hng.config";
 const META_PROGRESS: &str = "gca-hng.progress";
 const META_CLASSES: &str = "gca-hng.num_classes";
 const META_KIND: &str = "gca-hng.checkpoint";
+const META_CHECKSUM: &str = "gca-hng.checksum";
 
 /// A checkpoint that cannot be written, read or restored.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,8 @@ pub enum CheckpointError {
         #[source]
         source: crate::error::Cause,
     },
+    #[error("{} does not hold what was written to it (a damaged file or a failing disk?)", path.display())]
+    ReadBack { path: PathBuf },
     #[error("the checkpoint holds no model tensors")]
     NoModel,
     #[error("optimiser `{which}`")]
@@ -87,10 +90,12 @@ impl CheckpointError {
             | Self::BadProgress { .. }
             | Self::NoProgress { .. }
             | Self::EncodeProgress { .. }
+            | Self::ReadBack { .. }
             | Self::In { .. }) => e,
             Self::Weights(
                 e @ (WeightsError::Read { .. }
                 | WeightsError::NotSafetensors { .. }
+                | WeightsError::NoSpace { .. }
                 | WeightsError::Write { .. }),
             ) => Self::Weights(e),
             e => Self::In {
@@ -212,14 +217,117 @@ pub fn save(
             })?;
         dict.metadata.insert(META_PROGRESS.into(), json);
     }
+    dict.metadata
+        .insert(META_CHECKSUM.into(), format!("{:016x}", checksum(&dict)));
     let tmp = temporary_path(path);
-    dict.write_safetensors(&tmp)?;
-    Ok(finish_atomic(&tmp, path)?)
+    let written = dict
+        .write_safetensors(&tmp)
+        .map_err(CheckpointError::from)
+        .and_then(|()| sync(&tmp))
+        .and_then(|()| verify(&tmp, &dict));
+    if let Err(e) = written {
+        // Nothing half-written stays behind; the checkpoint at `path` is untouched.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // A resumable checkpoint keeps its predecessor until the new one is in place, so that a
+    // damaged `last` still leaves one to resume from.
+    if meta.progress.is_some() && path.exists() {
+        let previous = previous_path(path);
+        std::fs::rename(path, &previous).map_err(|source| IoError::Rename {
+            from: path.to_path_buf(),
+            to: previous,
+            source,
+        })?;
+    }
+    let renamed = finish_atomic(&tmp, path);
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(renamed?)
 }
 
-/// Reads a checkpoint's metadata and tensors.
+/// Where the checkpoint `path` is kept while its successor is written (`last.safetensors`:
+/// `last.previous.safetensors`).
+pub fn previous_path(path: &Path) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!("{stem}.previous.safetensors"))
+}
+
+fn sync(path: &Path) -> Result<(), CheckpointError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::StorageFull {
+                WeightsError::NoSpace {
+                    path: path.to_path_buf(),
+                }
+                .into()
+            } else {
+                IoError::Flush {
+                    path: path.to_path_buf(),
+                    source,
+                }
+                .into()
+            }
+        })
+}
+
+/// Reads a written checkpoint back and compares it with what was meant to be written: the
+/// same tensors with the same f32 values, and the same metadata.
+fn verify(path: &Path, written: &StateDict) -> Result<(), CheckpointError> {
+    let back = StateDict::read_safetensors(path)?;
+    let same = back.metadata == written.metadata
+        && back.tensors.len() == written.tensors.len()
+        && written.tensors.iter().all(|(k, t)| {
+            back.tensors.get(k).is_some_and(|b| {
+                b.shape == t.shape
+                    && b.data.len() == t.data.len()
+                    && b.data
+                        .iter()
+                        .zip(&t.data)
+                        .all(|(x, y)| (*x as f32).to_bits() == (*y as f32).to_bits())
+            })
+        });
+    if same {
+        Ok(())
+    } else {
+        Err(CheckpointError::ReadBack {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// FNV-1a over every tensor's name, shape and f32 values as stored, so that a checkpoint
+/// damaged after it was written (the container itself has no checksum) is told apart from a
+/// good one.
+fn checksum(dict: &StateDict) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |word: u64| {
+        h ^= word;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    for (name, t) in &dict.tensors {
+        name.bytes().for_each(|b| eat(b.into()));
+        t.shape.iter().for_each(|&d| eat(d as u64));
+        t.data
+            .iter()
+            .for_each(|&v| eat((v as f32).to_bits().into()));
+    }
+    h
+}
+
+/// Reads a checkpoint's metadata and tensors; one whose values do not match the checksum it
+/// was written with is refused.
 pub fn read(path: &Path) -> Result<(StateDict, CheckpointMeta), CheckpointError> {
     let dict = StateDict::read_safetensors(path)?;
+    if let Some(stored) = dict.metadata.get(META_CHECKSUM)
+        && *stored != format!("{:016x}", checksum(&dict))
+    {
+        return Err(CheckpointError::ReadBack {
+            path: path.to_path_buf(),
+        });
+    }
     let config_toml =
         dict.metadata
             .get(META_CONFIG)

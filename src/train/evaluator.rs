@@ -51,7 +51,7 @@ impl Evaluator {
     }
 
     /// Metrics of `set` under `embedder`; with `keep`, the embeddings (In-Shop: the gallery's)
-    /// are also written there.
+    /// are also written there. Images left out as unreadable are told to `observer`.
     pub fn metrics(
         &self,
         embedder: &Embedder,
@@ -60,9 +60,27 @@ impl Evaluator {
         keep: Option<&EmbeddingFiles>,
         observer: &mut dyn Observer,
     ) -> Result<RetrievalMetrics> {
+        let (metrics, skipped) = self.metrics_and_skipped(embedder, set, name, keep, observer)?;
+        for s in &skipped {
+            observer.note(s);
+        }
+        Ok(metrics)
+    }
+
+    /// [`metrics`](Self::metrics), giving back the images left out as unreadable (one line
+    /// each, naming the split, the file and why) instead of telling the observer.
+    pub fn metrics_and_skipped(
+        &self,
+        embedder: &Embedder,
+        set: &EvalSet,
+        name: &str,
+        keep: Option<&EmbeddingFiles>,
+        observer: &mut dyn Observer,
+    ) -> Result<(RetrievalMetrics, Vec<String>)> {
         let device = self.device.clone().inner();
+        let mut skipped = Vec::new();
         let mut embed = |split: &Split, what: &str| -> Result<EmbeddingSet> {
-            Ok(embed_samples(
+            let e = embed_samples(
                 embedder,
                 self.output,
                 Arc::new(split.samples.clone()),
@@ -70,7 +88,13 @@ impl Evaluator {
                 &self.settings,
                 &device,
                 &mut |done, total| observer.evaluating(what, done, total),
-            )?)
+            )?;
+            skipped.extend(
+                e.skipped
+                    .iter()
+                    .map(|(_, err)| format!("{what}: {} (left out)", crate::error::chain(err))),
+            );
+            Ok(e)
         };
         let write = |e: &EmbeddingSet, split: &Split| -> Result<()> {
             match keep {
@@ -90,24 +114,21 @@ impl Evaluator {
                 let e = embed(split, name)?;
                 write(&e, split)?;
                 let labels = e.labels_i64();
-                Ok(evaluate(
-                    &e.as_embeddings(&labels),
-                    &self.ks,
-                    self.nmi_seed,
-                    &device,
-                )?)
+                let m = evaluate(&e.as_embeddings(&labels), &self.ks, self.nmi_seed, &device)?;
+                Ok((m, skipped))
             }
             EvalSet::QueryGallery { query, gallery } => {
                 let q = embed(query, &format!("{name} query"))?;
                 let g = embed(gallery, &format!("{name} gallery"))?;
                 write(&g, gallery)?;
                 let (ql, gl) = (q.labels_i64(), g.labels_i64());
-                Ok(evaluate_query_gallery(
+                let m = evaluate_query_gallery(
                     &q.as_embeddings(&ql),
                     &g.as_embeddings(&gl),
                     &self.ks,
                     &device,
-                )?)
+                )?;
+                Ok((m, skipped))
             }
         }
     }

@@ -66,6 +66,10 @@ pub struct EpochRecord {
     pub images_per_second: f64,
     /// Batches left out because unreadable images were skipped.
     pub skipped_batches: usize,
+    /// Every image left out this epoch (training and evaluation), one line each: the phase,
+    /// the file and why.
+    #[serde(default)]
+    pub skipped_images: Vec<String>,
     pub validation: Option<RetrievalMetrics>,
     pub test: Option<RetrievalMetrics>,
     pub eval_seconds: f64,
@@ -101,6 +105,9 @@ pub struct RunSummary {
     pub seconds: f64,
     pub backbone_weights: String,
     pub device: String,
+    /// Every image the run left out as unreadable (`train.skip_bad_images`), each once.
+    #[serde(default)]
+    pub skipped_images: Vec<String>,
     pub records: Vec<EpochRecord>,
 }
 

@@ -47,12 +47,25 @@ fn evaluate_run(
     model: &GcaHng,
     keep_test: Option<&EmbeddingFiles>,
     observer: &mut dyn Observer,
+    skipped: &mut Vec<String>,
 ) -> Result<(Option<RetrievalMetrics>, RetrievalMetrics)> {
+    let mut left_out = Vec::new();
     let validation = match &data.validation {
-        Some(v) => Some(evaluator.metrics(&model.embedder, v, "validation", None, observer)?),
+        Some(v) => {
+            let (m, s) =
+                evaluator.metrics_and_skipped(&model.embedder, v, "validation", None, observer)?;
+            left_out.extend(s);
+            Some(m)
+        }
         None => None,
     };
-    let test = evaluator.metrics(&model.embedder, &data.test, "test", keep_test, observer)?;
+    let (test, s) =
+        evaluator.metrics_and_skipped(&model.embedder, &data.test, "test", keep_test, observer)?;
+    left_out.extend(s);
+    for line in &left_out {
+        observer.note(line);
+    }
+    skipped.extend(left_out);
     Ok((validation, test))
 }
 
@@ -103,16 +116,32 @@ pub fn embed_settings(config: &ExperimentConfig, skip_bad_images: bool) -> Embed
     }
 }
 
+/// The configuration with the run options that change what a run does folded in, so that
+/// they are saved with the run and a resumed run needs none of them repeated.
+fn with_run_options(config: &ExperimentConfig, opts: &RunOptions) -> ExperimentConfig {
+    let mut config = config.clone();
+    let t = &mut config.train;
+    t.max_steps_per_epoch = opts.max_steps_per_epoch.or(t.max_steps_per_epoch);
+    t.eval_class_limit = opts.eval_class_limit.or(t.eval_class_limit);
+    t.skip_bad_images |= opts.skip_bad_images;
+    config
+}
+
 /// Trains the model `config` describes, writing the run folder `opts.out`.
 pub fn train(
     config: &ExperimentConfig,
     opts: &RunOptions,
     observer: &mut dyn Observer,
 ) -> Result<RunOutcome> {
+    let config = &with_run_options(config, opts);
     config.validate()?;
     let run = RunDir::new(&opts.out);
     let config_toml = config.to_toml();
+    // A resumed run is locked before anything is read, so that a live run is never resumed
+    // beside itself; a new one once its folder exists, below.
+    let mut lock = None;
     if opts.resume {
+        lock = Some(run.lock()?);
         run.check_resumable(&config_toml)?;
     } else {
         run.check_fresh()?;
@@ -121,7 +150,7 @@ pub fn train(
     // start leaves nothing behind.
     let (weights, weights_source) = setup::pretrained_weights(config)?;
     let mut data = setup::run_data(config, opts.data_root.as_deref())?;
-    if let Some(n) = opts.eval_class_limit {
+    if let Some(n) = config.train.eval_class_limit {
         data.test = data.test.limited(n);
         data.validation = data.validation.map(|v| v.limited(n));
     }
@@ -136,8 +165,12 @@ pub fn train(
     drop(weights);
     if !opts.resume {
         run.create()?;
+        lock = Some(run.lock()?);
+        // Again under the lock: another process may have started here since the first check.
+        run.check_fresh()?;
         run.write_config(&config_toml)?;
     }
+    let _lock = lock;
     let layout = setup::layout(config);
     let mut trainer = Trainer::new(
         setup::step_config(config),
@@ -146,19 +179,41 @@ pub fn train(
     );
     let mut progress = Progress::default();
     if opts.resume {
+        // The newest checkpoint that reads and loads: `last`, or the one it replaced.
+        let restore = |path: &std::path::Path, trainer: &mut Trainer| {
+            let (dict, meta) = checkpoint::read(path)?;
+            let m =
+                checkpoint::load_model(model.clone(), &dict, &ad).map_err(|e| e.in_file(path))?;
+            checkpoint::load_optimisers(trainer, &m, &dict, &ad).map_err(|e| e.in_file(path))?;
+            let p = meta
+                .progress
+                .ok_or_else(|| checkpoint::CheckpointError::NoProgress { path: path.into() })?;
+            Ok::<_, checkpoint::CheckpointError>((m, p))
+        };
         let last = run.last();
-        let (dict, meta) = checkpoint::read(&last)?;
-        model = checkpoint::load_model(model, &dict, &ad).map_err(|e| e.in_file(&last))?;
-        checkpoint::load_optimisers(&mut trainer, &model, &dict, &ad)
-            .map_err(|e| e.in_file(&last))?;
-        progress = meta
-            .progress
-            .ok_or(checkpoint::CheckpointError::NoProgress { path: last })?;
+        let previous = checkpoint::previous_path(&last);
+        let (m, p, from) = match restore(&last, &mut trainer) {
+            Ok((m, p)) => (m, p, last),
+            Err(e) if previous.exists() => {
+                observer.note(&format!(
+                    "{} cannot be resumed from ({}); using {}",
+                    last.display(),
+                    crate::error::chain(&e),
+                    previous.display()
+                ));
+                let (m, p) = restore(&previous, &mut trainer)?;
+                (m, p, previous)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        model = m;
+        progress = p;
         observer.note(&format!(
-            "resuming {} at epoch {} step {}",
+            "resuming {} at epoch {} step {} from {}",
             run.root().display(),
             progress.epoch + 1,
-            progress.step
+            progress.step,
+            from.file_name().unwrap_or_default().to_string_lossy()
         ));
     }
 
@@ -188,7 +243,7 @@ pub fn train(
         store.clone(),
         data.ks.clone(),
         &device,
-        opts.skip_bad_images,
+        config.train.skip_bad_images,
     );
     let meta = |progress: Option<Progress>| CheckpointMeta {
         config_toml: config_toml.clone(),
@@ -201,7 +256,15 @@ pub fn train(
 
     if opts.evaluate_untrained && progress.records.is_empty() && progress.epoch == 0 {
         let t = Instant::now();
-        let (validation, test) = evaluate_run(&evaluator, &data, &model, None, observer)?;
+        let mut skipped_images = Vec::new();
+        let (validation, test) = evaluate_run(
+            &evaluator,
+            &data,
+            &model,
+            None,
+            observer,
+            &mut skipped_images,
+        )?;
         let record = EpochRecord {
             epoch: 0,
             losses: BTreeMap::new(),
@@ -211,6 +274,7 @@ pub fn train(
             train_seconds: 0.0,
             images_per_second: 0.0,
             skipped_batches: 0,
+            skipped_images,
             validation,
             test: Some(test),
             eval_seconds: t.elapsed().as_secs_f64(),
@@ -227,8 +291,8 @@ pub fn train(
             .into_iter()
             .map(|b| view_major(&b, c, p))
             .collect();
-        if let Some(cap) = opts.max_steps_per_epoch {
-            plan.truncate(cap.max(1));
+        if let Some(cap) = config.train.max_steps_per_epoch {
+            plan.truncate(cap);
         }
         let steps = plan.len();
         if steps == 0 {
@@ -260,13 +324,14 @@ pub fn train(
                 prefetch: 2,
                 seed,
                 normalisation: setup::normalisation(config.model.backbone),
-                skip_bad_images: opts.skip_bad_images,
+                skip_bad_images: config.train.skip_bad_images,
                 skip_batches: progress.step,
             },
         )?;
         let epoch_start = Instant::now();
         let mut trained_steps = 0usize;
         let mut skipped_batches = 0usize;
+        let mut skipped_images = Vec::new();
         for host in loader {
             let host = host?;
             let step = progress.step;
@@ -279,6 +344,11 @@ pub fn train(
                     step + 1,
                     host.skipped.len()
                 ));
+                for (_, e) in &host.skipped {
+                    let line = format!("train: {} (left out)", crate::error::chain(e));
+                    observer.note(&line);
+                    skipped_images.push(line);
+                }
             } else {
                 ad.seed(sample_seed(
                     seed ^ DROPOUT_STREAM,
@@ -339,6 +409,7 @@ pub fn train(
             train_seconds,
             images_per_second: (trained_steps * c * p) as f64 / train_seconds.max(1e-9),
             skipped_batches,
+            skipped_images,
             validation: None,
             test: None,
             eval_seconds: 0.0,
@@ -347,8 +418,14 @@ pub fn train(
         if due {
             let t = Instant::now();
             let keep = (epoch + 1 == epochs).then(|| run.test_embeddings());
-            let (validation, test) =
-                evaluate_run(&evaluator, &data, &model, keep.as_ref(), observer)?;
+            let (validation, test) = evaluate_run(
+                &evaluator,
+                &data,
+                &model,
+                keep.as_ref(),
+                observer,
+                &mut record.skipped_images,
+            )?;
             record.validation = validation;
             record.test = Some(test);
             record.eval_seconds = t.elapsed().as_secs_f64();
@@ -420,6 +497,13 @@ fn summarise(
         seconds: started.elapsed().as_secs_f64(),
         backbone_weights: weights_source,
         device: spec.to_string(),
+        skipped_images: progress
+            .records
+            .iter()
+            .flat_map(|r| r.skipped_images.iter().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
         records: progress.records.clone(),
     }
 }

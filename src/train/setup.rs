@@ -269,6 +269,21 @@ pub fn pretrained_weights(config: &ExperimentConfig) -> Result<(StateDict, Strin
     };
     dict.tensors
         .retain(|name, _| !is_classifier_head(kind, name));
+    // Checked here because a NaN in the weights shows only later, as a diverged loss.
+    let bad: Vec<String> = dict
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
+        .map(|(name, _)| name.clone())
+        .collect();
+    if !bad.is_empty() {
+        return Err(crate::io::WeightsError::NotFinite {
+            path: source.into(),
+            count: bad.len(),
+            tensors: crate::io::error::short_list(&bad),
+        }
+        .into());
+    }
     Ok((dict, source))
 }
 
