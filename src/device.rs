@@ -83,13 +83,14 @@ impl FromStr for DeviceSpec {
         let adapter = || match index {
             None => Ok(Adapter::Discrete(0)),
             Some("cpu") => Ok(Adapter::Cpu),
-            Some(i) => i
-                .parse::<usize>()
-                .map(Adapter::Discrete)
-                .map_err(|_| DeviceError::BadIndex {
-                    spec: s.to_string(),
-                    index: i.to_string(),
-                }),
+            Some(i) => {
+                i.parse::<usize>()
+                    .map(Adapter::Discrete)
+                    .map_err(|_| DeviceError::BadIndex {
+                        spec: s.to_string(),
+                        index: i.to_string(),
+                    })
+            }
         };
         match kind {
             "cpu" | "flex" if index.is_none() => Ok(Self::Cpu),

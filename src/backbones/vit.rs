@@ -9,8 +9,8 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::backends::gelu;
-use crate::nn::precision;
 use crate::io::state_dict::{Layout, TorchNamed, TorchParam, join, push};
+use crate::nn::precision;
 
 #[derive(Config, Debug)]
 pub struct VitConfig {
@@ -52,7 +52,9 @@ impl Attention {
             .permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, n, hd]);
         let (q, k, v) = (part(0), part(1), part(2));
-        let scores = q.mul_scalar((hd as f64).powf(-0.5)).matmul(k.swap_dims(2, 3));
+        let scores = q
+            .mul_scalar((hd as f64).powf(-0.5))
+            .matmul(k.swap_dims(2, 3));
         // The softmax in f32 under reduced precision, as autocast runs it.
         let dtype = scores.dtype();
         let attn = softmax(precision::to_f32(scores), 3).cast(dtype);

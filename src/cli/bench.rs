@@ -203,7 +203,9 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             let cfg = arch.config(BatchNormMode::Train, Pooling::AvgPlusMax);
             let times = bench_backbone(&cfg, batch, size, warmup, iters, precision, &device);
             report_times(
-                &format!("bench backbone {arch} batch {batch} {size}px {precision} forward+backward"),
+                &format!(
+                    "bench backbone {arch} batch {batch} {size}px {precision} forward+backward"
+                ),
                 &spec,
                 &times,
                 json,

@@ -7,9 +7,9 @@ use anyhow::Result;
 
 use gca_hng::data::sources::{collect_images, collect_images_following, unlabelled_samples};
 use gca_hng::device::DeviceSpec;
-use gca_hng::nn::precision::Precision;
 use gca_hng::eval::embed::{EmbedOutput, embed_samples};
 use gca_hng::io::embedding_files::EmbeddingFiles;
+use gca_hng::nn::precision::Precision;
 use gca_hng::train::{self, Observer, setup};
 
 use crate::progress::TerminalProgress;

@@ -29,6 +29,9 @@ pub struct EvalArgs {
     nmi_seed: u64,
     #[arg(long)]
     skip_bad_images: bool,
+    /// Evaluate on the first N classes of the split only (smoke checks).
+    #[arg(long, value_name = "N")]
+    class_limit: Option<std::num::NonZeroUsize>,
 }
 
 pub fn run(args: EvalArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
@@ -44,6 +47,10 @@ pub fn run(args: EvalArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             )
         })?,
         _ => data.test.clone(),
+    };
+    let set = match args.class_limit {
+        Some(n) => set.limited(n.get()),
+        None => set,
     };
     let store = Arc::new(train::image_store(&config, None)?);
     let mut evaluator = Evaluator::new(

@@ -1,8 +1,8 @@
 //! The presets: METHOD.md section 9's table of the release's settings, one per dataset and
 //! backbone, and the demo of DEMO.md.
 
-use crate::nn::precision::Precision;
 use super::*;
+use crate::nn::precision::Precision;
 
 /// Names of the presets, in the order `config list` shows them.
 pub const PRESETS: [&str; 13] = [

@@ -83,7 +83,8 @@ impl Embedder {
     /// - images: `[batch, 3, height, width]`
     /// - output: `[batch, embedding_dim]`
     pub fn forward_in(&self, images: Tensor<4>, precision: Precision) -> Tensor<2> {
-        self.head.forward(self.backbone.forward_in(images, precision))
+        self.head
+            .forward(self.backbone.forward_in(images, precision))
     }
 }
 

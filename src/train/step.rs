@@ -6,13 +6,13 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, Tensor as T};
 use serde::{Deserialize, Serialize};
 
+use crate::backbones::Backbone;
 use crate::method::graph::{BatchLayout, CorrelationGraph};
 use crate::method::losses::{
     HardnessMasking, cross_entropy, diversity_loss, hardness_loss, npair_loss, synthetic_npair_loss,
 };
 use crate::method::model::GcaHng;
 use crate::method::synthesis::{MixSource, hardness, synthesize};
-use crate::backbones::Backbone;
 use crate::nn::adamw::{AdamWSettings, TorchAdamW};
 use crate::nn::precision::{LossScaler, Precision, scale_gradient};
 
@@ -437,7 +437,10 @@ fn train_step(
                 return;
             }
         }
-        let backbone = std::mem::replace(&mut model.embedder.backbone, Backbone::Identity(Default::default()));
+        let backbone = std::mem::replace(
+            &mut model.embedder.backbone,
+            Backbone::Identity(Default::default()),
+        );
         model.embedder.backbone =
             optim
                 .embedder

@@ -11,10 +11,7 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 fn relative_gap(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[test]
@@ -84,7 +81,11 @@ fn conv_bn_pass(precision: Precision) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert_eq!(y.dtype(), DType::F32);
     let grads = y.clone().powf_scalar(2.0).sum().backward();
     let g = unit.conv.weight.grad(&grads).expect("a weight gradient");
-    assert_eq!(g.dtype(), DType::F32, "the f32 master weight gets an f32 gradient");
+    assert_eq!(
+        g.dtype(),
+        DType::F32,
+        "the f32 master weight gets an f32 gradient"
+    );
     (host(y), host(g), host(unit.bn.running_mean.value()))
 }
 

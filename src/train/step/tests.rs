@@ -229,8 +229,7 @@ fn mixed_precision_steps_train_every_group_and_stay_near_f32() {
             history: LossHistory::default(),
             train_backbone: true,
         };
-        let (model, metrics) =
-            trainer.step(model, &batch(&device), inputs, &mut SeededMix::new(3));
+        let (model, metrics) = trainer.step(model, &batch(&device), inputs, &mut SeededMix::new(3));
         let after = export_torch(&model, "");
         let moved: Vec<String> = before
             .tensors
