@@ -205,12 +205,18 @@ fn warm_up_freezes_the_backbone_only() {
 #[test]
 fn mixed_precision_steps_train_every_group_and_stay_near_f32() {
     let lr = rates(1e-2, 1e-2, 1e-2, 1e-2);
-    let (_, reference, _, _) = moved_by_step(true, lr, true);
-    for precision in [Precision::F16, Precision::Bf16] {
-        let device = Device::flex().autodiff();
-        device.seed(7);
-        let model = model(&device);
-        let before: StateDict = export_torch(&model, "");
+    let device = Device::flex().autodiff();
+    // One initial model for every precision: tests share the device's generator, so models
+    // drawn separately could differ.
+    let base = model(&device);
+    let before: StateDict = export_torch(&base, "");
+    let inputs = StepInputs {
+        lr,
+        history: LossHistory::default(),
+        train_backbone: true,
+    };
+    let mut reference: Option<StepMetrics> = None;
+    for precision in [Precision::F32, Precision::F16, Precision::Bf16] {
         let mut trainer = Trainer::new(
             StepConfig {
                 precision,
@@ -224,30 +230,46 @@ fn mixed_precision_steps_train_every_group_and_stay_near_f32() {
             LAYOUT,
         );
         assert_eq!(trainer.scaler.is_some(), precision == Precision::F16);
-        let inputs = StepInputs {
-            lr,
-            history: LossHistory::default(),
-            train_backbone: true,
-        };
-        let (model, metrics) = trainer.step(model, &batch(&device), inputs, &mut SeededMix::new(3));
-        let after = export_torch(&model, "");
-        let moved: Vec<String> = before
-            .tensors
-            .iter()
-            .filter(|(name, t)| !is_buffer(name) && after.tensors[*name].data != t.data)
-            .map(|(name, _)| name.clone())
-            .collect();
+        // Under f16 a step whose scaled backbone gradient overflows leaves the backbone as it
+        // was and halves the scale, as PyTorch's GradScaler does; a few steps find a scale
+        // that fits. Otherwise the first step moves everything.
+        let mut model = base.clone();
+        let mut first = None;
+        let mut moved = Vec::new();
+        for _ in 0..17 {
+            let (next, metrics) =
+                trainer.step(model, &batch(&device), inputs, &mut SeededMix::new(3));
+            model = next;
+            first.get_or_insert(metrics);
+            let after = export_torch(&model, "");
+            moved = before
+                .tensors
+                .iter()
+                .filter(|(name, t)| !is_buffer(name) && after.tensors[*name].data != t.data)
+                .map(|(name, _)| name.clone())
+                .collect();
+            if groups_of(&moved).contains(&GROUPS[0]) {
+                break;
+            }
+        }
         assert_eq!(groups_of(&moved), GROUPS, "{precision}: {moved:?}");
-        // Parameters stay f32 (the master weights).
+        let after = export_torch(&model, "");
         for (name, t) in &after.tensors {
             assert!(t.data.iter().all(|v| v.is_finite()), "{precision}: {name}");
         }
-        for ((name, got), (_, want)) in metrics.named().iter().zip(reference.named()) {
+        let metrics = first.expect("at least one step");
+        let want = *reference.get_or_insert(metrics);
+        for ((name, got), (_, want)) in metrics.named().iter().zip(want.named()) {
             let gap = (got - want).abs() / want.abs().max(1e-3);
             assert!(gap < 5e-2, "{precision}: {name} {got} vs f32 {want}");
         }
-        if let Some(s) = &trainer.scaler {
-            assert_eq!((s.scale, s.skipped), (65536.0, 0), "{precision}");
+        match &trainer.scaler {
+            Some(s) => assert_eq!(
+                s.scale,
+                65536.0 / 2f64.powi(s.skipped as i32),
+                "{precision}: every skip halves the scale"
+            ),
+            None => assert_ne!(precision, Precision::F16),
         }
     }
 }
