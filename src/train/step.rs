@@ -432,10 +432,10 @@ fn train_step(
         if !train_backbone {
             return;
         }
-        if let (Some(scaler), Some(l1)) = (scaler.as_deref_mut(), l1) {
-            if !scaler.update(l1.is_finite()) {
-                return;
-            }
+        if let (Some(scaler), Some(l1)) = (scaler.as_deref_mut(), l1)
+            && !scaler.update(l1.is_finite())
+        {
+            return;
         }
         let backbone = std::mem::replace(
             &mut model.embedder.backbone,
