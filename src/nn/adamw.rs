@@ -310,6 +310,34 @@ mod tests {
     }
 
     #[test]
+    fn a_scaled_gradient_is_unscaled_before_clipping() {
+        let device = Device::flex();
+        let (lr, wd, scale) = (0.1, 0.01, 65536.0f32);
+        let mut plain = TorchAdamW::new(AdamWSettings::with_weight_decay(wd as f32), Some(0.5));
+        let mut scaled = plain.clone();
+        let (mut a, mut b) = (linear(&device), linear(&device));
+        let mut reference = Reference {
+            p: 1.0,
+            m: 0.0,
+            v: 0.0,
+            t: 0,
+        };
+        // Both gradients are inside the clipping range and their scaled values far outside
+        // it: clipping before unscaling would step as if they were 0.5 and -0.5, which the
+        // second AdamW step tells apart from 0.3 and -0.1.
+        for g in [0.3f32, -0.1] {
+            let mut ga = grads_for(&a, Some(g), &device);
+            a = plain.step(lr, a, &mut ga);
+            let mut gb = grads_for(&b, Some(g * scale), &device);
+            b = scaled.step_scaled(lr, b, &mut gb, 1.0 / scale as f64);
+            reference.step(g as f64, lr, wd);
+        }
+        for got in [value(&a.weight), value(&b.weight)] {
+            assert!((got - reference.p).abs() < 1e-6, "{got} vs {}", reference.p);
+        }
+    }
+
+    #[test]
     fn matches_pytorch_with_zero_grad_bookkeeping_and_value_clipping() {
         let device = Device::flex();
         let mut l = linear(&device);

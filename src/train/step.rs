@@ -272,6 +272,12 @@ impl PendingMetrics {
             return (metrics, None);
         }
         let host = crate::io::host::host_values(Tensor::cat(values, 0));
+        // Every loss is one value; anything else would shift every name onto another's value.
+        assert_eq!(
+            host.len(),
+            names.len() + usize::from(has_extra),
+            "one value per loss"
+        );
         for (loss, value) in names.iter().zip(&host) {
             *metrics.get_mut(*loss) = *value as f64;
         }
@@ -504,8 +510,8 @@ fn train_step(
     (model, metrics)
 }
 
-/// The sum of `|g|` over every gradient of `module` in `grads`: infinite or NaN exactly when
-/// some element is.
+/// The sum of `|g|` over every gradient of `module` in `grads`: infinite or NaN when some
+/// element is (or when the f32 sum itself overflows, which only makes the scaler back off).
 fn gradient_l1<M: Module>(module: &M, grads: &GradientsParams) -> Option<Tensor<1>> {
     struct Sum<'a> {
         grads: &'a GradientsParams,
