@@ -1,5 +1,5 @@
 //! Choosing the compute device at run time: `cpu`, `vulkan:N`, `vulkan:cpu`, `wgpu:N`,
-//! `wgpu:cpu` or `cuda:N`.
+//! `wgpu:cpu` or `cuda:N`, and `vulkan:auto` / `wgpu:auto` (the GPU of the local rank).
 
 use std::str::FromStr;
 
@@ -11,6 +11,9 @@ pub enum Adapter {
     /// The N-th discrete GPU. Discrete only, so that a machine with a GPU never lands on a
     /// software driver by accident.
     Discrete(usize),
+    /// The discrete GPU of this process's local rank in a data-parallel run (`train
+    /// --distributed`: one process per GPU); the first one otherwise.
+    Auto,
     /// A CPU adapter: a software driver such as Mesa's llvmpipe. Slow, but it runs the GPU
     /// code path on any machine, which is how CI tests it.
     Cpu,
@@ -20,6 +23,7 @@ impl std::fmt::Display for Adapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Discrete(i) => write!(f, "{i}"),
+            Self::Auto => f.write_str("auto"),
             Self::Cpu => f.write_str("cpu"),
         }
     }
@@ -40,7 +44,8 @@ pub enum DeviceSpec {
 }
 
 /// The forms a device spec takes, for error messages.
-pub const EXPECTED: &str = "expected cpu, vulkan:N, vulkan:cpu, wgpu:N, wgpu:cpu or cuda:N";
+pub const EXPECTED: &str =
+    "expected cpu, vulkan:N, vulkan:cpu, vulkan:auto, wgpu:N, wgpu:cpu, wgpu:auto or cuda:N";
 
 /// Why a device could not be named or opened.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +88,7 @@ impl FromStr for DeviceSpec {
         let adapter = || match index {
             None => Ok(Adapter::Discrete(0)),
             Some("cpu") => Ok(Adapter::Cpu),
+            Some("auto") => Ok(Adapter::Auto),
             Some(i) => {
                 i.parse::<usize>()
                     .map(Adapter::Discrete)
@@ -98,6 +104,11 @@ impl FromStr for DeviceSpec {
             "wgpu" => adapter().map(Self::Wgpu),
             "cuda" => match adapter()? {
                 Adapter::Discrete(i) => Ok(Self::Cuda(i)),
+                // `auto` is for the wgpu-based backends only, for now.
+                Adapter::Auto => Err(DeviceError::BadIndex {
+                    spec: s.to_string(),
+                    index: "auto".into(),
+                }),
                 Adapter::Cpu => Err(DeviceError::NoCpuAdapter {
                     spec: s.to_string(),
                 }),
@@ -154,6 +165,17 @@ impl DeviceSpec {
         }
     }
 
+    /// The spec a data-parallel process with this local rank opens: `vulkan:auto` and
+    /// `wgpu:auto` become the GPU of that index; every other spec stays as it is (CPU
+    /// processes share the machine).
+    pub fn for_local_rank(self, local_rank: usize) -> Self {
+        match self {
+            Self::Vulkan(Adapter::Auto) => Self::Vulkan(Adapter::Discrete(local_rank)),
+            Self::Wgpu(Adapter::Auto) => Self::Wgpu(Adapter::Discrete(local_rank)),
+            other => other,
+        }
+    }
+
     /// Whether kernels run on burn's CPU backend, where every result is the one `verify
     /// reference`'s exact-parity tolerances were set on. Every other device (llvmpipe
     /// included) sums in other orders.
@@ -194,6 +216,7 @@ impl DeviceSpec {
 fn kind(adapter: Adapter) -> burn::tensor::DeviceKind {
     match adapter {
         Adapter::Discrete(i) => burn::tensor::DeviceKind::DiscreteGpu(i),
+        Adapter::Auto => burn::tensor::DeviceKind::DiscreteGpu(0),
         Adapter::Cpu => burn::tensor::DeviceKind::Cpu,
     }
 }
@@ -210,6 +233,7 @@ mod tests {
             ("vulkan:cpu", DeviceSpec::Vulkan(Adapter::Cpu)),
             ("wgpu:0", DeviceSpec::Wgpu(Adapter::Discrete(0))),
             ("wgpu:cpu", DeviceSpec::Wgpu(Adapter::Cpu)),
+            ("vulkan:auto", DeviceSpec::Vulkan(Adapter::Auto)),
             ("cuda:2", DeviceSpec::Cuda(2)),
         ] {
             assert_eq!(text.parse::<DeviceSpec>(), Ok(spec));
@@ -238,6 +262,24 @@ mod tests {
             let err = bad.parse::<DeviceSpec>().unwrap_err().to_string();
             assert!(err.contains(bad) && err.contains("wgpu:cpu"), "{err}");
         }
+    }
+
+    #[test]
+    fn auto_picks_the_gpu_of_the_local_rank() {
+        let auto: DeviceSpec = "vulkan:auto".parse().unwrap();
+        assert_eq!(
+            auto.for_local_rank(3),
+            DeviceSpec::Vulkan(Adapter::Discrete(3))
+        );
+        assert_eq!(
+            DeviceSpec::Wgpu(Adapter::Auto).for_local_rank(1),
+            DeviceSpec::Wgpu(Adapter::Discrete(1))
+        );
+        assert_eq!(DeviceSpec::Cpu.for_local_rank(2), DeviceSpec::Cpu);
+        assert_eq!(
+            DeviceSpec::Vulkan(Adapter::Discrete(0)).for_local_rank(2),
+            DeviceSpec::Vulkan(Adapter::Discrete(0))
+        );
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum Error {
     Plot(#[from] crate::train::plots::PlotError),
     #[error(transparent)]
     Name(#[from] UnknownName),
+    #[error(transparent)]
+    Distributed(#[from] crate::distributed::DistributedError),
     /// `weights` is the file named by `model.weights`, or the embedded asset.
     #[error("the pretrained weights {weights} do not fit the configured {backbone} backbone")]
     Pretrained {

@@ -47,6 +47,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod device;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod io;

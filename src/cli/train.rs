@@ -59,6 +59,30 @@ pub struct TrainArgs {
     /// Leave out unreadable images (a batch that loses one is skipped) instead of stopping.
     #[arg(long)]
     skip_bad_images: bool,
+    /// Data-parallel training, one process per device, started by `mpirun -n K` (K must
+    /// divide `data.classes_per_batch`): the correlation graph spans the global batch of all
+    /// processes, as on one device. Needs a binary built with `--features distributed`.
+    /// `--device vulkan:auto` gives each process the GPU of its local rank.
+    #[arg(long)]
+    distributed: bool,
+    /// With --distributed: seconds a collective may wait for the other processes before this
+    /// one stops with an error (a process that hangs or a network that fails).
+    #[arg(long, default_value_t = 600, requires = "distributed")]
+    collective_timeout: u64,
+    /// With --distributed: compare parameter checksums across processes every N steps (and
+    /// after every epoch); 0: after every epoch only.
+    #[arg(long, default_value_t = 100, requires = "distributed")]
+    checksum_every: usize,
+    /// Append every step's losses to this JSON-lines file (rank 0 only).
+    #[arg(long, hide = true)]
+    step_log: Option<PathBuf>,
+    /// Test only: write the noise-aware parameter rule's slack to this file at the end.
+    #[arg(long, hide = true)]
+    adamw_slack: Option<PathBuf>,
+    /// Test only: the deliberately wrong data-parallel variant (each process builds its graph
+    /// from its own share; gradients averaged).
+    #[arg(long, hide = true, requires = "distributed")]
+    local_graph_for_tests: bool,
 }
 
 /// The configuration of a new run: the preset or file, the typed flags, then `--set`.
@@ -85,6 +109,61 @@ fn new_config(args: &TrainArgs, device: Option<DeviceSpec>) -> Result<Experiment
 }
 
 pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
+    if !args.distributed {
+        return run_here(args, device, None);
+    }
+    distributed(args, device)
+}
+
+#[cfg(not(feature = "distributed"))]
+fn distributed(_args: TrainArgs, _device: Option<DeviceSpec>) -> Result<Outcome> {
+    anyhow::bail!(
+        "--distributed needs a binary built with the `distributed` feature (MPI): \
+         `cargo build --release --features distributed`, then `mpirun -n K gca-hng train ... --distributed`"
+    )
+}
+
+/// One process of a data-parallel run: MPI up, the run, and on an error every process of the
+/// job stopped, so that none waits for ever on the one that failed.
+#[cfg(feature = "distributed")]
+fn distributed(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
+    use gca_hng::distributed::mpi::MpiCollective;
+    use gca_hng::distributed::{Collective, Distributed};
+    use std::rc::Rc;
+
+    let collective = Rc::new(MpiCollective::init(std::time::Duration::from_secs(
+        args.collective_timeout,
+    ))?);
+    // CPU processes on one machine share its cores instead of each starting a thread per
+    // core. (A pool built already, by an earlier command in this process, stays.)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads((cores / collective.local_size()).max(1))
+        .build_global();
+    let rank = collective.rank();
+    let settings = Distributed {
+        collective: collective.clone() as Rc<dyn Collective>,
+        checksum_every: args.checksum_every,
+        local_graph: args.local_graph_for_tests,
+    };
+    match run_here(args, device, Some(settings)) {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => {
+            eprintln!("error: rank {rank} of {}: {e:#}", collective.size());
+            collective.abort(2)
+        }
+    }
+}
+
+fn run_here(
+    args: TrainArgs,
+    device: Option<DeviceSpec>,
+    distributed: Option<gca_hng::distributed::Distributed>,
+) -> Result<Outcome> {
+    let root = distributed
+        .as_ref()
+        .is_none_or(|d| d.collective.rank() == 0);
+    let ranks = distributed.as_ref().map_or(1, |d| d.collective.size());
     let (config, mut opts) = match &args.resume {
         Some(dir) => {
             let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
@@ -113,7 +192,29 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     opts.eval_class_limit = args.eval_class_limit;
     opts.skip_bad_images = args.skip_bad_images;
     opts.stop = stop_on_signal();
+    opts.step_log = args.step_log.clone();
+    opts.adamw_slack = args.adamw_slack.clone();
+    opts.distributed = distributed;
     let out = opts.out.clone();
+    if !root {
+        // Only rank 0 reports; the others speak only of their own errors.
+        let rank = opts.distributed.as_ref().map_or(0, |d| d.collective.rank());
+        let mut observer = HangForTests {
+            hang: std::env::var("GCA_HNG_TEST_HANG_RANK").is_ok_and(|r| r == rank.to_string()),
+            steps: 0,
+        };
+        return Ok(match train::train(&config, &opts, &mut observer)? {
+            RunOutcome::Finished(_) => Outcome::Success,
+            RunOutcome::Interrupted { .. } => Outcome::Interrupted,
+        });
+    }
+    if ranks > 1 {
+        println!(
+            "data-parallel: {ranks} processes, {} of the {} classes of each batch per process",
+            config.data.classes_per_batch / ranks.max(1),
+            config.data.classes_per_batch
+        );
+    }
     println!(
         "training {} on {} ({} backbone, {} base loss{}), {} epochs on {} -> {}",
         config.data.kind,
@@ -167,6 +268,23 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
                 out.display()
             );
             Ok(Outcome::Interrupted)
+        }
+    }
+}
+
+/// The observer of a rank other than 0: silent. Test hook: with `GCA_HNG_TEST_HANG_RANK` set
+/// to its rank it stops answering after two steps, as a process stuck in a driver would, so
+/// that a test can show the other ranks' collective timeout.
+struct HangForTests {
+    hang: bool,
+    steps: usize,
+}
+
+impl train::Observer for HangForTests {
+    fn step_done(&mut self, _metrics: &gca_hng::train::step::StepMetrics, _images: usize) {
+        self.steps += 1;
+        while self.hang && self.steps >= 2 {
+            std::thread::sleep(std::time::Duration::from_secs(1));
         }
     }
 }

@@ -136,6 +136,21 @@ impl Loader {
         epoch: u64,
         cfg: LoaderConfig,
     ) -> Result<Loader, DataError> {
+        Self::spawn_at(samples, store, plan, None, transform, epoch, cfg)
+    }
+
+    /// [`spawn`](Self::spawn) with each row's position in the epoch given (`positions[b][r]`
+    /// for row r of batch b) rather than counted: a data-parallel process loads its rows of
+    /// each global batch with the random transforms they get in the whole batch.
+    pub fn spawn_at(
+        samples: Arc<Vec<Sample>>,
+        store: Arc<ImageStore>,
+        plan: Vec<Vec<usize>>,
+        positions: Option<Vec<Vec<u64>>>,
+        transform: Transform,
+        epoch: u64,
+        cfg: LoaderConfig,
+    ) -> Result<Loader, DataError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads.max(1))
             .thread_name(|i| format!("gca-hng-loader-{i}"))
@@ -150,7 +165,16 @@ impl Loader {
             .name("gca-hng-loader".into())
             .spawn(move || {
                 produce(
-                    &samples, &store, &plan, transform, epoch, cfg, &pool, &tx, &skipped_w,
+                    &samples,
+                    &store,
+                    &plan,
+                    positions.as_deref(),
+                    transform,
+                    epoch,
+                    cfg,
+                    &pool,
+                    &tx,
+                    &skipped_w,
                 )
             })
             .map_err(|e| DataError::Threads {
@@ -174,6 +198,7 @@ fn produce(
     samples: &[Sample],
     store: &ImageStore,
     plan: &[Vec<usize>],
+    positions: Option<&[Vec<u64>]>,
     transform: Transform,
     epoch: u64,
     cfg: LoaderConfig,
@@ -199,8 +224,9 @@ fn produce(
                 .map(|(r, (out, &s))| {
                     let sample = samples.get(s).ok_or(DataError::NoSample { index: s })?;
                     let img = store.load(&sample.source)?;
+                    let position = positions.map_or(first + r as u64, |p| p[index][r]);
                     let mut rng =
-                        ChaCha8Rng::seed_from_u64(sample_seed(cfg.seed, epoch, first + r as u64));
+                        ChaCha8Rng::seed_from_u64(sample_seed(cfg.seed, epoch, position));
                     transform
                         .apply(&img, &mut rng, cfg.normalisation, out)
                         .map_err(|e| DataError::Transform {

@@ -33,6 +33,15 @@ pub struct RunOptions {
     pub emoji_cache: Option<PathBuf>,
     /// Evaluate on the first N classes of each evaluation split only (smoke runs).
     pub eval_class_limit: Option<usize>,
+    /// Train as one of several data-parallel processes (`None`: alone).
+    pub distributed: Option<crate::distributed::Distributed>,
+    /// Called with every step's losses (rank 0 of a data-parallel run: the global batch's).
+    pub step_log: Option<std::path::PathBuf>,
+    /// Test only: writes, at the end of the run, how far the noise-aware parameter rule
+    /// ([`crate::verify::compare::AdamWSlack`]) lets each parameter element of this run
+    /// differ from another device's or process count's, as a safetensors file keyed like the
+    /// checkpoint's model tensors. Keeps a copy of every applied gradient while it trains.
+    pub adamw_slack: Option<std::path::PathBuf>,
 }
 
 impl RunOptions {
@@ -47,6 +56,9 @@ impl RunOptions {
             skip_bad_images: false,
             emoji_cache: None,
             eval_class_limit: None,
+            distributed: None,
+            step_log: None,
+            adamw_slack: None,
         }
     }
 }

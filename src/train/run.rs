@@ -21,13 +21,15 @@ use crate::data::sampler::{BalancedSampler, SamplerConfig, ShortClass, view_majo
 use crate::data::tensor::images_tensor;
 use crate::data::transform::{RandomResizedCropConfig, Transform};
 use crate::data::{BatchError, ImageSource};
-use crate::device::{DeviceSpec, open_configured};
+use crate::device::{DeviceSpec, configured};
+use crate::distributed::{DistributedError, Exchange, Shard, check_identical};
 use crate::eval::embed::EmbedSettings;
 use crate::eval::metrics::RetrievalMetrics;
 use crate::io::embedding_files::EmbeddingFiles;
 use crate::method::model::GcaHng;
 use crate::method::synthesis::SeededMix;
-use crate::train::step::{Batch, StepInputs, Trainer};
+use crate::verify::compare::AdamWSlack;
+use crate::train::step::{Batch, StepInputs, StepMetrics, Trainer};
 
 use super::checkpoint::{Best, CheckpointMeta, Progress};
 use super::evaluator::Evaluator;
@@ -135,15 +137,37 @@ pub fn train(
 ) -> Result<RunOutcome> {
     let config = &with_run_options(config, opts);
     config.validate()?;
+    let dist = opts.distributed.as_ref();
+    // Rank 0 of a data-parallel run owns the run folder, the logs, evaluation and
+    // checkpoints; the other ranks write nothing.
+    let root = dist.is_none_or(|d| d.collective.rank() == 0);
+    let shard = match dist {
+        Some(d) => {
+            if config.model.batch_norm == crate::backbones::BatchNormMode::Train
+                && config.model.backbone != crate::backbones::BackboneKind::VitS16
+            {
+                return Err(DistributedError::BatchStatistics.into());
+            }
+            Some(Shard::new(
+                d.collective.rank(),
+                d.collective.size(),
+                config.data.classes_per_batch,
+                config.data.per_class,
+            )?)
+        }
+        None => None,
+    };
     let run = RunDir::new(&opts.out);
     let config_toml = config.to_toml();
     // A resumed run is locked before anything is read, so that a live run is never resumed
     // beside itself; a new one once its folder exists, below.
     let mut lock = None;
     if opts.resume {
-        lock = Some(run.lock()?);
+        if root {
+            lock = Some(run.lock()?);
+        }
         run.check_resumable(&config_toml)?;
-    } else {
+    } else if root {
         run.check_fresh()?;
     }
     // Weights and data are checked before the run folder is made, so that a run that cannot
@@ -155,7 +179,11 @@ pub fn train(
         data.validation = data.validation.map(|v| v.limited(n));
     }
     let store = Arc::new(image_store(config, opts.emoji_cache.clone())?);
-    let (spec, device) = open_configured(&config.train.device)?;
+    let mut spec = configured(&config.train.device)?;
+    if let Some(d) = dist {
+        spec = spec.for_local_rank(d.collective.local_rank());
+    }
+    let device = spec.open()?;
     let ad = device.clone().autodiff();
     let seed = config.train.seed;
     ad.seed(seed);
@@ -163,7 +191,7 @@ pub fn train(
     let num_classes = data.train.classes.len();
     let mut model = setup::build_model(config, num_classes, &weights, &ad)?;
     drop(weights);
-    if !opts.resume {
+    if !opts.resume && root {
         run.create()?;
         lock = Some(run.lock()?);
         // Again under the lock: another process may have started here since the first check.
@@ -172,10 +200,17 @@ pub fn train(
     }
     let _lock = lock;
     let layout = setup::layout(config);
+    // The layout the step sees: the global batch, or (test-only wrong variant) the share.
+    let step_layout = match (dist, shard) {
+        (Some(d), Some(sh)) if d.local_graph => {
+            crate::method::graph::BatchLayout::new(sh.local_classes(), layout.per_class)
+        }
+        _ => layout,
+    };
     let mut trainer = Trainer::new(
         setup::step_config(config),
         setup::weight_decays(config),
-        layout,
+        step_layout,
     );
     let mut progress = Progress::default();
     if opts.resume {
@@ -217,6 +252,12 @@ pub fn train(
         ));
     }
 
+    let mut slack = opts.adamw_slack.as_ref().map(|_| SlackTrace::new(&model, &mut trainer));
+    if let Some(d) = dist {
+        // Same seed, same weights, same checkpoint: the ranks start identical, or stop here.
+        check_identical(d.collective.as_ref(), &model, progress.epoch, progress.step)?;
+    }
+
     let train_split = &data.train;
     let mut sampler = BalancedSampler::new(
         &train_split.labels(),
@@ -254,7 +295,7 @@ pub fn train(
     let (c, p) = (layout.classes, layout.per_class);
     let started = Instant::now() - std::time::Duration::from_secs_f64(progress.elapsed_s);
 
-    if opts.evaluate_untrained && progress.records.is_empty() && progress.epoch == 0 {
+    if root && opts.evaluate_untrained && progress.records.is_empty() && progress.epoch == 0 {
         let t = Instant::now();
         let mut skipped_images = Vec::new();
         let (validation, test) = evaluate_run(
@@ -294,6 +335,25 @@ pub fn train(
         if let Some(cap) = config.train.max_steps_per_epoch {
             plan.truncate(cap);
         }
+        // A data-parallel rank loads only its rows of every global batch, each with the
+        // random crop it gets in the whole batch; the losses need every row's label.
+        let global_labels: Vec<Vec<usize>> = plan
+            .iter()
+            .map(|b| b.iter().map(|&i| samples[i].label).collect())
+            .collect();
+        let mut positions = None;
+        if let Some(sh) = shard {
+            let rows = sh.rows();
+            positions = Some(
+                (0..plan.len())
+                    .map(|b| rows.iter().map(|&r| (b * c * p + r) as u64).collect())
+                    .collect(),
+            );
+            for batch in &mut plan {
+                *batch = rows.iter().map(|&r| batch[r]).collect();
+            }
+        }
+        let rows_here = plan.first().map_or(c * p, Vec::len);
         let steps = plan.len();
         if steps == 0 {
             return Err(crate::data::DataError::from(BatchError::TooFewImages {
@@ -313,10 +373,11 @@ pub fn train(
             ratio: (config.data.crop_ratio[0], config.data.crop_ratio[1]),
             ..RandomResizedCropConfig::new(config.data.image_size as u32)
         };
-        let loader = Loader::spawn(
+        let loader = Loader::spawn_at(
             samples.clone(),
             store.clone(),
             plan,
+            positions,
             Transform::Train { crop, flip_p: 0.5 },
             epoch as u64,
             LoaderConfig {
@@ -336,13 +397,26 @@ pub fn train(
             let host = host?;
             let step = progress.step;
             progress.step += 1;
-            if host.rows() != c * p {
+            // The ranks agree on whether the batch is whole (an unreadable image anywhere
+            // drops it everywhere, as it drops the whole batch on one device) and on
+            // stopping; one small all-reduce.
+            let mut missing = rows_here - host.rows();
+            if let Some(d) = dist {
+                let mut flags = [missing as u64, u64::from(opts.stop.load(Ordering::SeqCst))];
+                d.collective.all_reduce_max("step agreement", &mut flags)?;
+                missing = flags[0] as usize;
+                if flags[1] != 0 {
+                    opts.stop.store(true, Ordering::SeqCst);
+                }
+            }
+            if missing > 0 {
                 skipped_batches += 1;
                 observer.note(&format!(
-                    "epoch {} step {}: batch left out ({} unreadable images)",
+                    "epoch {} step {}: batch left out ({} unreadable images{})",
                     epoch + 1,
                     step + 1,
-                    host.skipped.len()
+                    host.skipped.len(),
+                    if dist.is_some() { " on this rank" } else { "" }
                 ));
                 for (_, e) in &host.skipped {
                     let line = format!("train: {} (left out)", crate::error::chain(e));
@@ -357,17 +431,42 @@ pub fn train(
                 ));
                 let mut mix =
                     SeededMix::new(sample_seed(seed ^ MIX_STREAM, epoch as u64, step as u64));
+                let local_graph = dist.is_some_and(|d| d.local_graph);
                 let batch = Batch {
                     images: images_tensor(&host, &ad),
-                    labels: host.labels.clone(),
+                    labels: if dist.is_some() && !local_graph {
+                        global_labels[step].clone()
+                    } else {
+                        host.labels.clone()
+                    },
                 };
                 let inputs = StepInputs {
                     lr,
                     history,
                     train_backbone,
                 };
-                let (next, metrics) = trainer.step(model, &batch, inputs, &mut mix);
+                let traffic_before = dist.map(|d| d.collective.traffic());
+                let (next, metrics) = match (dist, shard) {
+                    (Some(d), Some(sh)) => {
+                        let mut exchange = Exchange::new(d.collective.as_ref(), sh, local_graph);
+                        trainer.step_exchanged(model, &batch, inputs, &mut mix, &mut exchange)?
+                    }
+                    _ => trainer.step(model, &batch, inputs, &mut mix),
+                };
                 model = next;
+                if let Some(slack) = &mut slack {
+                    slack.record(&mut trainer);
+                }
+                if root && let Some(path) = &opts.step_log {
+                    let traffic = dist.zip(traffic_before).map(|(d, before)| {
+                        let after = d.collective.traffic();
+                        [
+                            after.gather_bytes - before.gather_bytes,
+                            after.reduce_bytes - before.reduce_bytes,
+                        ]
+                    });
+                    log_step(path, epoch, step, &metrics, traffic)?;
+                }
                 if !metrics.j_metric.is_finite() {
                     return Err(Error::Diverged {
                         value: metrics.j_metric,
@@ -378,15 +477,26 @@ pub fn train(
                 progress.sums.add(&metrics);
                 trained_steps += 1;
                 observer.step_done(&metrics, c * p);
+                if let Some(d) = dist
+                    && d.checksum_every > 0
+                    && progress.step % d.checksum_every == 0
+                {
+                    check_identical(d.collective.as_ref(), &model, epoch + 1, progress.step)?;
+                }
             }
             if opts.stop.load(Ordering::SeqCst) {
                 progress.elapsed_s = started.elapsed().as_secs_f64();
-                checkpoint::save(
-                    &run.last(),
-                    &model,
-                    Some(&trainer),
-                    &meta(Some(progress.clone())),
-                )?;
+                if root {
+                    checkpoint::save(
+                        &run.last(),
+                        &model,
+                        Some(&trainer),
+                        &meta(Some(progress.clone())),
+                    )?;
+                }
+                if let Some(d) = dist {
+                    d.collective.wait_for_all("rank 0's checkpoint")?;
+                }
                 return Ok(RunOutcome::Interrupted {
                     epoch: progress.epoch,
                     step: progress.step,
@@ -415,7 +525,7 @@ pub fn train(
             eval_seconds: 0.0,
         };
         let due = (epoch + 1) % config.train.eval_every == 0 || epoch + 1 == epochs;
-        if due {
+        if due && root {
             let t = Instant::now();
             let keep = (epoch + 1 == epochs).then(|| run.test_embeddings());
             let (validation, test) = evaluate_run(
@@ -434,7 +544,8 @@ pub fn train(
         progress.sums = Default::default();
         progress.epoch += 1;
         progress.step = 0;
-        if let Some(score) = selection_score(config.train.select_on, &record)
+        if root
+            && let Some(score) = selection_score(config.train.select_on, &record)
             && progress.best.as_ref().is_none_or(|b| score > b.score)
         {
             progress.best = Some(Best {
@@ -446,18 +557,33 @@ pub fn train(
         observer.epoch_done(&record);
         progress.records.push(record);
         progress.elapsed_s = started.elapsed().as_secs_f64();
-        run.write_records(&progress.records)?;
-        checkpoint::save(
-            &run.last(),
-            &model,
-            Some(&trainer),
-            &meta(Some(progress.clone())),
-        )?;
-        if let Err(e) = plots::run_plots(&run, &progress.records) {
-            observer.note(&format!(
-                "could not draw the plots: {}",
-                crate::error::chain(&e)
-            ));
+        if root {
+            run.write_records(&progress.records)?;
+            checkpoint::save(
+                &run.last(),
+                &model,
+                Some(&trainer),
+                &meta(Some(progress.clone())),
+            )?;
+            if let Err(e) = plots::run_plots(&run, &progress.records) {
+                observer.note(&format!(
+                    "could not draw the plots: {}",
+                    crate::error::chain(&e)
+                ));
+            }
+        }
+        if let Some(d) = dist {
+            // The other ranks wait (without a timeout) while rank 0 evaluates and writes.
+            d.collective
+                .wait_for_all("rank 0's evaluation and checkpoint")?;
+            check_identical(d.collective.as_ref(), &model, epoch + 1, 0)?;
+        }
+        if let Some(d) = dist {
+            let mut stop = [u64::from(opts.stop.load(Ordering::SeqCst))];
+            d.collective.all_reduce_max("stop agreement", &mut stop)?;
+            if stop[0] != 0 {
+                opts.stop.store(true, Ordering::SeqCst);
+            }
         }
         if opts.stop.load(Ordering::SeqCst) && progress.epoch < epochs {
             return Ok(RunOutcome::Interrupted {
@@ -468,7 +594,12 @@ pub fn train(
     }
 
     let summary = summarise(config, &progress, started, weights_source, &spec);
-    run.write_summary(&summary)?;
+    if root {
+        run.write_summary(&summary)?;
+        if let (Some(path), Some(slack)) = (&opts.adamw_slack, &slack) {
+            slack.write(path)?;
+        }
+    }
     Ok(RunOutcome::Finished(Box::new(summary)))
 }
 
@@ -505,5 +636,98 @@ fn summarise(
             .into_iter()
             .collect(),
         records: progress.records.clone(),
+    }
+}
+
+/// Appends one step's losses to the JSON-lines file `path`.
+/// With `traffic` (data-parallel), also the step's all-gather and all-reduce payload bytes.
+fn log_step(
+    path: &std::path::Path,
+    epoch: usize,
+    step: usize,
+    metrics: &StepMetrics,
+    traffic: Option<[u64; 2]>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut line = serde_json::json!({ "epoch": epoch + 1, "step": step + 1, "losses": metrics });
+    if let Some([gather, reduce]) = traffic {
+        line["all_gather_bytes"] = gather.into();
+        line["all_reduce_bytes"] = reduce.into();
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"))
+        .map_err(|source| crate::io::IoError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// The noise-aware parameter rule's slack ([`AdamWSlack`]) of every parameter, fed with
+/// every gradient the three optimisers apply.
+struct SlackTrace {
+    names: std::collections::HashMap<burn::module::ParamId, crate::io::state_dict::TorchParam>,
+    slack: BTreeMap<String, AdamWSlack>,
+}
+
+impl SlackTrace {
+    fn new(model: &GcaHng, trainer: &mut Trainer) -> Self {
+        use crate::io::state_dict::TorchNamed;
+        for optim in [
+            &mut trainer.optim.embedder,
+            &mut trainer.optim.gnn,
+            &mut trainer.optim.classifier,
+        ] {
+            optim.trace = Some(Vec::new());
+        }
+        Self {
+            names: model
+                .torch_param_list("")
+                .into_iter()
+                .map(|p| (p.id, p))
+                .collect(),
+            slack: BTreeMap::new(),
+        }
+    }
+
+    fn record(&mut self, trainer: &mut Trainer) {
+        for optim in [
+            &mut trainer.optim.embedder,
+            &mut trainer.optim.gnn,
+            &mut trainer.optim.classifier,
+        ] {
+            for applied in optim.trace.iter_mut().flat_map(|t| t.drain(..)) {
+                let Some(p) = self.names.get(&applied.id) else {
+                    continue;
+                };
+                let grad = match p.layout {
+                    crate::io::state_dict::Layout::LinearWeight => applied.grad.transposed(),
+                    _ => applied.grad,
+                };
+                self.slack
+                    .entry(p.name.clone())
+                    .or_insert_with(|| {
+                        AdamWSlack::new(grad.numel(), crate::verify::reference::GRADIENT_NOISE)
+                    })
+                    .step(&grad.data, applied.lr);
+            }
+        }
+    }
+
+    /// Writes the slack under the checkpoint's names (`model.` + PyTorch name).
+    fn write(&self, path: &std::path::Path) -> Result<()> {
+        let mut dict = crate::io::state_dict::StateDict::default();
+        for (name, slack) in &self.slack {
+            let values = slack.slack().to_vec();
+            dict.insert(
+                format!("model.{name}"),
+                crate::io::state_dict::HostTensor::new(vec![values.len()], values),
+            );
+        }
+        dict.write_safetensors(path)?;
+        Ok(())
     }
 }

@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Tensor, Tensor as T};
+use burn::tensor::{Gradients, Tensor, Tensor as T};
 use serde::{Deserialize, Serialize};
 
 use crate::backbones::Backbone;
@@ -316,6 +316,24 @@ impl Trainer {
         inputs: StepInputs,
         mix: &mut dyn MixSource,
     ) -> (GcaHng, StepMetrics) {
+        match self.step_exchanged(model, batch, inputs, mix, &mut SingleProcess) {
+            Ok(done) => done,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`step`](Self::step) with the backbone's features and gradients passed through
+    /// `exchange`: `batch.images` are the rows the backbone runs on here, `batch.labels` and
+    /// the layout those of the batch the rest of the step sees (data-parallel training:
+    /// this process's share, and the global batch).
+    pub fn step_exchanged<X: FeatureExchange>(
+        &mut self,
+        model: GcaHng,
+        batch: &Batch,
+        inputs: StepInputs,
+        mix: &mut dyn MixSource,
+        exchange: &mut X,
+    ) -> Result<(GcaHng, StepMetrics), X::Error> {
         train_step(
             model,
             &mut self.optim,
@@ -325,7 +343,59 @@ impl Trainer {
             batch,
             inputs,
             mix,
+            exchange,
         )
+    }
+}
+
+/// Where the backbone's features go and where its gradient comes from. One process passes
+/// them straight through ([`SingleProcess`]); data-parallel training
+/// (`crate::distributed::Exchange`) gathers the features of every process into the global
+/// batch and sends each process its rows of the gradient.
+pub trait FeatureExchange {
+    type Error;
+    /// The features of the batch the head, graph and losses see, from the backbone's
+    /// features of the rows computed here (tracked by autodiff while the backbone trains).
+    fn features(&mut self, local: Tensor<2>) -> Result<Tensor<2>, Self::Error>;
+    /// The backbone's gradient of the metric loss, whose backward pass filled `grads`.
+    fn backbone_gradients(
+        &mut self,
+        grads: &mut Gradients,
+        backbone: &Backbone,
+    ) -> Result<GradientsParams, Self::Error>;
+    /// The gradients of a part every process computes on the whole batch (head, GNN,
+    /// classifier, proxies).
+    fn shared_gradients<M: Module>(
+        &mut self,
+        module: &M,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams, Self::Error>;
+}
+
+/// One process: features and gradients pass through unchanged.
+pub struct SingleProcess;
+
+impl FeatureExchange for SingleProcess {
+    type Error = std::convert::Infallible;
+
+    fn features(&mut self, local: Tensor<2>) -> Result<Tensor<2>, Self::Error> {
+        Ok(local)
+    }
+
+    fn backbone_gradients(
+        &mut self,
+        grads: &mut Gradients,
+        backbone: &Backbone,
+    ) -> Result<GradientsParams, Self::Error> {
+        Ok(GradientsParams::from_module(grads, backbone))
+    }
+
+    fn shared_gradients<M: Module>(
+        &mut self,
+        _module: &M,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams, Self::Error> {
+        Ok(grads)
     }
 }
 
@@ -351,7 +421,7 @@ impl StepInputs {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train_step(
+fn train_step<X: FeatureExchange>(
     mut model: GcaHng,
     optim: &mut Optimisers,
     mut scaler: Option<&mut LossScaler>,
@@ -360,7 +430,8 @@ fn train_step(
     batch: &Batch,
     inputs: StepInputs,
     mix: &mut dyn MixSource,
-) -> (GcaHng, StepMetrics) {
+    exchange: &mut X,
+) -> Result<(GcaHng, StepMetrics), X::Error> {
     let StepInputs {
         lr,
         history,
@@ -397,6 +468,7 @@ fn train_step(
             .no_grad()
             .forward_in(batch.images.clone(), precision)
     };
+    let features = exchange.features(features)?;
     let z = model.embedder.head.forward(features);
     let j_m = match &model.proxies {
         Some(proxies) => proxies.forward(z.clone(), labels),
@@ -421,13 +493,18 @@ fn train_step(
     };
     metrics.record(Loss::Metric, &j_metric);
     let mut grads = j_metric.backward();
-    let mut g_backbone = GradientsParams::from_module(&mut grads, &model.embedder.backbone);
-    let mut g_head = GradientsParams::from_module(&mut grads, &model.embedder.head);
-    let mut g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
-    let mut g_proxies = model
-        .proxies
-        .as_ref()
-        .map(|p| GradientsParams::from_module(&mut grads, p));
+    let g_head = GradientsParams::from_module(&mut grads, &model.embedder.head);
+    let mut g_head = exchange.shared_gradients(&model.embedder.head, g_head)?;
+    let g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
+    let mut g_gnn = exchange.shared_gradients(&model.gnn, g_gnn)?;
+    let mut g_proxies = match &model.proxies {
+        Some(p) => {
+            let g = GradientsParams::from_module(&mut grads, p);
+            Some(exchange.shared_gradients(p, g)?)
+        }
+        None => None,
+    };
+    let mut g_backbone = exchange.backbone_gradients(&mut grads, &model.embedder.backbone)?;
     drop(grads);
     // The backbone steps last, once its gradient is known to be finite (under f16); nothing
     // before then reads its parameters.
@@ -466,7 +543,7 @@ fn train_step(
         // The baseline has no synthetic negatives for the classifier to judge.
         let (metrics, l1) = metrics.read(overflow_check);
         backbone_step(&mut model, optim, l1);
-        return (model, metrics);
+        return Ok((model, metrics));
     }
 
     // 5: the classifier learns the training classes on detached embeddings.
@@ -475,7 +552,8 @@ fn train_step(
         .mul_scalar(CLASSIFIER_LOSS_SCALE);
     metrics.record(Loss::Softce, &j_softce);
     let mut grads = j_softce.backward();
-    let mut g_cls = GradientsParams::from_module(&mut grads, &model.classifier);
+    let g_cls = GradientsParams::from_module(&mut grads, &model.classifier);
+    let mut g_cls = exchange.shared_gradients(&model.classifier, g_cls)?;
     drop(grads);
     model.classifier = optim
         .classifier
@@ -502,12 +580,13 @@ fn train_step(
     metrics.record(Loss::Gence, &j_cls);
     metrics.record(Loss::Gen, &j_gen);
     let mut grads = j_gen.backward();
-    let mut g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
+    let g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
+    let mut g_gnn = exchange.shared_gradients(&model.gnn, g_gnn)?;
     drop(grads);
     model.gnn = optim.gnn.step(lr.gnn, model.gnn, &mut g_gnn);
     let (metrics, l1) = metrics.read(overflow_check);
     backbone_step(&mut model, optim, l1);
-    (model, metrics)
+    Ok((model, metrics))
 }
 
 /// The sum of `|g|` over every gradient of `module` in `grads`: infinite or NaN when some
