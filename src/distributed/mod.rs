@@ -346,10 +346,22 @@ impl FeatureExchange for Exchange<'_> {
 }
 
 /// A hash of every float parameter and buffer of `module`, bit for bit.
+///
+/// A parameter not yet initialised (burn initialises lazily, at first use, drawing from the
+/// device's generator) counts by its shape only: reading it here would initialise it out of
+/// the order a single process uses, and so give it other random values than one process gets.
 pub fn checksum<M: Module>(module: &M) -> u64 {
     struct Hash(std::collections::hash_map::DefaultHasher);
     impl ModuleVisitor for Hash {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !param.is_initialized() {
+                self.0.write_u8(0);
+                for d in param.lazy_shape().dims::<D>() {
+                    self.0.write_usize(d);
+                }
+                return;
+            }
+            self.0.write_u8(1);
             for v in host_values(param.val()) {
                 self.0.write_u32(v.to_bits());
             }
