@@ -225,8 +225,7 @@ fn produce(
                     let sample = samples.get(s).ok_or(DataError::NoSample { index: s })?;
                     let img = store.load(&sample.source)?;
                     let position = positions.map_or(first + r as u64, |p| p[index][r]);
-                    let mut rng =
-                        ChaCha8Rng::seed_from_u64(sample_seed(cfg.seed, epoch, position));
+                    let mut rng = ChaCha8Rng::seed_from_u64(sample_seed(cfg.seed, epoch, position));
                     transform
                         .apply(&img, &mut rng, cfg.normalisation, out)
                         .map_err(|e| DataError::Transform {

@@ -67,11 +67,17 @@ pub trait Collective {
     /// Every rank's `local` (all of the same length), concatenated in rank order.
     fn all_gather(&self, what: &'static str, local: &[f32]) -> Result<Vec<f32>, DistributedError>;
     /// Element-wise sum over all ranks, in place; every rank gets the same result.
-    fn all_reduce_sum(&self, what: &'static str, values: &mut [f32])
-    -> Result<(), DistributedError>;
+    fn all_reduce_sum(
+        &self,
+        what: &'static str,
+        values: &mut [f32],
+    ) -> Result<(), DistributedError>;
     /// Element-wise maximum over all ranks, in place.
-    fn all_reduce_max(&self, what: &'static str, values: &mut [u64])
-    -> Result<(), DistributedError>;
+    fn all_reduce_max(
+        &self,
+        what: &'static str,
+        values: &mut [u64],
+    ) -> Result<(), DistributedError>;
     /// Every rank's `value`, in rank order.
     fn all_gather_u64(&self, what: &'static str, value: u64) -> Result<Vec<u64>, DistributedError>;
     /// Waits for every rank, without the collective timeout: the other ranks wait here while
@@ -433,6 +439,9 @@ mod tests {
     #[test]
     fn a_process_count_that_does_not_divide_the_classes_is_refused() {
         let err = Shard::new(0, 4, 6, 2).unwrap_err().to_string();
-        assert!(err.contains("6 classes") && err.contains("4 processes"), "{err}");
+        assert!(
+            err.contains("6 classes") && err.contains("4 processes"),
+            "{err}"
+        );
     }
 }

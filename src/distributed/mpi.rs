@@ -33,12 +33,10 @@ impl MpiCollective {
     /// Initialises MPI (once per process) and starts the watchdog: a collective that waits
     /// longer than `timeout` ends this process with exit status 3 and a message.
     pub fn init(timeout: Duration) -> Result<Self, DistributedError> {
-        let (universe, _threading) =
-            mpi::initialize_with_threading(mpi::Threading::Serialized).ok_or_else(|| {
-                DistributedError::Collective {
-                    what: "MPI initialisation",
-                    message: "MPI was already initialised in this process".into(),
-                }
+        let (universe, _threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or_else(|| DistributedError::Collective {
+                what: "MPI initialisation",
+                message: "MPI was already initialised in this process".into(),
             })?;
         let world = universe.world();
         let rank = world.rank() as usize;

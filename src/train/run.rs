@@ -28,8 +28,8 @@ use crate::eval::metrics::RetrievalMetrics;
 use crate::io::embedding_files::EmbeddingFiles;
 use crate::method::model::GcaHng;
 use crate::method::synthesis::SeededMix;
-use crate::verify::compare::AdamWSlack;
 use crate::train::step::{Batch, StepInputs, StepMetrics, Trainer};
+use crate::verify::compare::AdamWSlack;
 
 use super::checkpoint::{Best, CheckpointMeta, Progress};
 use super::evaluator::Evaluator;
@@ -252,7 +252,10 @@ pub fn train(
         ));
     }
 
-    let mut slack = opts.adamw_slack.as_ref().map(|_| SlackTrace::new(&model, &mut trainer));
+    let mut slack = opts
+        .adamw_slack
+        .as_ref()
+        .map(|_| SlackTrace::new(&model, &mut trainer));
     if let Some(d) = dist {
         // Same seed, same weights, same checkpoint: the ranks start identical, or stop here.
         check_identical(d.collective.as_ref(), &model, progress.epoch, progress.step)?;
