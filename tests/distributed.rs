@@ -43,15 +43,12 @@ fn small(epochs: usize, steps: usize) -> Vec<String> {
         args.push("--set".into());
         args.push(set);
     }
-    args.extend(
-        [
-            "--max-steps-per-epoch".to_string(),
-            steps.to_string(),
-            "--eval-class-limit".into(),
-            "6".into(),
-        ]
-        .into_iter(),
-    );
+    args.extend([
+        "--max-steps-per-epoch".to_string(),
+        steps.to_string(),
+        "--eval-class-limit".into(),
+        "6".into(),
+    ]);
     args
 }
 

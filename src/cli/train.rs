@@ -283,8 +283,10 @@ struct HangForTests {
 impl train::Observer for HangForTests {
     fn step_done(&mut self, _metrics: &gca_hng::train::step::StepMetrics, _images: usize) {
         self.steps += 1;
-        while self.hang && self.steps >= 2 {
-            std::thread::sleep(std::time::Duration::from_secs(1));
+        if self.hang && self.steps >= 2 {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
         }
     }
 }

@@ -139,7 +139,7 @@ impl Shard {
         classes: usize,
         per_class: usize,
     ) -> Result<Self, DistributedError> {
-        if ranks == 0 || classes % ranks != 0 {
+        if ranks == 0 || !classes.is_multiple_of(ranks) {
             return Err(DistributedError::Indivisible { classes, ranks });
         }
         Ok(Self {

@@ -482,7 +482,7 @@ pub fn train(
                 observer.step_done(&metrics, c * p);
                 if let Some(d) = dist
                     && d.checksum_every > 0
-                    && progress.step % d.checksum_every == 0
+                    && progress.step.is_multiple_of(d.checksum_every)
                 {
                     check_identical(d.collective.as_ref(), &model, epoch + 1, progress.step)?;
                 }
