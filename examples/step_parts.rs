@@ -69,7 +69,13 @@ fn main() {
     let e3 = Tensor::<3>::random([N, N, D], Distribution::Normal(0.0, 1.0), &device).require_grad();
     let fo = Tensor::<3>::random([N, D, 1], Distribution::Normal(0.0, 1.0), &device).require_grad();
     let upb = Tensor::<3>::random([N, N, 1], Distribution::Normal(0.0, 1.0), &device);
-    let b = median(|| drop((e3.clone().matmul(fo.clone()) * upb.clone()).sum().backward()));
+    let b = median(|| {
+        drop(
+            (e3.clone().matmul(fo.clone()) * upb.clone())
+                .sum()
+                .backward(),
+        )
+    });
     report("batched N x (N x d x 1)", b);
     let f2 = x([N, D]).require_grad();
     let b = median(|| {
