@@ -49,9 +49,11 @@ pub mod demo;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod index;
 pub mod io;
 pub mod method;
 pub mod nn;
+pub mod serve;
 pub mod train;
 pub mod verify;
 

@@ -1,7 +1,7 @@
 //! What several commands share: how a command ends, which trained model to use, the device,
 //! a dataset named by kind and root, and stopping on Ctrl-C.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Result;
 use burn::tensor::Device;
 
-use gca_hng::data::{Dataset, DatasetKind};
+use gca_hng::data::{Dataset, DatasetKind, ImageSource};
+use gca_hng::index::{ExactGallery, Gallery, IndexFile};
+use gca_hng::io::embedding_files::EmbeddingFiles;
+use gca_hng::io::npy::read_labels;
 use gca_hng::device::DeviceSpec;
 
 /// How a command that did not fail with an error ended.
@@ -76,6 +79,54 @@ impl ModelArgs {
             (None, None) => unreachable!("clap requires one"),
         }
     }
+}
+
+/// The gallery a query is compared with: embeddings held in memory and scored exactly, or an
+/// index file built by `index build`.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct GalleryArgs {
+    /// Gallery embeddings: the prefix `embed --out` wrote, or a run's `test-embeddings`
+    /// (PREFIX.npy, PREFIX.paths.txt and, when present, PREFIX.labels.npy). Exact search.
+    #[arg(long)]
+    gallery: Option<PathBuf>,
+    /// An index file written by `gca-hng index build`.
+    #[arg(long)]
+    index: Option<PathBuf>,
+}
+
+impl GalleryArgs {
+    pub fn open(&self) -> Result<Box<dyn Gallery>> {
+        match (&self.gallery, &self.index) {
+            (_, Some(index)) => Ok(Box::new(IndexFile::open(index)?)),
+            (Some(prefix), None) => {
+                let (values, dim, sources, labels) = read_gallery(prefix)?;
+                Ok(Box::new(ExactGallery::new(&values, dim, sources, labels)?))
+            }
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
+}
+
+/// Embeddings, image lines and (when the file exists) labels of an embedding prefix.
+pub fn read_gallery(prefix: &Path) -> Result<(Vec<f32>, usize, Vec<ImageSource>, Option<Vec<i64>>)> {
+    let files = EmbeddingFiles::new(prefix);
+    let (matrix, sources) = files.read()?;
+    let labels = if files.labels().exists() {
+        let labels = read_labels(&files.labels())?;
+        anyhow::ensure!(
+            labels.len() == matrix.rows,
+            "{} has {} labels but {} has {} rows",
+            files.labels().display(),
+            labels.len(),
+            files.embeddings().display(),
+            matrix.rows
+        );
+        Some(labels)
+    } else {
+        None
+    };
+    Ok((matrix.values, matrix.cols, sources, labels))
 }
 
 /// A dataset named by `--kind` and `--root` (the embedded emoji set needs no root).
