@@ -17,12 +17,21 @@ use gca_hng::data::loader::ImageStore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gca-hng");
 
+/// One server at a time: the load test saturates the cores, and the other tests hold
+/// requests to deadlines of a few seconds.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A small run trained once per test binary: 32 px emoji, 16-d embeddings.
 fn trained_run() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("gca-hng-serve-test-{}", std::process::id()));
-        let run = dir.join("run");
+        // One folder, replaced by each run of this test binary.
+        let run = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-test-run");
+        let _ = std::fs::remove_dir_all(&run);
         let out = Command::new(BIN)
             .args(["train", "--preset", "demo", "--out"])
             .arg(&run)
@@ -92,15 +101,21 @@ struct Server {
 }
 
 impl Server {
+    /// `serve` on the trained run's test embeddings.
     fn start(extra: &[&str]) -> Server {
         let prefix = gallery_prefix();
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--gallery".as_ref(), prefix.as_os_str()];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(a)));
+        Server::start_with(&args)
+    }
+
+    /// `serve` on the trained run with `args` (which name the gallery).
+    fn start_with(args: &[&std::ffi::OsStr]) -> Server {
         let mut child = Command::new(BIN)
             .args(["serve", "--run"])
             .arg(trained_run())
-            .arg("--gallery")
-            .arg(&prefix)
             .args(["--addr", "127.0.0.1:0"])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -119,6 +134,14 @@ impl Server {
         // Keep reading so that the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Server { child, addr }
+    }
+
+    /// SIGTERM, then the exit status must be success.
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGTERM) }, 0);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status:?}");
     }
 
     fn pid(&self) -> i32 {
@@ -222,6 +245,7 @@ fn search_image(addr: SocketAddr, png: &[u8]) -> Answer {
 #[test]
 #[ignore = "trains a model; run by .ci/run"]
 fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
+    let _serial = serial();
     let server = Server::start(&[
         "--workers",
         "2",
@@ -339,6 +363,85 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
     assert!(metrics.contains("gca_hng_queue_capacity"));
 }
 
+#[test]
+#[ignore = "trains a model; run by .ci/run"]
+fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
+    let _serial = serial();
+    // In-Shop's layout: img/GROUP/CATEGORY/id_N/NN_V_view.jpg, one folder per item.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("inshop/img");
+    let lines = gallery_lines();
+    let mut files = Vec::new();
+    for (i, line) in lines.iter().step_by((lines.len() / 12).max(1)).take(12).enumerate() {
+        let group = if i % 2 == 0 { "WOMEN" } else { "MEN" };
+        let item = root.join(format!("{group}/Tees_Tanks/id_{i:08}"));
+        std::fs::create_dir_all(&item).unwrap();
+        let file = item.join(format!("0{}_1 front.png", i % 4 + 1));
+        std::fs::write(&file, emoji_png(line)).unwrap();
+        files.push(file);
+    }
+    let prefix = dir.path().join("gallery");
+    let out = Command::new(BIN)
+        .args(["embed", "--run"])
+        .arg(trained_run())
+        .arg(&root)
+        .arg("--out")
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let index = dir.path().join("gallery.index");
+    for q in ["f32", "i8"] {
+        let out = Command::new(BIN)
+            .args(["index", "build", "--gallery"])
+            .arg(&prefix)
+            .arg("--out")
+            .arg(&index)
+            .args(["--quantisation", q])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // `search --index`, through the graph and exact, finds the query file itself.
+    for exact in [false, true] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["search", "--run"])
+            .arg(trained_run())
+            .arg("--index")
+            .arg(&index)
+            .arg(&files[5])
+            .args(["--json", "--top", "3"]);
+        if exact {
+            cmd.arg("--exact");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            v[0]["results"][0]["path"],
+            files[5].display().to_string(),
+            "exact {exact}: {v}"
+        );
+    }
+    let mut server = Server::start_with(&["--index".as_ref(), index.as_os_str(), "--workers".as_ref(), "1".as_ref()]);
+    let addr = server.addr;
+    let health = get(addr, "/health").json();
+    assert!(health["gallery"].as_str().unwrap().contains("hnsw i8"), "{health}");
+    let a = search_image(addr, &std::fs::read(&files[7]).unwrap());
+    assert_eq!(a.status, 200, "{}", a.text());
+    let first = &a.json()["results"][0];
+    assert_eq!(first["path"], files[7].display().to_string());
+    let url = first["image"].as_str().unwrap();
+    assert!(url.starts_with("/images/MEN/Tees_Tanks/id_00000007/"), "{url}");
+    assert!(url.ends_with("_1%20front.png"), "{url}");
+    assert_eq!(get(addr, url).status, 200);
+    // A file beside the gallery folder is not served, however it is named.
+    std::fs::write(dir.path().join("inshop/secret.png"), emoji_png(&lines[0])).unwrap();
+    assert_eq!(get(addr, "/images/..%2Fsecret.png").status, 403);
+    assert_eq!(get(addr, "/images/MEN/Tees_Tanks/secret.png").status, 404);
+    server.stop();
+}
+
 /// Percentile of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -405,14 +508,16 @@ fn load(
 #[test]
 #[ignore = "trains a model; run by .ci/run"]
 fn under_load_every_answer_is_right_or_503_and_memory_stays_bounded() {
-    // Two workers and a queue of four: capacity is six images at once.
-    let server = Server::start(&["--workers", "2", "--queue", "4"]);
+    let _serial = serial();
+    // Two workers taking two images each and a queue of four: capacity is eight images at
+    // once.
+    let server = Server::start(&["--workers", "2", "--batch", "2", "--queue", "4"]);
     let addr = server.addr;
     assert_eq!(get(addr, "/health").status, 200);
     let baseline = server.rss_kib();
     let mut peak = baseline;
     let until = Instant::now() + Duration::from_secs(60);
-    for clients in [4, 6, 24] {
+    for clients in [4, 8, 32] {
         let started = Instant::now();
         let sampler_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (latencies, ok, busy, wrong) = std::thread::scope(|scope| {
@@ -447,7 +552,7 @@ fn under_load_every_answer_is_right_or_503_and_memory_stays_bounded() {
         );
         assert!(wrong.is_empty(), "{clients} clients: {wrong:?}");
         assert!(ok > 0, "{clients} clients: nothing answered");
-        if clients > 6 {
+        if clients > 8 {
             // Beyond capacity the bound shows as refusals, not as a growing queue.
             assert!(busy > 0, "{clients} clients: no request was refused");
         }
@@ -476,6 +581,7 @@ fn under_load_every_answer_is_right_or_503_and_memory_stays_bounded() {
 #[test]
 #[ignore = "trains a model; run by .ci/run"]
 fn sigterm_during_load_finishes_what_was_accepted_and_exits_cleanly() {
+    let _serial = serial();
     let mut server = Server::start(&["--workers", "2", "--queue", "8"]);
     let addr = server.addr;
     let until = Instant::now() + Duration::from_secs(60);
@@ -611,25 +717,30 @@ impl Browser {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", a.text()))
     }
 
-    fn session_call(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
-        let r = self.call(
-            method,
-            &format!("/session/{}{path}", self.session),
-            Some(body),
-        );
+    fn session_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let r = self.call(method, &format!("/session/{}{path}", self.session), body);
         assert!(r["value"].get("error").is_none(), "{method} {path}: {r}");
         r["value"].clone()
     }
 
     fn script(&self, js: &str) -> serde_json::Value {
-        self.session_call("POST", "/execute/sync", serde_json::json!({"script": js, "args": []}))
+        self.session_call(
+            "POST",
+            "/execute/sync",
+            Some(serde_json::json!({"script": js, "args": []})),
+        )
     }
 
     fn find(&self, css: &str) -> String {
         let v = self.session_call(
             "POST",
             "/element",
-            serde_json::json!({"using": "css selector", "value": css}),
+            Some(serde_json::json!({"using": "css selector", "value": css})),
         );
         v.as_object()
             .and_then(|o| o.values().next())
@@ -638,13 +749,15 @@ impl Browser {
             .to_string()
     }
 
-    /// Waits for the page's results, returning the first one's `[row, path]`, or panics
-    /// with the page's status line.
+    /// Waits for the page's results (other than a first result marked stale with
+    /// `window.stale`), returning the first one's `[row, path]`, or panics with the page's
+    /// status line.
     fn first_result(&self, after: &str) -> (u64, String) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let v = self.script(
-                "const r = document.querySelector('#results .result');
+                "let r = document.querySelector('#results .result');
+                 if (r && r === window.stale) r = null;
                  const s = document.getElementById('status');
                  return [r ? Number(r.dataset.row) : null, r ? r.dataset.path : null,
                          s.textContent, s.className];",
@@ -672,6 +785,7 @@ impl Drop for Browser {
 #[test]
 #[ignore = "needs chromium and chromedriver; run by .ci/run"]
 fn the_page_in_headless_chromium_finds_the_same_emoji_and_searches_by_a_result() {
+    let _serial = serial();
     let server = Server::start(&["--workers", "2"]);
     let dir = tempfile::tempdir().unwrap();
     let lines = gallery_lines();
@@ -682,13 +796,13 @@ fn the_page_in_headless_chromium_finds_the_same_emoji_and_searches_by_a_result()
     browser.session_call(
         "POST",
         "/url",
-        serde_json::json!({"url": format!("http://{}/", server.addr)}),
+        Some(serde_json::json!({"url": format!("http://{}/", server.addr)})),
     );
     let input = browser.find("#file");
     browser.session_call(
         "POST",
         &format!("/element/{input}/value"),
-        serde_json::json!({"text": file.display().to_string()}),
+        Some(serde_json::json!({"text": file.display().to_string()})),
     );
     let (row, path) = browser.first_result("upload");
     assert_eq!(concept(&path), concept(line), "{path} for {line}");
@@ -702,17 +816,21 @@ fn the_page_in_headless_chromium_finds_the_same_emoji_and_searches_by_a_result()
         std::thread::sleep(Duration::from_millis(100));
     }
     if let Ok(shot) = std::env::var("GCA_HNG_SCREENSHOT") {
-        let png = browser.session_call("GET", "/screenshot", serde_json::Value::Null);
+        let png = browser.session_call("GET", "/screenshot", None);
         let bytes = base64_decode(png.as_str().unwrap());
         std::fs::write(shot, bytes).unwrap();
     }
     // Clicking the second result searches with it: it comes back first.
-    browser.script("document.querySelectorAll('#results .result')[0].dataset.row = 'old';");
+    browser.script("window.stale = document.querySelector('#results .result');");
     let second = browser.find("#results .result:nth-child(2)");
     let second_row = browser.script(
         "return Number(document.querySelectorAll('#results .result')[1].dataset.row);",
     );
-    browser.session_call("POST", &format!("/element/{second}/click"), serde_json::json!({}));
+    browser.session_call(
+        "POST",
+        &format!("/element/{second}/click"),
+        Some(serde_json::json!({})),
+    );
     let (clicked_row, _) = browser.first_result("click");
     assert_eq!(serde_json::json!(clicked_row), second_row);
     assert_ne!(clicked_row, row);

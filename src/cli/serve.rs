@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// Images that may wait for a worker; further requests get 503.
     #[arg(long, default_value_t = ServeConfig::default().queue)]
     queue: usize,
+    /// Most queued images a worker embeds in one forward pass.
+    #[arg(long, default_value_t = ServeConfig::default().batch)]
+    batch: usize,
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = ServeConfig::default().max_body_bytes >> 20)]
     max_body_mib: usize,
@@ -45,7 +48,10 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
-    anyhow::ensure!(args.queue >= 1, "--queue must be at least 1");
+    anyhow::ensure!(
+        args.queue >= 1 && args.batch >= 1,
+        "--queue and --batch must be at least 1"
+    );
     anyhow::ensure!(args.max_body_mib >= 1, "--max-body-mib must be at least 1");
     anyhow::ensure!(
         args.timeout_s >= 1 && args.header_timeout_s >= 1,
@@ -81,6 +87,7 @@ pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         .collect();
     let serve_config = ServeConfig {
         queue: args.queue,
+        batch: args.batch,
         max_body_bytes: args.max_body_mib << 20,
         request_timeout: Duration::from_secs(args.timeout_s),
         header_timeout: Duration::from_secs(args.header_timeout_s),

@@ -94,7 +94,7 @@ pub enum IndexError {
     NotAnIndex { path: PathBuf, why: String },
     #[error("the index library failed while {what}: {message}")]
     Library { what: &'static str, message: String },
-    #[error("cannot index an empty gallery")]
+    #[error("the gallery is empty")]
     Empty,
     #[error("{rows} rows of {dim} values need {} numbers, but {given} were given", rows * dim)]
     Shape {
