@@ -190,13 +190,30 @@ impl Answer {
     }
 }
 
-/// Sends raw bytes and reads until the server closes the connection.
+/// Sends raw bytes and reads one response: its declared length, or until the connection
+/// closes (some servers, chromedriver among them, keep it open despite `connection: close`).
 fn raw(addr: SocketAddr, bytes: &[u8]) -> Answer {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let _ = s.write_all(bytes);
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
+    let mut buf = [0u8; 65536];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|n| out.len() >= end + 4 + n) {
+                break;
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
     parse_answer(&out)
 }
 

@@ -190,6 +190,26 @@ async fn track(State(s): State<Arc<Service>>, req: Request, next: Next) -> Respo
         .map_or("unmatched", |m| m.as_str())
         .to_string();
     let started = Instant::now();
+    // A declared length over the limit is refused before any of the body is read (the body
+    // limit alone would only stop reading once the limit is reached).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.config.max_body_bytes as u64) {
+        let response = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is larger than the limit of {} bytes",
+                s.config.max_body_bytes
+            ),
+        )
+        .into_response();
+        s.metrics
+            .request_done(&route, response.status().as_u16(), started.elapsed());
+        return response;
+    }
     s.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
     let response = match tokio::time::timeout(s.config.request_timeout, next.run(req)).await {
         Ok(r) => r,
