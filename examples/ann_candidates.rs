@@ -11,7 +11,9 @@ use rayon::prelude::*;
 
 use gca_hng::bench::index::synthetic_clustered;
 use gca_hng::data::ImageSource;
-use gca_hng::index::{BuildOptions, ExactGallery, Gallery, Hit, IndexFile, SearchMode, build, recall_at};
+use gca_hng::index::{
+    BuildOptions, ExactGallery, Gallery, Hit, IndexFile, SearchMode, build, recall_at,
+};
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -33,12 +35,24 @@ fn main() {
         .map(|q| exact.search(q, 10, SearchMode::Exact).unwrap())
         .collect();
     drop(exact);
-    println!("{rows} x {dim}, {queries} queries, {} threads", rayon::current_num_threads());
+    println!(
+        "{rows} x {dim}, {queries} queries, {} threads",
+        rayon::current_num_threads()
+    );
     let efs = [16, 32, 64, 128];
 
     let path = std::env::temp_dir().join(format!("ann-candidates-{}.index", std::process::id()));
     let started = Instant::now();
-    build(&gallery, dim, &sources, None, &BuildOptions::default(), &path, &mut |_, _| {}).unwrap();
+    build(
+        &gallery,
+        dim,
+        &sources,
+        None,
+        &BuildOptions::default(),
+        &path,
+        &mut |_, _| {},
+    )
+    .unwrap();
     println!("usearch: build {:.1} s", started.elapsed().as_secs_f64());
     let index = IndexFile::open(&path).unwrap();
     for ef in efs {
@@ -60,7 +74,11 @@ fn main() {
 
     let started = Instant::now();
     let hnsw = Hnsw::<f32, DistCosine>::new(16, rows, 16, 128, DistCosine {});
-    let data: Vec<(&[f32], usize)> = gallery.chunks(dim).enumerate().map(|(i, r)| (r, i)).collect();
+    let data: Vec<(&[f32], usize)> = gallery
+        .chunks(dim)
+        .enumerate()
+        .map(|(i, r)| (r, i))
+        .collect();
     hnsw.parallel_insert_slice(&data);
     println!("hnsw_rs: build {:.1} s", started.elapsed().as_secs_f64());
     for ef in efs {

@@ -25,10 +25,15 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A small run trained once per test binary: 32 px emoji, 16-d embeddings.
+/// A small run trained once per test binary (32 px emoji, 16-d embeddings), or the run that
+/// `GCA_HNG_SERVE_TEST_RUN` names (to measure the load test on a real model; its gallery must
+/// be the embedded emoji set, as `train --preset demo` writes it).
 fn trained_run() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
+        if let Some(run) = std::env::var_os("GCA_HNG_SERVE_TEST_RUN") {
+            return PathBuf::from(run);
+        }
         // One folder, replaced by each run of this test binary.
         let run = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-test-run");
         let _ = std::fs::remove_dir_all(&run);
@@ -79,7 +84,7 @@ fn gallery_lines() -> Vec<String> {
 fn emoji_png(line: &str) -> Vec<u8> {
     let source = gca_hng::io::embedding_files::parse_source_line(line).unwrap();
     assert!(matches!(source, ImageSource::Emoji { .. }), "{line}");
-    let img = ImageStore::with_emoji(32, None)
+    let img = ImageStore::with_emoji(emoji_size(), None)
         .unwrap()
         .load(&source)
         .unwrap();
@@ -87,6 +92,18 @@ fn emoji_png(line: &str) -> Vec<u8> {
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .unwrap();
     png
+}
+
+/// The size at which the run's store renders emoji (`data.resize`), so that a query is the
+/// very image the gallery row was embedded from.
+fn emoji_size() -> u32 {
+    run_setting("data", "resize") as u32
+}
+
+fn run_setting(table: &str, key: &str) -> i64 {
+    let text = std::fs::read_to_string(trained_run().join("config.toml")).unwrap();
+    let config: toml::Value = toml::from_str(&text).unwrap();
+    config[table][key].as_integer().unwrap()
 }
 
 /// `emoji:CLASS` of `emoji:CLASS:ICON`: the concept.
@@ -279,7 +296,8 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
     let health = get(addr, "/health");
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["rows"], lines.len());
-    assert_eq!(health.json()["dim"], 16);
+    let dim = run_setting("model", "embedding_dim");
+    assert_eq!(health.json()["dim"], dim);
     let page = get(addr, "/");
     assert_eq!(page.status, 200);
     assert!(page.head.to_ascii_lowercase().contains("text/html"));
@@ -293,13 +311,16 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
     let results = by_image.json()["results"].as_array().unwrap().clone();
     assert_eq!(results.len(), 5);
     assert_eq!(results[0]["path"], line.as_str());
-    let scores: Vec<f64> = results.iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    let scores: Vec<f64> = results
+        .iter()
+        .map(|r| r["score"].as_f64().unwrap())
+        .collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     let row = results[0]["row"].as_u64().unwrap();
     let embedded = request(addr, "POST", "/embed", "application/octet-stream", &png);
     assert_eq!(embedded.status, 200);
     let embedding = embedded.json()["embedding"].clone();
-    assert_eq!(embedding.as_array().unwrap().len(), 16);
+    assert_eq!(embedding.as_array().unwrap().len() as i64, dim);
     let body = serde_json::json!({ "embedding": embedding, "k": 3 }).to_string();
     let by_embedding = request(addr, "POST", "/search", "application/json", body.as_bytes());
     assert_eq!(by_embedding.json()["results"][0]["row"], row);
@@ -329,11 +350,41 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
     let cases: Vec<(&str, Vec<u8>, &str, u16, &str)> = vec![
         ("text", b"hello".to_vec(), "image/png", 400, "not an image"),
         ("empty", Vec::new(), "image/png", 400, "empty"),
-        ("truncated", png[..png.len() / 2].to_vec(), "image/png", 400, "does not decode"),
-        ("bad json", b"{\"embedding\": [1,".to_vec(), "application/json", 400, "JSON body"),
-        ("wrong width", b"{\"embedding\": [1, 2, 3]}".to_vec(), "application/json", 400, "3 values"),
-        ("both", b"{\"embedding\": [1], \"gallery_row\": 1}".to_vec(), "application/json", 400, "exactly one"),
-        ("no row", b"{\"gallery_row\": 99999999}".to_vec(), "application/json", 400, "no row"),
+        (
+            "truncated",
+            png[..png.len() / 2].to_vec(),
+            "image/png",
+            400,
+            "does not decode",
+        ),
+        (
+            "bad json",
+            b"{\"embedding\": [1,".to_vec(),
+            "application/json",
+            400,
+            "JSON body",
+        ),
+        (
+            "wrong width",
+            b"{\"embedding\": [1, 2, 3]}".to_vec(),
+            "application/json",
+            400,
+            "3 values",
+        ),
+        (
+            "both",
+            b"{\"embedding\": [1], \"gallery_row\": 1}".to_vec(),
+            "application/json",
+            400,
+            "exactly one",
+        ),
+        (
+            "no row",
+            b"{\"gallery_row\": 99999999}".to_vec(),
+            "application/json",
+            400,
+            "no row",
+        ),
     ];
     for (what, body, ct, status, message) in cases {
         let a = request(addr, "POST", "/search", ct, &body);
@@ -347,7 +398,12 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut out = vec![0u8; 4096];
     let n = s.read(&mut out).unwrap();
-    assert_eq!(parse_answer(&out[..n]).status, 413, "{:?}", String::from_utf8_lossy(&out[..n]));
+    assert_eq!(
+        parse_answer(&out[..n]).status,
+        413,
+        "{:?}",
+        String::from_utf8_lossy(&out[..n])
+    );
     drop(s);
     let a = request(addr, "POST", "/search?k=0", "image/png", &png);
     assert_eq!(a.status, 400, "{}", a.text());
@@ -359,7 +415,12 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
     let mut out = Vec::new();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let _ = s.read_to_end(&mut out);
-    assert_eq!(parse_answer(&out).status, 408, "{:?}", String::from_utf8_lossy(&out));
+    assert_eq!(
+        parse_answer(&out).status,
+        408,
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
     // Headers that never end are cut off.
     let started = Instant::now();
     let mut s = TcpStream::connect(addr).unwrap();
@@ -367,7 +428,10 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
-    assert!(started.elapsed() < Duration::from_secs(20), "the connection stayed open");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the connection stayed open"
+    );
     // Garbage is not HTTP.
     let a = raw(addr, b"\x16\x03\x01 definitely not http\r\n\r\n");
     assert!(a.status == 400 || a.status == 0, "{a:?}");
@@ -389,7 +453,12 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
     let root = dir.path().join("inshop/img");
     let lines = gallery_lines();
     let mut files = Vec::new();
-    for (i, line) in lines.iter().step_by((lines.len() / 12).max(1)).take(12).enumerate() {
+    for (i, line) in lines
+        .iter()
+        .step_by((lines.len() / 12).max(1))
+        .take(12)
+        .enumerate()
+    {
         let group = if i % 2 == 0 { "WOMEN" } else { "MEN" };
         let item = root.join(format!("{group}/Tees_Tanks/id_{i:08}"));
         std::fs::create_dir_all(&item).unwrap();
@@ -406,7 +475,11 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
         .arg(&prefix)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let index = dir.path().join("gallery.index");
     for q in ["f32", "i8"] {
         let out = Command::new(BIN)
@@ -417,7 +490,11 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
             .args(["--quantisation", q])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // `search --index`, through the graph and exact, finds the query file itself.
     for exact in [false, true] {
@@ -432,7 +509,11 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
             cmd.arg("--exact");
         }
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(
             v[0]["results"][0]["path"],
@@ -440,16 +521,27 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
             "exact {exact}: {v}"
         );
     }
-    let mut server = Server::start_with(&["--index".as_ref(), index.as_os_str(), "--workers".as_ref(), "1".as_ref()]);
+    let mut server = Server::start_with(&[
+        "--index".as_ref(),
+        index.as_os_str(),
+        "--workers".as_ref(),
+        "1".as_ref(),
+    ]);
     let addr = server.addr;
     let health = get(addr, "/health").json();
-    assert!(health["gallery"].as_str().unwrap().contains("hnsw i8"), "{health}");
+    assert!(
+        health["gallery"].as_str().unwrap().contains("hnsw i8"),
+        "{health}"
+    );
     let a = search_image(addr, &std::fs::read(&files[7]).unwrap());
     assert_eq!(a.status, 200, "{}", a.text());
     let first = &a.json()["results"][0];
     assert_eq!(first["path"], files[7].display().to_string());
     let url = first["image"].as_str().unwrap();
-    assert!(url.starts_with("/images/MEN/Tees_Tanks/id_00000007/"), "{url}");
+    assert!(
+        url.starts_with("/images/MEN/Tees_Tanks/id_00000007/"),
+        "{url}"
+    );
     assert!(url.ends_with("_1%20front.png"), "{url}");
     assert_eq!(get(addr, url).status, 200);
     // A file beside the gallery folder is not served, however it is named.
@@ -667,7 +759,10 @@ fn sigterm_during_load_finishes_what_was_accepted_and_exits_cleanly() {
     for (_, _, _, bad) in &results {
         assert!(bad.is_empty(), "an accepted request was cut off: {bad:?}");
     }
-    assert!(TcpStream::connect(addr).is_err(), "still listening after exit");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still listening after exit"
+    );
 }
 
 /// A free loopback port.
@@ -783,7 +878,11 @@ impl Browser {
                 return (row, path.to_string());
             }
             assert!(v[3] != "error", "{after}: the page says {}", v[2]);
-            assert!(Instant::now() < deadline, "{after}: no results; status {}", v[2]);
+            assert!(
+                Instant::now() < deadline,
+                "{after}: no results; status {}",
+                v[2]
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -840,9 +939,8 @@ fn the_page_in_headless_chromium_finds_the_same_emoji_and_searches_by_a_result()
     // Clicking the second result searches with it: it comes back first.
     browser.script("window.stale = document.querySelector('#results .result');");
     let second = browser.find("#results .result:nth-child(2)");
-    let second_row = browser.script(
-        "return Number(document.querySelectorAll('#results .result')[1].dataset.row);",
-    );
+    let second_row = browser
+        .script("return Number(document.querySelectorAll('#results .result')[1].dataset.row);");
     browser.session_call(
         "POST",
         &format!("/element/{second}/click"),

@@ -150,7 +150,11 @@ fn report_times(what: &str, device: &DeviceSpec, times: &[f64], json: bool) {
 #[derive(clap::Args)]
 pub struct IndexBenchArgs {
     /// Embeddings to index (PREFIX.npy); `--queries` rows are held out as queries.
-    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
     gallery: Option<PathBuf>,
     /// Rows of synthetic clustered embeddings instead (queries drawn apart).
     #[arg(long)]
@@ -185,7 +189,10 @@ pub struct IndexBenchArgs {
 /// `bench index`: the index against exact search.
 fn bench_index(a: IndexBenchArgs) -> Result<Outcome> {
     use gca_hng::bench::index::{bench_index, hold_out, synthetic_clustered};
-    anyhow::ensure!(a.queries >= 1 && !a.ef.is_empty(), "--queries and --ef must not be empty");
+    anyhow::ensure!(
+        a.queries >= 1 && !a.ef.is_empty(),
+        "--queries and --ef must not be empty"
+    );
     let (gallery, queries, dim) = match (&a.gallery, a.synthetic) {
         (Some(prefix), _) => {
             let (values, dim, _, _) = crate::shared::read_gallery(prefix)?;
@@ -193,7 +200,10 @@ fn bench_index(a: IndexBenchArgs) -> Result<Outcome> {
             (g, q, dim)
         }
         (None, Some(rows)) => {
-            anyhow::ensure!(rows >= 1 && a.dim >= 1, "--synthetic and --dim must be at least 1");
+            anyhow::ensure!(
+                rows >= 1 && a.dim >= 1,
+                "--synthetic and --dim must be at least 1"
+            );
             eprintln!("generating {rows} x {} clustered embeddings", a.dim);
             let g = synthetic_clustered(rows, a.dim, a.clusters, a.spread, a.seed, a.seed);
             let q = synthetic_clustered(a.queries, a.dim, a.clusters, a.spread, a.seed, a.seed + 1);
@@ -207,9 +217,15 @@ fn bench_index(a: IndexBenchArgs) -> Result<Outcome> {
         expansion_add: a.expansion_add,
         ..Default::default()
     };
-    let report = bench_index(&gallery, &queries, dim, &options, &a.ef, &a.out, &mut |stage| {
-        eprintln!("{stage}")
-    });
+    let report = bench_index(
+        &gallery,
+        &queries,
+        dim,
+        &options,
+        &a.ef,
+        &a.out,
+        &mut |stage| eprintln!("{stage}"),
+    );
     let _ = std::fs::remove_file(&a.out);
     println!("{}", serde_json::to_string_pretty(&report?)?);
     Ok(Outcome::Success)

@@ -112,11 +112,7 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         for (q, h) in queries.iter().zip(&hits) {
             println!("{}", source_line(q));
             for (rank, &(i, score)) in h.iter().enumerate() {
-                println!(
-                    "  {:>3}. {score:.4}  {}",
-                    rank + 1,
-                    source_line(sources[i])
-                );
+                println!("  {:>3}. {score:.4}  {}", rank + 1, source_line(sources[i]));
             }
         }
     }
@@ -126,10 +122,7 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             .zip(&hits)
             .map(|(q, h)| GridRow {
                 query: q.clone(),
-                results: h
-                    .iter()
-                    .map(|&(i, _)| (sources[i].clone(), None))
-                    .collect(),
+                results: h.iter().map(|&(i, _)| (sources[i].clone(), None)).collect(),
             })
             .collect();
         save_png(&result_grid(&store, &rows, 96)?, grid)?;

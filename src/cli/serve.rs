@@ -57,7 +57,10 @@ pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         args.timeout_s >= 1 && args.header_timeout_s >= 1,
         "--timeout-s and --header-timeout-s must be at least 1"
     );
-    anyhow::ensure!(args.max_connections >= 1, "--max-connections must be at least 1");
+    anyhow::ensure!(
+        args.max_connections >= 1,
+        "--max-connections must be at least 1"
+    );
     let (_, device) = open_device(device)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
@@ -67,7 +70,11 @@ pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let first = ModelEmbedder::new(&model.embedder, train::embed_settings(&config, false), &device);
+    let first = ModelEmbedder::new(
+        &model.embedder,
+        train::embed_settings(&config, false),
+        &device,
+    );
     // One embedding before opening the port: a model whose width differs from the gallery's
     // is refused here rather than on every request.
     let mut probe = first.copy();

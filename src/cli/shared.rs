@@ -10,10 +10,10 @@ use anyhow::Result;
 use burn::tensor::Device;
 
 use gca_hng::data::{Dataset, DatasetKind, ImageSource};
+use gca_hng::device::DeviceSpec;
 use gca_hng::index::{ExactGallery, Gallery, IndexFile};
 use gca_hng::io::embedding_files::EmbeddingFiles;
 use gca_hng::io::npy::read_labels;
-use gca_hng::device::DeviceSpec;
 
 /// How a command that did not fail with an error ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +109,9 @@ impl GalleryArgs {
 }
 
 /// Embeddings, image lines and (when the file exists) labels of an embedding prefix.
-pub fn read_gallery(prefix: &Path) -> Result<(Vec<f32>, usize, Vec<ImageSource>, Option<Vec<i64>>)> {
+pub fn read_gallery(
+    prefix: &Path,
+) -> Result<(Vec<f32>, usize, Vec<ImageSource>, Option<Vec<i64>>)> {
     let files = EmbeddingFiles::new(prefix);
     let (matrix, sources) = files.read()?;
     let labels = if files.labels().exists() {

@@ -362,12 +362,50 @@ pub fn build(
         done += chunk.len() / dim;
         progress(done, rows);
     }
-    header.blob_len = index.serialized_length();
-    let mut blob = vec![0u8; header.blob_len];
-    index
-        .save_to_buffer(&mut blob)
-        .map_err(library("serialising"))?;
+    drop(stored);
+    let tmp = crate::io::atomic::temporary_path(path);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| IndexError::Io {
+            action: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    // usearch writes its part to a file of its own, copied in after the header below: no
+    // second copy of the whole index in memory.
+    let mut blob_path = tmp.clone().into_os_string();
+    blob_path.push(".graph");
+    let blob_path = PathBuf::from(blob_path);
+    let saved = blob_path
+        .to_str()
+        .ok_or_else(|| IndexError::Io {
+            action: "write",
+            path: blob_path.clone(),
+            source: std::io::Error::other("usearch needs a UTF-8 path"),
+        })
+        .and_then(|p| index.save(p).map_err(library("writing the graph")));
     drop(index);
+    let written = saved.and_then(|()| write_index_file(&mut header, &blob_path, &tmp));
+    let _ = std::fs::remove_file(&blob_path);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    Ok(crate::io::atomic::finish_atomic(&tmp, path)?)
+}
+
+/// Writes `tmp`: the signature, the header and the graph file at `blob_path`.
+fn write_index_file(header: &mut Header, blob_path: &Path, tmp: &Path) -> Result<(), IndexError> {
+    let io = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| IndexError::Io {
+            action,
+            path: path.clone(),
+            source,
+        }
+    };
+    let mut blob = File::open(blob_path).map_err(io("open", blob_path))?;
+    header.blob_len = blob.metadata().map_err(io("read", blob_path))?.len() as usize;
     // The header's length depends on the offset it records; settle it by iterating (the
     // offset's digits change at most a couple of times).
     let mut json = serde_json::to_vec(&header).expect("plain data serialises");
@@ -379,35 +417,19 @@ pub fn build(
         header.blob_offset = offset;
         json = serde_json::to_vec(&header).expect("plain data serialises");
     }
-    let tmp = crate::io::atomic::temporary_path(path);
-    let io = |action| {
-        let path = tmp.clone();
-        move |source| IndexError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| IndexError::Io {
-            action: "create",
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    let mut out = BufWriter::new(File::create(&tmp).map_err(io("create"))?);
-    out.write_all(MAGIC).map_err(io("write"))?;
+    let write = io("write", tmp);
+    let mut out = BufWriter::new(File::create(tmp).map_err(io("create", tmp))?);
+    out.write_all(MAGIC).map_err(&write)?;
     out.write_all(&(json.len() as u64).to_le_bytes())
-        .map_err(io("write"))?;
-    out.write_all(&json).map_err(io("write"))?;
+        .map_err(&write)?;
+    out.write_all(&json).map_err(&write)?;
     let pad = header.blob_offset - (MAGIC.len() + 8 + json.len());
-    out.write_all(&vec![0u8; pad]).map_err(io("write"))?;
-    out.write_all(&blob).map_err(io("write"))?;
+    out.write_all(&vec![0u8; pad]).map_err(&write)?;
+    std::io::copy(&mut blob, &mut out).map_err(&write)?;
     out.into_inner()
         .map_err(|e| e.into_error())
         .and_then(|f| f.sync_all())
-        .map_err(io("write"))?;
-    Ok(crate::io::atomic::finish_atomic(&tmp, path)?)
+        .map_err(&write)
 }
 
 /// An opened index file.
@@ -463,7 +485,10 @@ impl IndexFile {
             )));
         }
         if header.sources.len() != header.rows
-            || header.labels.as_ref().is_some_and(|l| l.len() != header.rows)
+            || header
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.len() != header.rows)
         {
             return Err(not("its image list and rows disagree".into()));
         }
@@ -649,6 +674,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(calls.last(), Some(&(rows, rows)));
+        // Nothing but the index is left beside it (no partial file, no graph file).
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("g.index")]);
         let index = IndexFile::open(&path).unwrap();
         assert_eq!((index.rows(), index.dim()), (rows, dim));
         assert_eq!(index.source(7), &ImageSource::File("g/7.jpg".into()));
@@ -691,12 +722,25 @@ mod tests {
                 quantisation: q,
                 ..Default::default()
             };
-            build(&values, dim, &sources(rows), None, &options, &path, &mut |_, _| {}).unwrap();
+            build(
+                &values,
+                dim,
+                &sources(rows),
+                None,
+                &options,
+                &path,
+                &mut |_, _| {},
+            )
+            .unwrap();
             let index = IndexFile::open(&path).unwrap();
             assert_eq!(index.quantisation(), q);
             for row in [0, 17, 299] {
                 let hits = index
-                    .search(&values[row * dim..(row + 1) * dim], 1, SearchMode::Approximate)
+                    .search(
+                        &values[row * dim..(row + 1) * dim],
+                        1,
+                        SearchMode::Approximate,
+                    )
                     .unwrap();
                 assert_eq!(hits[0].row, row, "{q}");
             }

@@ -159,9 +159,9 @@ fn busy() -> ApiError {
 impl From<IndexError> for ApiError {
     fn from(e: IndexError) -> Self {
         let status = match e {
-            IndexError::QueryDim { .. } | IndexError::NotFinite { .. } | IndexError::NoRow { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            IndexError::QueryDim { .. }
+            | IndexError::NotFinite { .. }
+            | IndexError::NoRow { .. } => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())

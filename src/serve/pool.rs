@@ -159,10 +159,9 @@ fn work(
             continue;
         }
         // A panic inside the model must not take the worker (and its queue slot) down.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            embedder.embed(&images)
-        }))
-        .unwrap_or_else(|_| Err("the model panicked".into()));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| embedder.embed(&images)))
+                .unwrap_or_else(|_| Err("the model panicked".into()));
         match result {
             Ok(rows) => {
                 for (reply, row) in replies.into_iter().zip(rows) {
