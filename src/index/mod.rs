@@ -33,7 +33,7 @@ pub enum Metric {
 pub enum Quantisation {
     F32,
     F16,
-    /// One byte per value; values must lie in [-1, 1] (true of unit-length rows).
+    /// One byte per value, each row scaled to use the whole range (cosine only).
     I8,
 }
 
@@ -107,9 +107,9 @@ pub enum IndexError {
     #[error("row {row} is not finite; the model that embedded it has diverged")]
     NotFinite { row: usize },
     #[error(
-        "row {row} has a value of {value}, outside [-1, 1], which int8 storage cannot hold; use --metric cosine (rows are then unit length) or --quantisation f16"
+        "int8 storage is for the cosine metric (each row is scaled to its codes' range, which inner products would not survive); use --quantisation f16 with --metric inner-product"
     )]
-    OutOfInt8Range { row: usize, value: f32 },
+    Int8NeedsCosine,
     #[error("the query has {given} values but the gallery's embeddings have {dim}")]
     QueryDim { given: usize, dim: usize },
     #[error("the gallery has no row {row} (it has {rows})")]
@@ -137,8 +137,8 @@ pub trait Gallery: Send + Sync {
     fn metric(&self) -> Metric;
     fn source(&self, row: usize) -> &ImageSource;
     fn label(&self, row: usize) -> Option<i64>;
-    /// The stored embedding of a row (as stored: unit length for cosine, and rounded when
-    /// the index quantises).
+    /// The stored embedding of a row, as stored: for cosine scaled (unit length, or to the
+    /// int8 range) and rounded when the index quantises.
     fn vector(&self, row: usize) -> Result<Vec<f32>, IndexError>;
     /// The `k` closest rows to `query`, best first.
     fn search(&self, query: &[f32], k: usize, mode: SearchMode) -> Result<Vec<Hit>, IndexError>;
@@ -304,6 +304,18 @@ fn usearch_options(h: &Header) -> usearch::IndexOptions {
     }
 }
 
+/// int8 codes of a row for a cosine index. Cosine ignores a row's length, so each row is
+/// scaled to a largest magnitude of 127 before rounding: every row then uses the whole code
+/// range. (usearch's own conversion scales rows to unit length first, which leaves a row of a
+/// few hundred values with a handful of distinct codes; BENCHMARKS.md has the recall it cost.)
+fn int8_codes(row: &[f32]) -> Vec<i8> {
+    let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = if m > 0.0 { 127.0 / m } else { 0.0 };
+    row.iter()
+        .map(|v| (v * scale).round().clamp(-127.0, 127.0) as i8)
+        .collect()
+}
+
 /// Rows added between two progress calls.
 const PROGRESS_CHUNK: usize = 4096;
 
@@ -320,19 +332,14 @@ pub fn build(
 ) -> Result<(), IndexError> {
     let rows = sources.len();
     check_rows(values, dim, rows, labels)?;
+    if options.quantisation == Quantisation::I8 && options.metric != Metric::Cosine {
+        return Err(IndexError::Int8NeedsCosine);
+    }
     let stored = match options.metric {
-        // Unit rows make the stored values fit int8's range and keep f16 well scaled.
+        // Unit rows keep f16 well scaled (int8 rows are scaled in `int8_codes`).
         Metric::Cosine => normalise_rows(values, dim),
         Metric::InnerProduct => values.to_vec(),
     };
-    if options.quantisation == Quantisation::I8
-        && let Some(i) = stored.iter().position(|v| v.abs() > 1.0)
-    {
-        return Err(IndexError::OutOfInt8Range {
-            row: i / dim,
-            value: stored[i],
-        });
-    }
     let mut header = Header {
         version: FORMAT_VERSION,
         metric: options.metric,
@@ -357,7 +364,13 @@ pub fn build(
         chunk
             .par_chunks(dim)
             .enumerate()
-            .try_for_each(|(i, row)| index.add((first + i) as u64, row))
+            .try_for_each(|(i, row)| {
+                let key = (first + i) as u64;
+                match options.quantisation {
+                    Quantisation::I8 => index.add(key, &int8_codes(row)),
+                    _ => index.add(key, row),
+                }
+            })
             .map_err(library("adding rows"))?;
         done += chunk.len() / dim;
         progress(done, rows);
@@ -576,14 +589,11 @@ impl Gallery for IndexFile {
             SearchMode::Approximate => false,
             SearchMode::Auto => self.rows() < EXACT_BELOW,
         };
-        let query = match self.header.metric {
-            Metric::Cosine => normalise_rows(query, self.header.dim),
-            Metric::InnerProduct => query.to_vec(),
-        };
-        let m = if exact {
-            self.index.exact_search(&query, k)
-        } else {
-            self.index.search(&query, k)
+        let m = match (self.header.quantisation, exact) {
+            (Quantisation::I8, true) => self.index.exact_search(&int8_codes(query), k),
+            (Quantisation::I8, false) => self.index.search(&int8_codes(query), k),
+            (_, true) => self.index.exact_search(query, k),
+            (_, false) => self.index.search(query, k),
         }
         .map_err(library("searching"))?;
         let mut hits: Vec<Hit> = m
@@ -748,7 +758,46 @@ mod tests {
     }
 
     #[test]
-    fn inner_product_int8_refuses_values_it_cannot_hold() {
+    fn int8_cosine_keeps_the_ranking_of_wide_embeddings() {
+        // Unit rows of 256 values have entries of a few hundredths: stored as they are,
+        // int8 would leave them a handful of codes. Compared exactly (no graph), the int8
+        // ranking must stay close to the f32 one.
+        let (rows, dim) = (400, 256);
+        let values = clustered(rows, dim, 5);
+        let exact = ExactGallery::new(&values, dim, sources(rows), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i8.index");
+        let options = BuildOptions {
+            quantisation: Quantisation::I8,
+            ..Default::default()
+        };
+        build(
+            &values,
+            dim,
+            &sources(rows),
+            None,
+            &options,
+            &path,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let index = IndexFile::open(&path).unwrap();
+        let queries = clustered(30, dim, 6);
+        let (truth, found): (Vec<_>, Vec<_>) = queries
+            .chunks(dim)
+            .map(|q| {
+                (
+                    exact.search(q, 10, SearchMode::Exact).unwrap(),
+                    index.search(q, 10, SearchMode::Exact).unwrap(),
+                )
+            })
+            .unzip();
+        let r = recall_at(&truth, &found, 10);
+        assert!(r > 0.9, "int8 recall@10 {r}");
+    }
+
+    #[test]
+    fn inner_product_int8_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let options = BuildOptions {
             metric: Metric::InnerProduct,
@@ -765,10 +814,8 @@ mod tests {
             &mut |_, _| {},
         )
         .unwrap_err();
-        assert!(
-            matches!(err, IndexError::OutOfInt8Range { row: 1, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, IndexError::Int8NeedsCosine), "{err}");
+        assert!(!dir.path().join("x").exists());
     }
 
     #[test]
