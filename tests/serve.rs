@@ -122,7 +122,7 @@ impl Server {
     fn start(extra: &[&str]) -> Server {
         let prefix = gallery_prefix();
         let mut args: Vec<&std::ffi::OsStr> = vec!["--gallery".as_ref(), prefix.as_os_str()];
-        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(a)));
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
         Server::start_with(&args)
     }
 

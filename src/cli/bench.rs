@@ -195,9 +195,9 @@ fn bench_index(a: IndexBenchArgs) -> Result<Outcome> {
     );
     let (gallery, queries, dim) = match (&a.gallery, a.synthetic) {
         (Some(prefix), _) => {
-            let (values, dim, _, _) = crate::shared::read_gallery(prefix)?;
-            let (g, q) = hold_out(&values, dim, a.queries, a.seed);
-            (g, q, dim)
+            let files = crate::shared::read_gallery(prefix)?;
+            let (g, q) = hold_out(&files.values, files.dim, a.queries, a.seed);
+            (g, q, files.dim)
         }
         (None, Some(rows)) => {
             anyhow::ensure!(

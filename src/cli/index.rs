@@ -53,7 +53,12 @@ fn build_index(args: BuildArgs) -> Result<Outcome> {
         args.expansion_add >= 1 && args.expansion_search >= 1,
         "--expansion-add and --expansion-search must be at least 1"
     );
-    let (values, dim, sources, labels) = read_gallery(&args.gallery)?;
+    let crate::shared::GalleryFiles {
+        values,
+        dim,
+        sources,
+        labels,
+    } = read_gallery(&args.gallery)?;
     let options = BuildOptions {
         metric: args.metric,
         quantisation: args.quantisation,

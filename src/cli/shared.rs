@@ -100,18 +100,28 @@ impl GalleryArgs {
         match (&self.gallery, &self.index) {
             (_, Some(index)) => Ok(Box::new(IndexFile::open(index)?)),
             (Some(prefix), None) => {
-                let (values, dim, sources, labels) = read_gallery(prefix)?;
-                Ok(Box::new(ExactGallery::new(&values, dim, sources, labels)?))
+                let g = read_gallery(prefix)?;
+                Ok(Box::new(ExactGallery::new(
+                    &g.values, g.dim, g.sources, g.labels,
+                )?))
             }
             (None, None) => unreachable!("clap requires one"),
         }
     }
 }
 
+/// What an embedding prefix holds.
+pub struct GalleryFiles {
+    /// `[rows, dim]` row-major.
+    pub values: Vec<f32>,
+    pub dim: usize,
+    pub sources: Vec<ImageSource>,
+    /// From `PREFIX.labels.npy`, when it exists.
+    pub labels: Option<Vec<i64>>,
+}
+
 /// Embeddings, image lines and (when the file exists) labels of an embedding prefix.
-pub fn read_gallery(
-    prefix: &Path,
-) -> Result<(Vec<f32>, usize, Vec<ImageSource>, Option<Vec<i64>>)> {
+pub fn read_gallery(prefix: &Path) -> Result<GalleryFiles> {
     let files = EmbeddingFiles::new(prefix);
     let (matrix, sources) = files.read()?;
     let labels = if files.labels().exists() {
@@ -128,7 +138,12 @@ pub fn read_gallery(
     } else {
         None
     };
-    Ok((matrix.values, matrix.cols, sources, labels))
+    Ok(GalleryFiles {
+        values: matrix.values,
+        dim: matrix.cols,
+        sources,
+        labels,
+    })
 }
 
 /// A dataset named by `--kind` and `--root` (the embedded emoji set needs no root).
