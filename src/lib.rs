@@ -50,9 +50,11 @@ pub mod device;
 pub mod distributed;
 pub mod error;
 pub mod eval;
+pub mod index;
 pub mod io;
 pub mod method;
 pub mod nn;
+pub mod serve;
 pub mod train;
 pub mod verify;
 

@@ -1,7 +1,8 @@
 //! Benchmarks: one full training step without a backbone, a backbone alone, whole training
-//! steps ([`train`]) and the input pipeline ([`data`]).
+//! steps ([`train`]), the input pipeline ([`data`]) and the approximate index ([`index`]).
 
 pub mod data;
+pub mod index;
 pub mod train;
 
 use crate::nn::precision::Precision;

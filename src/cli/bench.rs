@@ -20,6 +20,10 @@ use crate::shared::{Outcome, open_dataset, open_device};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// The HNSW index against exact search: build time, memory, queries per second and
+    /// recall@1/@10 at several search widths; prints JSON. On real embeddings (`--gallery`,
+    /// queries held out of the gallery) or synthetic clustered ones (`--synthetic`).
+    Index(IndexBenchArgs),
     /// One full training step without the backbone (embedding head, graph, GNN twice,
     /// synthesis, all losses, three optimiser steps); prints the median.
     Step {
@@ -143,8 +147,93 @@ fn report_times(what: &str, device: &DeviceSpec, times: &[f64], json: bool) {
     }
 }
 
+#[derive(clap::Args)]
+pub struct IndexBenchArgs {
+    /// Embeddings to index (PREFIX.npy); `--queries` rows are held out as queries.
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
+    gallery: Option<PathBuf>,
+    /// Rows of synthetic clustered embeddings instead (queries drawn apart).
+    #[arg(long)]
+    synthetic: Option<usize>,
+    /// Width of the synthetic embeddings.
+    #[arg(long, default_value_t = 128)]
+    dim: usize,
+    /// Clusters of the synthetic embeddings.
+    #[arg(long, default_value_t = 1000)]
+    clusters: usize,
+    /// Spread of a synthetic cluster relative to the centres' scale.
+    #[arg(long, default_value_t = 0.35)]
+    spread: f32,
+    #[arg(long, default_value_t = 1000)]
+    queries: usize,
+    #[arg(long, default_value_t = gca_hng::index::Quantisation::F32)]
+    quantisation: gca_hng::index::Quantisation,
+    #[arg(long, default_value_t = gca_hng::index::BuildOptions::default().connectivity)]
+    connectivity: usize,
+    #[arg(long, default_value_t = gca_hng::index::BuildOptions::default().expansion_add)]
+    expansion_add: usize,
+    /// Search widths (ef) to measure.
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+    ef: Vec<usize>,
+    /// Where the index file goes (deleted afterwards).
+    #[arg(long, default_value = "bench.index")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// `bench index`: the index against exact search.
+fn bench_index(a: IndexBenchArgs) -> Result<Outcome> {
+    use gca_hng::bench::index::{bench_index, hold_out, synthetic_clustered};
+    anyhow::ensure!(
+        a.queries >= 1 && !a.ef.is_empty(),
+        "--queries and --ef must not be empty"
+    );
+    let (gallery, queries, dim) = match (&a.gallery, a.synthetic) {
+        (Some(prefix), _) => {
+            let files = crate::shared::read_gallery(prefix)?;
+            let (g, q) = hold_out(&files.values, files.dim, a.queries, a.seed);
+            (g, q, files.dim)
+        }
+        (None, Some(rows)) => {
+            anyhow::ensure!(
+                rows >= 1 && a.dim >= 1,
+                "--synthetic and --dim must be at least 1"
+            );
+            eprintln!("generating {rows} x {} clustered embeddings", a.dim);
+            let g = synthetic_clustered(rows, a.dim, a.clusters, a.spread, a.seed, a.seed);
+            let q = synthetic_clustered(a.queries, a.dim, a.clusters, a.spread, a.seed, a.seed + 1);
+            (g, q, a.dim)
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let options = gca_hng::index::BuildOptions {
+        quantisation: a.quantisation,
+        connectivity: a.connectivity,
+        expansion_add: a.expansion_add,
+        ..Default::default()
+    };
+    let report = bench_index(
+        &gallery,
+        &queries,
+        dim,
+        &options,
+        &a.ef,
+        &a.out,
+        &mut |stage| eprintln!("{stage}"),
+    );
+    let _ = std::fs::remove_file(&a.out);
+    println!("{}", serde_json::to_string_pretty(&report?)?);
+    Ok(Outcome::Success)
+}
+
 pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
     match what {
+        BenchCommand::Index(args) => return bench_index(args),
         BenchCommand::Step {
             classes,
             per_class,

@@ -7,9 +7,11 @@ mod data;
 mod demo;
 mod embed;
 mod eval;
+mod index;
 mod metrics;
 mod progress;
 mod search;
+mod serve;
 mod shared;
 mod train;
 mod verify;
@@ -56,6 +58,14 @@ enum Command {
     /// Find the nearest gallery images of query images: ranked paths and cosine scores, and
     /// optionally a PNG grid of the results.
     Search(search::SearchArgs),
+    /// Approximate nearest-neighbour index files for large galleries.
+    Index {
+        #[command(subcommand)]
+        what: index::IndexCommand,
+    },
+    /// Serve a trained model and a gallery over HTTP: a page to try it, /embed, /search,
+    /// thumbnails, /health and /metrics. Binds to loopback unless told otherwise.
+    Serve(serve::ServeArgs),
     /// Check this implementation against recorded outputs.
     Verify {
         #[command(subcommand)]
@@ -94,6 +104,8 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::Eval(args) => eval::run(args, device),
         Command::Embed(args) => embed::run(args, device),
         Command::Search(args) => search::run(args, device),
+        Command::Index { what } => index::run(what),
+        Command::Serve(args) => serve::run(args, device),
         Command::Verify { what } => verify::run(what, device),
         Command::Config { what } => config::run(what),
         Command::Metrics(args) => metrics::run(args, device),

@@ -9,19 +9,22 @@ use gca_hng::data::sources::{collect_images, collect_images_following, unlabelle
 use gca_hng::device::DeviceSpec;
 use gca_hng::eval::embed::{EmbedOutput, embed_samples};
 use gca_hng::eval::grid::{GridRow, result_grid, save_png};
-use gca_hng::eval::topk::nearest;
-use gca_hng::io::embedding_files::{EmbeddingFiles, source_line};
+use gca_hng::index::SearchMode;
+use gca_hng::io::embedding_files::source_line;
 use gca_hng::train::{self, setup};
 
-use crate::shared::{ModelArgs, Outcome, open_device};
+use crate::shared::{GalleryArgs, ModelArgs, Outcome, open_device};
 
 #[derive(clap::Args)]
 pub struct SearchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Gallery embeddings: the prefix `embed --out` wrote, or a run's `test-embeddings`.
+    #[command(flatten)]
+    gallery: GalleryArgs,
+    /// With --index: score every row instead of walking the graph (the default for
+    /// galleries too small to gain from the graph).
     #[arg(long)]
-    gallery: PathBuf,
+    exact: bool,
     /// Query images, folders or `emoji:CLASS:ICON`.
     #[arg(required = true)]
     queries: Vec<PathBuf>,
@@ -44,8 +47,7 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     anyhow::ensure!(args.top > 0, "--top must be at least 1");
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
-    let gallery = EmbeddingFiles::new(&args.gallery);
-    let (matrix, sources) = gallery.read()?;
+    let gallery = args.gallery.open()?;
     let queries = if args.follow_links {
         collect_images_following(&args.queries)?
     } else {
@@ -53,7 +55,9 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     };
     let store = Arc::new(train::image_store_for(
         &config,
-        queries.iter().chain(&sources),
+        queries
+            .iter()
+            .chain((0..gallery.rows()).map(|i| gallery.source(i))),
     )?);
     let e = embed_samples(
         &model.embedder,
@@ -69,13 +73,29 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         eprintln!("left out {}", gca_hng::error::chain(err));
     }
     anyhow::ensure!(
-        e.dim == matrix.cols,
-        "the model embeds into {} dimensions but {} has {}",
+        e.dim == gallery.dim(),
+        "the model embeds into {} dimensions but the gallery ({}) has {}",
         e.dim,
-        gallery.embeddings().display(),
-        matrix.cols
+        gallery.describe(),
+        gallery.dim()
     );
-    let hits = nearest(&e.values, &matrix.values, e.dim, args.top);
+    let mode = if args.exact {
+        SearchMode::Exact
+    } else {
+        SearchMode::Auto
+    };
+    let hits: Vec<Vec<(usize, f32)>> = e
+        .values
+        .chunks(e.dim)
+        .map(|q| {
+            Ok(gallery
+                .search(q, args.top, mode)?
+                .into_iter()
+                .map(|h| (h.row, h.score))
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    let sources: Vec<_> = (0..gallery.rows()).map(|i| gallery.source(i)).collect();
     if args.json {
         let out: Vec<serde_json::Value> = queries
             .iter()
@@ -83,7 +103,7 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
             .map(|(q, h)| {
                 serde_json::json!({
                     "query": source_line(q),
-                    "results": h.iter().map(|&(i, score)| serde_json::json!({"path": source_line(&sources[i]), "score": score})).collect::<Vec<_>>(),
+                    "results": h.iter().map(|&(i, score)| serde_json::json!({"path": source_line(sources[i]), "label": gallery.label(i), "score": score})).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -92,11 +112,7 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         for (q, h) in queries.iter().zip(&hits) {
             println!("{}", source_line(q));
             for (rank, &(i, score)) in h.iter().enumerate() {
-                println!(
-                    "  {:>3}. {score:.4}  {}",
-                    rank + 1,
-                    source_line(&sources[i])
-                );
+                println!("  {:>3}. {score:.4}  {}", rank + 1, source_line(sources[i]));
             }
         }
     }

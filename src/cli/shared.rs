@@ -1,7 +1,7 @@
 //! What several commands share: how a command ends, which trained model to use, the device,
 //! a dataset named by kind and root, and stopping on Ctrl-C.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,8 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Result;
 use burn::tensor::Device;
 
-use gca_hng::data::{Dataset, DatasetKind};
+use gca_hng::data::{Dataset, DatasetKind, ImageSource};
 use gca_hng::device::DeviceSpec;
+use gca_hng::index::{ExactGallery, Gallery, IndexFile};
+use gca_hng::io::embedding_files::EmbeddingFiles;
+use gca_hng::io::npy::read_labels;
 
 /// How a command that did not fail with an error ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +79,71 @@ impl ModelArgs {
             (None, None) => unreachable!("clap requires one"),
         }
     }
+}
+
+/// The gallery a query is compared with: embeddings held in memory and scored exactly, or an
+/// index file built by `index build`.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct GalleryArgs {
+    /// Gallery embeddings: the prefix `embed --out` wrote, or a run's `test-embeddings`
+    /// (PREFIX.npy, PREFIX.paths.txt and, when present, PREFIX.labels.npy). Exact search.
+    #[arg(long)]
+    gallery: Option<PathBuf>,
+    /// An index file written by `gca-hng index build`.
+    #[arg(long)]
+    index: Option<PathBuf>,
+}
+
+impl GalleryArgs {
+    pub fn open(&self) -> Result<Box<dyn Gallery>> {
+        match (&self.gallery, &self.index) {
+            (_, Some(index)) => Ok(Box::new(IndexFile::open(index)?)),
+            (Some(prefix), None) => {
+                let g = read_gallery(prefix)?;
+                Ok(Box::new(ExactGallery::new(
+                    &g.values, g.dim, g.sources, g.labels,
+                )?))
+            }
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
+}
+
+/// What an embedding prefix holds.
+pub struct GalleryFiles {
+    /// `[rows, dim]` row-major.
+    pub values: Vec<f32>,
+    pub dim: usize,
+    pub sources: Vec<ImageSource>,
+    /// From `PREFIX.labels.npy`, when it exists.
+    pub labels: Option<Vec<i64>>,
+}
+
+/// Embeddings, image lines and (when the file exists) labels of an embedding prefix.
+pub fn read_gallery(prefix: &Path) -> Result<GalleryFiles> {
+    let files = EmbeddingFiles::new(prefix);
+    let (matrix, sources) = files.read()?;
+    let labels = if files.labels().exists() {
+        let labels = read_labels(&files.labels())?;
+        anyhow::ensure!(
+            labels.len() == matrix.rows,
+            "{} has {} labels but {} has {} rows",
+            files.labels().display(),
+            labels.len(),
+            files.embeddings().display(),
+            matrix.rows
+        );
+        Some(labels)
+    } else {
+        None
+    };
+    Ok(GalleryFiles {
+        values: matrix.values,
+        dim: matrix.cols,
+        sources,
+        labels,
+    })
 }
 
 /// A dataset named by `--kind` and `--root` (the embedded emoji set needs no root).
