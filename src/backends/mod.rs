@@ -4,8 +4,10 @@
 //! burn's own operations.
 
 pub mod gelu;
+pub mod layer_norm;
 
 pub use gelu::gelu;
+pub use layer_norm::layer_norm;
 
 use burn::backend::DispatchDevice;
 use burn::tensor::Device;
