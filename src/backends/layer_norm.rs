@@ -14,7 +14,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor, Layout};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::nn::LayerNorm;
 use burn::tensor::{Bytes, DType, Tensor};
 use rayon::prelude::*;
@@ -57,7 +57,12 @@ pub trait LayerNormBackend: Backend {
 }
 
 impl LayerNormBackend for Flex {
-    fn fused_layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+    fn fused_layer_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        eps: f64,
+    ) -> FlexTensor {
         let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
         let xs = x.as_slice::<f32>().expect("contiguous f32");
         let g = gamma.as_slice::<f32>().expect("contiguous f32");
@@ -244,6 +249,7 @@ fn from_vec(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
 
 #[cfg(test)]
 mod tests {
+    use burn::module::Param;
     use burn::nn::LayerNormConfig;
     use burn::tensor::{Device, Distribution, Tolerance};
 
@@ -254,20 +260,23 @@ mod tests {
         let dev = Device::flex().autodiff();
         dev.seed(3);
         for (rows, n) in [(37, 64), (5, 2048), (1, 3)] {
-            let mut norm = LayerNormConfig::new(n).init(&dev);
             // Non-trivial scale and shift, so that their gradients differ from the defaults'.
-            norm.gamma = norm
-                .gamma
-                .map(|g| g + Tensor::random([n], Distribution::Normal(0.0, 0.5), &dev));
-            norm.beta = norm.beta.map(|b| {
-                b.map(|b| b + Tensor::random([n], Distribution::Normal(0.0, 0.5), &dev))
-            });
+            let gamma = Tensor::<1>::random([n], Distribution::Normal(1.0, 0.5), &dev);
+            let beta = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.5), &dev);
+            // Two modules with the same values: one backward pass each.
+            let norm = || {
+                let mut norm = LayerNormConfig::new(n).init(&dev);
+                norm.gamma = Param::from_tensor(gamma.clone());
+                norm.beta = Some(Param::from_tensor(beta.clone()));
+                norm
+            };
+            let (ours_norm, theirs_norm) = (norm(), norm());
             let x = Tensor::<2>::random([rows, n], Distribution::Normal(1.5, 3.0), &dev);
             let w = Tensor::<2>::random([rows, n], Distribution::Normal(0.0, 1.0), &dev);
             let a = x.clone().require_grad();
             let b = x.require_grad();
-            let ours = layer_norm(&norm, 1e-5, a.clone());
-            let theirs = norm.forward(b.clone());
+            let ours = layer_norm(&ours_norm, 1e-5, a.clone());
+            let theirs = theirs_norm.forward(b.clone());
             let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-5);
             ours.clone()
                 .into_data()
@@ -278,16 +287,16 @@ mod tests {
                 .unwrap()
                 .into_data()
                 .assert_approx_eq::<f32>(&b.grad(&gb).unwrap().into_data(), tol);
-            let gamma_a = norm.gamma.grad(&ga).unwrap();
-            let gamma_b = norm.gamma.grad(&gb).unwrap();
+            let gamma_a = ours_norm.gamma.grad(&ga).unwrap();
+            let gamma_b = theirs_norm.gamma.grad(&gb).unwrap();
             gamma_a
                 .into_data()
                 .assert_approx_eq::<f32>(&gamma_b.into_data(), tol);
-            let beta = norm.beta.as_ref().unwrap();
-            beta.grad(&ga)
-                .unwrap()
+            let beta_a = ours_norm.beta.as_ref().unwrap().grad(&ga).unwrap();
+            let beta_b = theirs_norm.beta.as_ref().unwrap().grad(&gb).unwrap();
+            beta_a
                 .into_data()
-                .assert_approx_eq::<f32>(&beta.grad(&gb).unwrap().into_data(), tol);
+                .assert_approx_eq::<f32>(&beta_b.into_data(), tol);
         }
     }
 
@@ -302,6 +311,9 @@ mod tests {
         let x3 = Tensor::<3>::random([3, 5, 40], Distribution::Normal(0.0, 2.0), &dev);
         layer_norm(&norm, 1e-5, x3.clone())
             .into_data()
-            .assert_approx_eq::<f32>(&norm.forward(x3).into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+            .assert_approx_eq::<f32>(
+                &norm.forward(x3).into_data(),
+                Tolerance::rel_abs(1e-5, 1e-5),
+            );
     }
 }

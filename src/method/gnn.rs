@@ -237,14 +237,16 @@ impl EdgeUpdate {
         };
         let u = w_src.unsqueeze_dim::<3>(2) * values.clone().unsqueeze_dim::<3>(1)
             + w_dst.unsqueeze_dim::<3>(2) * values.unsqueeze_dim::<3>(0);
-        let e1 = gelu_norm(&self.norm, self.layer_norm_eps, u.reshape([n * n, d]) + edges);
-        let mlp = self
-            .mlp_out
-            .forward(layer_norm(
-                &self.mlp_norm,
-                self.layer_norm_eps,
-                gelu(self.mlp_in.forward(e1.clone())),
-            ));
+        let e1 = gelu_norm(
+            &self.norm,
+            self.layer_norm_eps,
+            u.reshape([n * n, d]) + edges,
+        );
+        let mlp = self.mlp_out.forward(layer_norm(
+            &self.mlp_norm,
+            self.layer_norm_eps,
+            gelu(self.mlp_in.forward(e1.clone())),
+        ));
         gelu_norm(&self.norm, self.layer_norm_eps, mlp + e1)
     }
 }
