@@ -4,8 +4,12 @@
 //! burn's own operations.
 
 pub mod gelu;
+pub mod layer_norm;
+pub mod subnormals;
 
 pub use gelu::gelu;
+pub use layer_norm::layer_norm;
+pub use subnormals::flush_subnormals_on_cpu_threads;
 
 use burn::backend::DispatchDevice;
 use burn::tensor::Device;

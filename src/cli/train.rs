@@ -64,7 +64,7 @@ pub struct TrainArgs {
     /// processes, as on one device. Needs a binary built with `--features distributed`.
     /// `--device vulkan:auto` gives each process the GPU of its local rank.
     #[arg(long)]
-    distributed: bool,
+    pub distributed: bool,
     /// With --distributed: seconds a collective may wait for the other processes before this
     /// one stops with an error (a process that hangs or a network that fails).
     #[arg(long, default_value_t = 600, requires = "distributed")]
@@ -108,15 +108,21 @@ fn new_config(args: &TrainArgs, device: Option<DeviceSpec>) -> Result<Experiment
     )?)
 }
 
-pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
+/// `flush_subnormals`: whether `--distributed` flushes subnormals on its CPU threads once it
+/// has sized them (`main` did it already for a run in one process).
+pub fn run(args: TrainArgs, device: Option<DeviceSpec>, flush_subnormals: bool) -> Result<Outcome> {
     if !args.distributed {
         return run_here(args, device, None);
     }
-    distributed(args, device)
+    distributed(args, device, flush_subnormals)
 }
 
 #[cfg(not(feature = "distributed"))]
-fn distributed(_args: TrainArgs, _device: Option<DeviceSpec>) -> Result<Outcome> {
+fn distributed(
+    _args: TrainArgs,
+    _device: Option<DeviceSpec>,
+    _flush_subnormals: bool,
+) -> Result<Outcome> {
     anyhow::bail!(
         "--distributed needs a binary built with the `distributed` feature (MPI): \
          `cargo build --release --features distributed`, then `mpirun -n K gca-hng train ... --distributed`"
@@ -126,7 +132,11 @@ fn distributed(_args: TrainArgs, _device: Option<DeviceSpec>) -> Result<Outcome>
 /// One process of a data-parallel run: MPI up, the run, and on an error every process of the
 /// job stopped, so that none waits for ever on the one that failed.
 #[cfg(feature = "distributed")]
-fn distributed(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
+fn distributed(
+    args: TrainArgs,
+    device: Option<DeviceSpec>,
+    flush_subnormals: bool,
+) -> Result<Outcome> {
     use gca_hng::distributed::mpi::MpiCollective;
     use gca_hng::distributed::{Collective, Distributed};
     use std::rc::Rc;
@@ -140,6 +150,9 @@ fn distributed(args: TrainArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads((cores / collective.local_size()).max(1))
         .build_global();
+    if flush_subnormals {
+        gca_hng::backends::flush_subnormals_on_cpu_threads();
+    }
     let rank = collective.rank();
     let settings = Distributed {
         collective: collective.clone() as Rc<dyn Collective>,

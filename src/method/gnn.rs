@@ -7,7 +7,7 @@ use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, Linea
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Tensor};
 
-use crate::backends::gelu;
+use crate::backends::{gelu, layer_norm};
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 use crate::method::graph::CorrelationGraph;
 use crate::nn::batch_norm::{BatchNorm1d, BatchNorm1dConfig, gelu_norm};
@@ -81,6 +81,8 @@ pub struct NodeUpdate {
     pub ff_out: Linear,
     pub norm: LayerNorm,
     pub num_heads: usize,
+    /// The LayerNorms' epsilon (burn's `LayerNorm` does not expose it).
+    pub layer_norm_eps: f64,
 }
 
 impl NodeUpdate {
@@ -99,6 +101,7 @@ impl NodeUpdate {
                 .with_epsilon(config.layer_norm_eps)
                 .init(device),
             num_heads: config.num_heads,
+            layer_norm_eps: config.layer_norm_eps,
         }
     }
 
@@ -124,16 +127,16 @@ impl NodeUpdate {
             .matmul(v)
             .swap_dims(0, 1)
             .reshape([n, d]);
-        let h1 = gelu_norm(&self.norm, h + self.out.forward(att));
+        let h1 = gelu_norm(&self.norm, self.layer_norm_eps, h + self.out.forward(att));
 
         // Messages summed over the edges whose source is the node.
         let msg = gelu(self.edge_to_node.forward(edges))
             .reshape([n, n, d])
             .sum_dim(1)
             .reshape([n, d]);
-        let h2 = gelu_norm(&self.norm, h1 + msg);
+        let h2 = gelu_norm(&self.norm, self.layer_norm_eps, h1 + msg);
         let ff = self.ff_out.forward(gelu(self.ff_in.forward(h2.clone())));
-        gelu_norm(&self.norm, h2 + ff)
+        gelu_norm(&self.norm, self.layer_norm_eps, h2 + ff)
     }
 }
 
@@ -165,6 +168,8 @@ pub struct EdgeUpdate {
     pub mlp_out: Linear,
     pub norm: LayerNorm,
     pub dropout: Dropout,
+    /// The LayerNorms' epsilon (burn's `LayerNorm` does not expose it).
+    pub layer_norm_eps: f64,
 }
 
 impl EdgeUpdate {
@@ -184,6 +189,7 @@ impl EdgeUpdate {
                 .with_epsilon(config.layer_norm_eps)
                 .init(device),
             dropout: DropoutConfig::new(config.attention_dropout).init(),
+            layer_norm_eps: config.layer_norm_eps,
         }
     }
 
@@ -231,11 +237,17 @@ impl EdgeUpdate {
         };
         let u = w_src.unsqueeze_dim::<3>(2) * values.clone().unsqueeze_dim::<3>(1)
             + w_dst.unsqueeze_dim::<3>(2) * values.unsqueeze_dim::<3>(0);
-        let e1 = gelu_norm(&self.norm, u.reshape([n * n, d]) + edges);
-        let mlp = self
-            .mlp_out
-            .forward(self.mlp_norm.forward(gelu(self.mlp_in.forward(e1.clone()))));
-        gelu_norm(&self.norm, mlp + e1)
+        let e1 = gelu_norm(
+            &self.norm,
+            self.layer_norm_eps,
+            u.reshape([n * n, d]) + edges,
+        );
+        let mlp = self.mlp_out.forward(layer_norm(
+            &self.mlp_norm,
+            self.layer_norm_eps,
+            gelu(self.mlp_in.forward(e1.clone())),
+        ));
+        gelu_norm(&self.norm, self.layer_norm_eps, mlp + e1)
     }
 }
 

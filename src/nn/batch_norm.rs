@@ -184,8 +184,9 @@ fn running_state_id(state: &RunningState<Tensor<1>>) -> burn::module::ParamId {
 
 /// The release's `norm` block: GELU, then LayerNorm. One instance is reused at several places
 /// of a layer, exactly as the release reuses one `Sequential(GELU, LayerNorm)`.
-pub fn gelu_norm<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
-    norm.forward(gelu(x))
+/// `eps` is the epsilon `norm` was configured with (burn keeps it private).
+pub fn gelu_norm<const D: usize>(norm: &LayerNorm, eps: f64, x: Tensor<D>) -> Tensor<D> {
+    crate::backends::layer_norm(norm, eps, gelu(x))
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ impl WorkerPool {
         let rx = Arc::new(Mutex::new(rx));
         let queued = Arc::new(AtomicUsize::new(0));
         let threads = embedders.len();
+        // Workers run model code with the subnormal mode of the thread that starts them
+        // (`backends::subnormals`); a new thread would otherwise start with IEEE subnormals.
+        let flush = crate::backends::subnormals::flushing_on_this_thread();
         let workers = embedders
             .into_iter()
             .enumerate()
@@ -60,7 +63,12 @@ impl WorkerPool {
                 let queued = queued.clone();
                 std::thread::Builder::new()
                     .name(format!("embed-{i}"))
-                    .spawn(move || work(embedder, &rx, &queued, batch.max(1)))
+                    .spawn(move || {
+                        if flush {
+                            crate::backends::subnormals::flush_subnormals_on_this_thread();
+                        }
+                        work(embedder, &rx, &queued, batch.max(1))
+                    })
                     .expect("spawning a worker thread")
             })
             .collect();

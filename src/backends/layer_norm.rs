@@ -1,0 +1,319 @@
+//! LayerNorm over the last axis for burn's Flex backend: the forward pass and the backward
+//! pass each one sweep over the rows, on every core.
+//!
+//! burn composes LayerNorm from nine element-wise and reduction operations (mean, centre,
+//! square, mean, add, sqrt, divide, scale, shift) and its backward pass from about fifteen,
+//! each a full pass over the tensor that allocates its result. Over the edge MLP's `E x 4d`
+//! activations that made LayerNorm 2-3 times slower than PyTorch's fused kernel (BENCHMARKS.md,
+//! "Where the head step's time goes"). Statistics are accumulated in f64, so the result is at
+//! least as accurate as burn's f32 composition.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
+use burn::nn::LayerNorm;
+use burn::tensor::{Bytes, DType, Tensor};
+use rayon::prelude::*;
+
+use super::{CHUNK, is_flex};
+
+/// `norm` applied to `x` with epsilon `eps` (burn's `LayerNorm` keeps its epsilon private, so
+/// the caller passes the one it configured): our kernel on the CPU for f32 with a bias, burn's
+/// `LayerNorm::forward` otherwise.
+pub fn layer_norm<const D: usize>(norm: &LayerNorm, eps: f64, x: Tensor<D>) -> Tensor<D> {
+    let beta = match &norm.beta {
+        Some(beta) if is_flex(&x.device()) && x.dtype() == DType::F32 => beta.val(),
+        _ => return norm.forward(x),
+    };
+    Tensor::from_dispatch(<Dispatch as LayerNormBackend>::fused_layer_norm(
+        x.into_dispatch(),
+        norm.gamma.val().into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
+}
+
+/// LayerNorm as a backend extension, so that autodiff records our backward kernel.
+#[backend_extension(Flex, Autodiff)]
+pub trait LayerNormBackend: Backend {
+    /// `(x - mean) / sqrt(var + eps) * gamma + beta` over the last axis (biased variance).
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    /// The gradients of `x`, `gamma` and `beta` from the output's; not differentiable.
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl LayerNormBackend for Flex {
+    fn fused_layer_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        eps: f64,
+    ) -> FlexTensor {
+        let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+        let xs = x.as_slice::<f32>().expect("contiguous f32");
+        let g = gamma.as_slice::<f32>().expect("contiguous f32");
+        let b = beta.as_slice::<f32>().expect("contiguous f32");
+        let n = g.len();
+        let mut out = vec![0.0f32; xs.len()];
+        let block = rows_per_task(n) * n;
+        out.par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .for_each(|(out, xs)| {
+                for (o, x) in out.chunks_mut(n).zip(xs.chunks(n)) {
+                    let (mean, rstd) = row_stats(x, eps);
+                    for j in 0..n {
+                        o[j] = (x[j] - mean) * rstd * g[j] + b[j];
+                    }
+                }
+            });
+        from_vec(out, &x)
+    }
+
+    fn fused_layer_norm_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        grad: FlexTensor,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, gamma, grad) = (contiguous(x), contiguous(gamma), contiguous(grad));
+        let xs = x.as_slice::<f32>().expect("contiguous f32");
+        let g = gamma.as_slice::<f32>().expect("contiguous f32");
+        let gs = grad.as_slice::<f32>().expect("contiguous f32");
+        let n = g.len();
+        let mut dx = vec![0.0f32; xs.len()];
+        let block = rows_per_task(n) * n;
+        let zeros = || (vec![0.0f64; n], vec![0.0f64; n]);
+        let (dgamma, dbeta) = dx
+            .par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .zip(gs.par_chunks(block))
+            .map(|((dx, xs), gs)| {
+                let (mut dgamma, mut dbeta) = zeros();
+                for ((dx, x), go) in dx.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
+                    let (mean, rstd) = row_stats(x, eps);
+                    // dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
+                    let (mut a, mut c) = (0.0f64, 0.0f64);
+                    for j in 0..n {
+                        let xhat = (x[j] - mean) * rstd;
+                        let gg = go[j] * g[j];
+                        a += f64::from(gg);
+                        c += f64::from(gg * xhat);
+                        dgamma[j] += f64::from(go[j] * xhat);
+                        dbeta[j] += f64::from(go[j]);
+                    }
+                    let (a, c) = ((a / n as f64) as f32, (c / n as f64) as f32);
+                    for j in 0..n {
+                        let xhat = (x[j] - mean) * rstd;
+                        dx[j] = rstd * (go[j] * g[j] - a - xhat * c);
+                    }
+                }
+                (dgamma, dbeta)
+            })
+            .reduce(zeros, |(mut g1, mut b1), (g2, b2)| {
+                for j in 0..n {
+                    g1[j] += g2[j];
+                    b1[j] += b2[j];
+                }
+                (g1, b1)
+            });
+        let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        (
+            from_vec(dx, &x),
+            from_vec(narrow(dgamma), &gamma),
+            from_vec(narrow(dbeta), &gamma),
+        )
+    }
+}
+
+impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B, C> {
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormGrad;
+
+        impl<B: LayerNormBackend> Backward<B, 3> for LayerNormGrad {
+            type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, gamma, eps) = ops.state;
+                let (dx, dgamma, dbeta) = B::fused_layer_norm_backward(x, gamma, grad, eps);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_gamma {
+                    grads.register::<B>(node.id, dgamma);
+                }
+                if let Some(node) = node_beta {
+                    grads.register::<B>(node.id, dbeta);
+                }
+            }
+        }
+
+        let (x, x_node) = x.into_parts();
+        let (gamma, gamma_node) = gamma.into_parts();
+        let (beta, beta_node) = beta.into_parts();
+        match LayerNormGrad
+            .prepare::<C>([x_node, gamma_node, beta_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_layer_norm(x.clone(), gamma.clone(), beta, eps);
+                prep.finish((x, gamma, eps), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(x, gamma, beta, eps)),
+        }
+    }
+
+    fn fused_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dgamma, dbeta) = B::fused_layer_norm_backward(
+            x.into_primitive(),
+            gamma.into_primitive(),
+            grad.into_primitive(),
+            eps,
+        );
+        (
+            FloatTensor::<Self>::new(dx),
+            FloatTensor::<Self>::new(dgamma),
+            FloatTensor::<Self>::new(dbeta),
+        )
+    }
+}
+
+/// `(mean, 1 / sqrt(var + eps))` of one row, two passes with f64 sums.
+#[inline]
+fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| {
+            let c = f64::from(v) - mean;
+            c * c
+        })
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// Rows per rayon task: about `CHUNK` elements, at least one row.
+fn rows_per_task(n: usize) -> usize {
+    (CHUNK / n.max(1)).max(1)
+}
+
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn from_vec(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(like.layout().shape().clone()),
+        DType::F32,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Param;
+    use burn::nn::LayerNormConfig;
+    use burn::tensor::{Device, Distribution, Tolerance};
+
+    use super::*;
+
+    #[test]
+    fn matches_burns_layer_norm_on_values_and_every_gradient() {
+        let dev = Device::flex().autodiff();
+        dev.seed(3);
+        for (rows, n) in [(37, 64), (5, 2048), (1, 3)] {
+            // Non-trivial scale and shift, so that their gradients differ from the defaults'.
+            let gamma = Tensor::<1>::random([n], Distribution::Normal(1.0, 0.5), &dev);
+            let beta = Tensor::<1>::random([n], Distribution::Normal(0.0, 0.5), &dev);
+            // Two modules with the same values: one backward pass each.
+            let norm = || {
+                let mut norm = LayerNormConfig::new(n).init(&dev);
+                norm.gamma = Param::from_tensor(gamma.clone());
+                norm.beta = Some(Param::from_tensor(beta.clone()));
+                norm
+            };
+            let (ours_norm, theirs_norm) = (norm(), norm());
+            let x = Tensor::<2>::random([rows, n], Distribution::Normal(1.5, 3.0), &dev);
+            let w = Tensor::<2>::random([rows, n], Distribution::Normal(0.0, 1.0), &dev);
+            let a = x.clone().require_grad();
+            let b = x.require_grad();
+            let ours = layer_norm(&ours_norm, 1e-5, a.clone());
+            let theirs = theirs_norm.forward(b.clone());
+            let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-5);
+            ours.clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&theirs.clone().into_data(), tol);
+            let ga = (ours * w.clone()).sum().backward();
+            let gb = (theirs * w).sum().backward();
+            a.grad(&ga)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&b.grad(&gb).unwrap().into_data(), tol);
+            let gamma_a = ours_norm.gamma.grad(&ga).unwrap();
+            let gamma_b = theirs_norm.gamma.grad(&gb).unwrap();
+            gamma_a
+                .into_data()
+                .assert_approx_eq::<f32>(&gamma_b.into_data(), tol);
+            let beta_a = ours_norm.beta.as_ref().unwrap().grad(&ga).unwrap();
+            let beta_b = theirs_norm.beta.as_ref().unwrap().grad(&gb).unwrap();
+            beta_a
+                .into_data()
+                .assert_approx_eq::<f32>(&beta_b.into_data(), tol);
+        }
+    }
+
+    #[test]
+    fn runs_without_autodiff_on_views_and_rank_three() {
+        let dev = Device::flex();
+        let norm = LayerNormConfig::new(40).init(&dev);
+        let x = Tensor::<2>::random([40, 70], Distribution::Normal(0.0, 2.0), &dev).transpose();
+        layer_norm(&norm, 1e-5, x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&norm.forward(x).into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+        let x3 = Tensor::<3>::random([3, 5, 40], Distribution::Normal(0.0, 2.0), &dev);
+        layer_norm(&norm, 1e-5, x3.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &norm.forward(x3).into_data(),
+                Tolerance::rel_abs(1e-5, 1e-5),
+            );
+    }
+}
