@@ -153,13 +153,13 @@ fn normal_cdf<const GAUSS: bool>(x: f64) -> (f64, f64) {
 }
 
 #[inline(always)]
-fn gelu_f32(x: f32) -> f32 {
+pub(super) fn gelu_f32(x: f32) -> f32 {
     let x = f64::from(x);
     (x * normal_cdf::<false>(x).0) as f32
 }
 
 #[inline(always)]
-fn gelu_derivative_f32(x: f32) -> f32 {
+pub(super) fn gelu_derivative_f32(x: f32) -> f32 {
     let x = f64::from(x);
     let (cdf, gauss) = normal_cdf::<true>(x);
     (cdf + x * INV_SQRT_2PI * gauss) as f32
@@ -193,7 +193,34 @@ fn gelu_backward_slice_avx2(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>]
     gelu_backward_slice_generic(xs, gs, dst)
 }
 
-fn has_avx2() -> bool {
+// The same loops for AVX-512 (8 f64 lanes), where the CPU has it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn gelu_slice_avx512(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    gelu_slice_generic(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn gelu_backward_slice_avx512(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    gelu_backward_slice_generic(xs, gs, dst)
+}
+
+pub(super) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+pub(super) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -206,6 +233,11 @@ fn has_avx2() -> bool {
 
 fn gelu_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
+        return unsafe { gelu_slice_avx512(src, dst) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         return unsafe { gelu_slice_avx2(src, dst) };
@@ -215,6 +247,11 @@ fn gelu_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
 
 fn gelu_backward_slice(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
+        return unsafe { gelu_backward_slice_avx512(xs, gs, dst) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         return unsafe { gelu_backward_slice_avx2(xs, gs, dst) };
@@ -222,7 +259,7 @@ fn gelu_backward_slice(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>]) {
     gelu_backward_slice_generic(xs, gs, dst)
 }
 
-fn contiguous(t: FlexTensor) -> FlexTensor {
+pub(super) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
         t
     } else {
@@ -249,7 +286,7 @@ where
     out
 }
 
-fn from_vec(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
+pub(super) fn from_vec(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
     FlexTensor::new(
         Bytes::from_elems(values),
         Layout::contiguous(like.layout().shape().clone()),
@@ -312,6 +349,44 @@ mod tests {
             assert!(
                 ((gelu - exact) / exact).abs() < 1e-6,
                 "gelu({x}) = {gelu}, not {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_instruction_set_gives_the_same_values() {
+        let xs: Vec<f32> = (0..4099).map(|i| (i as f32 - 2049.0) * 0.0071).collect();
+        let gs: Vec<f32> = xs.iter().map(|x| 1.0 - 0.3 * x).collect();
+        let run = |f: &dyn Fn(&mut [MaybeUninit<f32>])| {
+            let mut out = vec![MaybeUninit::new(0.0f32); xs.len()];
+            f(&mut out);
+            out.into_iter()
+                .map(|v| unsafe { v.assume_init() })
+                .collect::<Vec<f32>>()
+        };
+        let reference = run(&|d| gelu_slice(&xs, d));
+        let reference_grad = run(&|d| gelu_backward_slice(&xs, &gs, d));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2() {
+                // SAFETY: checked just above.
+                assert_eq!(run(&|d| unsafe { gelu_slice_avx2(&xs, d) }), reference);
+                let grad = run(&|d| unsafe { gelu_backward_slice_avx2(&xs, &gs, d) });
+                assert_eq!(grad, reference_grad);
+            }
+            if has_avx512() {
+                // SAFETY: checked just above.
+                assert_eq!(run(&|d| unsafe { gelu_slice_avx512(&xs, d) }), reference);
+                let grad = run(&|d| unsafe { gelu_backward_slice_avx512(&xs, &gs, d) });
+                assert_eq!(grad, reference_grad);
+            }
+        }
+        // The portable loop, without FMA, may round differently in the last place only.
+        let portable = run(&|d| gelu_slice_generic(&xs, d));
+        for (a, b) in portable.iter().zip(&reference) {
+            assert!(
+                (a - b).abs() <= 2.0 * f32::EPSILON * b.abs().max(1e-30),
+                "{a} vs {b}"
             );
         }
     }

@@ -5,10 +5,12 @@
 
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear_gelu;
 pub mod subnormals;
 
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
+pub use linear_gelu::linear_gelu;
 pub use subnormals::flush_subnormals_on_cpu_threads;
 
 use burn::backend::DispatchDevice;

@@ -7,7 +7,7 @@ use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, Linea
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Tensor};
 
-use crate::backends::{gelu, layer_norm};
+use crate::backends::{layer_norm, linear_gelu};
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 use crate::method::graph::CorrelationGraph;
 use crate::nn::batch_norm::{BatchNorm1d, BatchNorm1dConfig, gelu_norm};
@@ -130,12 +130,12 @@ impl NodeUpdate {
         let h1 = gelu_norm(&self.norm, self.layer_norm_eps, h + self.out.forward(att));
 
         // Messages summed over the edges whose source is the node.
-        let msg = gelu(self.edge_to_node.forward(edges))
+        let msg = linear_gelu(&self.edge_to_node, edges)
             .reshape([n, n, d])
             .sum_dim(1)
             .reshape([n, d]);
         let h2 = gelu_norm(&self.norm, self.layer_norm_eps, h1 + msg);
-        let ff = self.ff_out.forward(gelu(self.ff_in.forward(h2.clone())));
+        let ff = self.ff_out.forward(linear_gelu(&self.ff_in, h2.clone()));
         gelu_norm(&self.norm, self.layer_norm_eps, h2 + ff)
     }
 }
@@ -196,7 +196,7 @@ impl EdgeUpdate {
     /// `h`: the updated nodes `[N, d]`; `edges`: `[N*N, d]`.
     pub fn forward(&self, h: Tensor<2>, edges: Tensor<2>) -> Tensor<2> {
         let [n, d] = h.dims();
-        let tokens = gelu(self.node_to_edge.forward(h));
+        let tokens = linear_gelu(&self.node_to_edge, h);
         let keys = self.key.forward(tokens.clone());
         let values = self.value.forward(tokens);
 
@@ -245,7 +245,7 @@ impl EdgeUpdate {
         let mlp = self.mlp_out.forward(layer_norm(
             &self.mlp_norm,
             self.layer_norm_eps,
-            gelu(self.mlp_in.forward(e1.clone())),
+            linear_gelu(&self.mlp_in, e1.clone()),
         ));
         gelu_norm(&self.norm, self.layer_norm_eps, mlp + e1)
     }

@@ -1,0 +1,342 @@
+//! `gelu(linear(x))` with the bias added inside the GELU kernel, for the Flex backend.
+//!
+//! burn's `Linear` adds its bias as a separate broadcast operation, one more single-threaded
+//! pass over the output, and its backward pass sums the gradient over the rows in another.
+//! In the GNN the two largest activations (the node update's edge messages, `E x d`, and the
+//! edge MLP's hidden layer, `E x 4d`) are Linear outputs that go straight into GELU, so here
+//! the bias is added in the GELU loop and its gradient is summed in the GELU-derivative loop,
+//! both on every core. The values are those of `gelu(x W + b)`: `x W + b` is rounded to f32
+//! before GELU, as burn computes it; only the bias gradient's summation order differs (its
+//! partial sums are f64).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
+use burn::nn::Linear;
+use burn::tensor::{DType, Tensor};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+use super::gelu::{
+    contiguous, from_vec, gelu, gelu_derivative_f32, gelu_f32, has_avx2, has_avx512,
+};
+use super::{CHUNK, is_flex};
+
+/// `gelu(linear.forward(x))` (exact GELU): the fused kernel on the CPU for f32 with a bias,
+/// burn's Linear and our [`gelu`] otherwise.
+///
+/// # Shapes
+/// - `x`: `[..., d_in]`
+/// - output: `[..., d_out]`
+pub fn linear_gelu<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let bias = match &linear.bias {
+        Some(bias) if D == 2 && is_flex(&x.device()) && x.dtype() == DType::F32 => bias.val(),
+        _ => return gelu(linear.forward(x)),
+    };
+    let product = x.matmul(linear.weight.val().unsqueeze());
+    Tensor::from_dispatch(<Dispatch as BiasGeluBackend>::bias_gelu(
+        product.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// GELU of a bias broadcast over the rows, as a backend extension so that autodiff records
+/// our backward kernel.
+#[backend_extension(Flex, Autodiff)]
+pub trait BiasGeluBackend: Backend {
+    /// `gelu(x + bias)`, `bias` added along the last axis.
+    fn bias_gelu(x: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// The gradients of `x` and `bias` from the output's; not differentiable.
+    fn bias_gelu_backward(
+        x: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl BiasGeluBackend for Flex {
+    fn bias_gelu(x: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let (x, bias) = (contiguous(x), contiguous(bias));
+        let xs = x.as_slice::<f32>().expect("contiguous f32");
+        let b = bias.as_slice::<f32>().expect("contiguous f32");
+        let block = rows_per_task(b.len()) * b.len();
+        let mut out = Vec::<f32>::with_capacity(xs.len());
+        out.spare_capacity_mut()[..xs.len()]
+            .par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .for_each(|(dst, xs)| forward_rows(xs, b, dst));
+        // SAFETY: every element was written by `forward_rows`.
+        unsafe { out.set_len(xs.len()) };
+        from_vec(out, &x)
+    }
+
+    fn bias_gelu_backward(
+        x: FlexTensor,
+        bias: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let (x, bias, grad) = (contiguous(x), contiguous(bias), contiguous(grad));
+        let xs = x.as_slice::<f32>().expect("contiguous f32");
+        let b = bias.as_slice::<f32>().expect("contiguous f32");
+        let gs = grad.as_slice::<f32>().expect("contiguous f32");
+        let n = b.len();
+        let block = rows_per_task(n) * n;
+        let mut dx = Vec::<f32>::with_capacity(xs.len());
+        let dbias = dx.spare_capacity_mut()[..xs.len()]
+            .par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .zip(gs.par_chunks(block))
+            .map(|((dst, xs), gs)| {
+                let mut dbias = vec![0.0f64; n];
+                backward_rows(xs, b, gs, dst, &mut dbias);
+                dbias
+            })
+            .reduce(
+                || vec![0.0f64; n],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        // SAFETY: every element was written by `backward_rows`.
+        unsafe { dx.set_len(xs.len()) };
+        let dbias = dbias.into_iter().map(|v| v as f32).collect();
+        (from_vec(dx, &x), from_vec(dbias, &bias))
+    }
+}
+
+impl<B: BiasGeluBackend, C: CheckpointStrategy> BiasGeluBackend for Autodiff<B, C> {
+    fn bias_gelu(x: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct BiasGeluGrad;
+
+        impl<B: BiasGeluBackend> Backward<B, 2> for BiasGeluGrad {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_bias] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, bias) = ops.state;
+                let (dx, dbias) = B::bias_gelu_backward(x, bias, grad);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_bias {
+                    grads.register::<B>(node.id, dbias);
+                }
+            }
+        }
+
+        let (x, x_node) = x.into_parts();
+        let (bias, bias_node) = bias.into_parts();
+        match BiasGeluGrad
+            .prepare::<C>([x_node, bias_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::bias_gelu(x.clone(), bias.clone());
+                prep.finish((x, bias), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bias_gelu(x, bias)),
+        }
+    }
+
+    fn bias_gelu_backward(
+        x: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dbias) = B::bias_gelu_backward(
+            x.into_primitive(),
+            bias.into_primitive(),
+            grad.into_primitive(),
+        );
+        (
+            FloatTensor::<Self>::new(dx),
+            FloatTensor::<Self>::new(dbias),
+        )
+    }
+}
+
+/// Rows per rayon task: about `CHUNK` elements, at least one row.
+fn rows_per_task(n: usize) -> usize {
+    (CHUNK / n.max(1)).max(1)
+}
+
+#[inline(always)]
+fn forward_rows_generic(xs: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    for (dst, xs) in dst.chunks_mut(b.len()).zip(xs.chunks(b.len())) {
+        for ((o, &x), &b) in dst.iter_mut().zip(xs).zip(b) {
+            o.write(gelu_f32(x + b));
+        }
+    }
+}
+
+#[inline(always)]
+fn backward_rows_generic(
+    xs: &[f32],
+    b: &[f32],
+    gs: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+    dbias: &mut [f64],
+) {
+    let n = b.len();
+    for ((dst, xs), gs) in dst.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
+        for ((((o, &x), &b), &g), db) in dst.iter_mut().zip(xs).zip(b).zip(gs).zip(&mut *dbias) {
+            let d = g * gelu_derivative_f32(x + b);
+            o.write(d);
+            *db += f64::from(d);
+        }
+    }
+}
+
+// Copies of the loops for AVX2 + FMA and for AVX-512, chosen at run time (see gelu.rs).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn forward_rows_avx512(xs: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    forward_rows_generic(xs, b, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_rows_avx2(xs: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    forward_rows_generic(xs, b, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn backward_rows_avx512(
+    xs: &[f32],
+    b: &[f32],
+    gs: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+    dbias: &mut [f64],
+) {
+    backward_rows_generic(xs, b, gs, dst, dbias)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_rows_avx2(
+    xs: &[f32],
+    b: &[f32],
+    gs: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+    dbias: &mut [f64],
+) {
+    backward_rows_generic(xs, b, gs, dst, dbias)
+}
+
+fn forward_rows(xs: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
+        return unsafe { forward_rows_avx512(xs, b, dst) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { forward_rows_avx2(xs, b, dst) };
+    }
+    forward_rows_generic(xs, b, dst)
+}
+
+fn backward_rows(
+    xs: &[f32],
+    b: &[f32],
+    gs: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+    dbias: &mut [f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
+        return unsafe { backward_rows_avx512(xs, b, gs, dst, dbias) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { backward_rows_avx2(xs, b, gs, dst, dbias) };
+    }
+    backward_rows_generic(xs, b, gs, dst, dbias)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Param;
+    use burn::nn::LinearConfig;
+    use burn::tensor::{Device, Distribution, Tolerance};
+
+    use super::*;
+
+    #[test]
+    fn matches_linear_then_gelu_on_values_and_every_gradient() {
+        let dev = Device::flex().autodiff();
+        dev.seed(5);
+        for (rows, d_in, d_out) in [(300, 24, 40), (3, 5, 2048), (1, 1, 1)] {
+            let weight = Tensor::<2>::random([d_in, d_out], Distribution::Normal(0.0, 1.0), &dev);
+            let bias = Tensor::<1>::random([d_out], Distribution::Normal(0.0, 2.0), &dev);
+            // Two modules with the same values: one backward pass each.
+            let linear = || {
+                let mut linear = LinearConfig::new(d_in, d_out).init(&dev);
+                linear.weight = Param::from_tensor(weight.clone());
+                linear.bias = Some(Param::from_tensor(bias.clone()));
+                linear
+            };
+            let (ours_linear, theirs_linear) = (linear(), linear());
+            let x = Tensor::<2>::random([rows, d_in], Distribution::Normal(0.0, 3.0), &dev);
+            let w = Tensor::<2>::random([rows, d_out], Distribution::Normal(0.0, 1.0), &dev);
+            let a = x.clone().require_grad();
+            let b = x.require_grad();
+            let ours = linear_gelu(&ours_linear, a.clone());
+            let theirs = gelu(theirs_linear.forward(b.clone()));
+            // Same kernel on the same f32 pre-activations: equal values.
+            ours.clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&theirs.clone().into_data(), Tolerance::rel_abs(0.0, 0.0));
+            let ga = (ours * w.clone()).sum().backward();
+            let gb = (theirs * w).sum().backward();
+            let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-5);
+            a.grad(&ga)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&b.grad(&gb).unwrap().into_data(), tol);
+            let grad = |l: &Linear, g: &burn::tensor::Gradients| {
+                (
+                    l.weight.grad(g).unwrap().into_data(),
+                    l.bias.as_ref().unwrap().grad(g).unwrap().into_data(),
+                )
+            };
+            let (wa, ba) = grad(&ours_linear, &ga);
+            let (wb, bb) = grad(&theirs_linear, &gb);
+            wa.assert_approx_eq::<f32>(&wb, tol);
+            ba.assert_approx_eq::<f32>(&bb, tol);
+        }
+    }
+
+    #[test]
+    fn falls_back_without_bias_and_on_other_ranks() {
+        let dev = Device::flex();
+        let mut linear = LinearConfig::new(6, 7).init(&dev);
+        let x = Tensor::<3>::random([2, 3, 6], Distribution::Normal(0.0, 2.0), &dev);
+        let tol = Tolerance::<f32>::rel_abs(0.0, 0.0);
+        linear_gelu(&linear, x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&gelu(linear.forward(x.clone())).into_data(), tol);
+        linear.bias = None;
+        let x2 = Tensor::<2>::random([4, 6], Distribution::Normal(0.0, 2.0), &dev);
+        linear_gelu(&linear, x2.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&gelu(linear.forward(x2)).into_data(), tol);
+    }
+}
