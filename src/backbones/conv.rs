@@ -34,6 +34,8 @@ pub enum ConvImpl {
     Burn,
     /// [`lowered_conv2d`]: pad, slices, matmul.
     Lowered,
+    /// Our multi-threaded depthwise kernel ([`crate::backends::depthwise`]), Flex only.
+    Depthwise,
 }
 
 /// The `GCA_CONV` override, read once.
@@ -49,17 +51,27 @@ fn forced() -> Option<ConvImpl> {
     })
 }
 
-/// The implementation [`conv2d`] uses for `conv` on `device`: the lowering for dense
-/// convolutions on the Flex device (depthwise ones measured slower lowered than burn-flex's
-/// own kernel: see BENCHMARKS.md), burn's own everywhere else.
+/// The implementation [`conv2d`] uses for `conv` on `device`: on the Flex device the lowering
+/// for dense convolutions and our kernel for depthwise ones (both measured faster than
+/// burn-flex's own: see BENCHMARKS.md), burn's own everywhere else.
 pub fn conv_impl_for(conv: &Conv2d, device: &Device) -> ConvImpl {
     forced().unwrap_or_else(|| {
-        if conv.groups == 1 && device.clone().inner() == Device::flex() {
+        if device.clone().inner() != Device::flex() {
+            ConvImpl::Burn
+        } else if conv.groups == 1 {
             ConvImpl::Lowered
+        } else if is_depthwise(conv) && conv.dilation == [1, 1] {
+            ConvImpl::Depthwise
         } else {
             ConvImpl::Burn
         }
     })
+}
+
+/// One filter per channel: `groups == in == out channels`.
+fn is_depthwise(conv: &Conv2d) -> bool {
+    let [co, cig, _, _] = conv.weight.dims();
+    cig == 1 && co == conv.groups
 }
 
 /// `conv.forward(x)`, computed the fastest known way for `x`'s device.
@@ -71,6 +83,39 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     match conv_impl_for(conv, &x.device()) {
         ConvImpl::Burn => conv.forward(x),
         ConvImpl::Lowered => lowered_conv2d(conv, x),
+        ConvImpl::Depthwise => kernel_depthwise_conv2d(conv, x),
+    }
+}
+
+/// `conv.forward(x)` for a depthwise convolution through our kernel on the Flex device in f32;
+/// burn's own convolution for anything else.
+pub fn kernel_depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, c, h, w] = x.dims();
+    let weight = conv.weight.val();
+    let [co, _, kh, kw] = weight.dims();
+    let stride = conv.stride;
+    let (top, bottom) = padding_pair(&conv.padding, 0, h, kh, stride[0]);
+    let (left, right) = padding_pair(&conv.padding, 1, w, kw, stride[1]);
+    let (hp, wp) = (h + top + bottom, w + left + right);
+    if !is_depthwise(conv)
+        || co != c
+        || conv.dilation != [1, 1]
+        || hp < kh
+        || wp < kw
+        || x.dtype() != burn::tensor::DType::F32
+        || !crate::backends::is_flex(&x.device())
+    {
+        return conv.forward(x);
+    }
+    let (ho, wo) = ((hp - kh) / stride[0] + 1, (wp - kw) / stride[1] + 1);
+    let y = crate::backends::depthwise::depthwise_conv2d(
+        x,
+        weight.reshape([c, kh, kw]),
+        [stride[0], stride[1], top, left, ho, wo],
+    );
+    match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, co, 1, 1]),
+        None => y,
     }
 }
 
@@ -266,12 +311,12 @@ mod tests {
             Distribution::Normal(0.0, 1.0),
             &device,
         );
-        let run = |lowered: bool| {
+        let run = |how: ConvImpl| {
             let x = x.clone().detach().require_grad();
-            let y = if lowered {
-                lowered_conv2d(&conv, x.clone())
-            } else {
-                conv.forward(x.clone())
+            let y = match how {
+                ConvImpl::Burn => conv.forward(x.clone()),
+                ConvImpl::Lowered => lowered_conv2d(&conv, x.clone()),
+                ConvImpl::Depthwise => kernel_depthwise_conv2d(&conv, x.clone()),
             };
             // A fixed, non-uniform output gradient: sum(y * g).
             let g = Tensor::<4>::from_data(
@@ -292,20 +337,26 @@ mod tests {
                 .map(|b| b.val().grad(&grads).expect("bias gradient").into_data());
             (data(y), gx.into_data(), gw.into_data(), gb)
         };
-        let (y0, gx0, gw0, gb0) = run(false);
-        let (y1, gx1, gw1, gb1) = run(true);
-        assert_eq!(y0.shape(), y1.shape(), "output shape");
-        let tol = Tolerance::<f32>::absolute(1e-4).set_relative(1e-4);
-        y1.assert_approx_eq::<f32>(&y0, tol);
-        gx1.assert_approx_eq::<f32>(&gx0, tol);
-        gw1.assert_approx_eq::<f32>(&gw0, tol);
-        if let (Some(a), Some(b)) = (gb1, gb0) {
-            a.assert_approx_eq::<f32>(&b, tol);
+        let (y0, gx0, gw0, gb0) = run(ConvImpl::Burn);
+        let mut ours = vec![ConvImpl::Lowered];
+        if is_depthwise(&conv) {
+            ours.push(ConvImpl::Depthwise);
+        }
+        for how in ours {
+            let (y1, gx1, gw1, gb1) = run(how);
+            assert_eq!(y0.shape(), y1.shape(), "{how:?}: output shape");
+            let tol = Tolerance::<f32>::absolute(1e-4).set_relative(1e-4);
+            y1.assert_approx_eq::<f32>(&y0, tol);
+            gx1.assert_approx_eq::<f32>(&gx0, tol);
+            gw1.assert_approx_eq::<f32>(&gw0, tol);
+            if let (Some(a), Some(b)) = (gb1, gb0.clone()) {
+                a.assert_approx_eq::<f32>(&b, tol);
+            }
         }
     }
 
     #[test]
-    fn flex_lowers_dense_convolutions_only() {
+    fn flex_lowers_dense_and_runs_depthwise_through_the_kernel() {
         if forced().is_some() {
             return; // GCA_CONV overrides the policy.
         }
@@ -317,7 +368,9 @@ mod tests {
             conv_impl_for(&dense, &d.clone().autodiff()),
             ConvImpl::Lowered
         );
-        assert_eq!(conv_impl_for(&depthwise, &d), ConvImpl::Burn);
+        assert_eq!(conv_impl_for(&depthwise, &d), ConvImpl::Depthwise);
+        let grouped = Conv2dConfig::new([4, 4], [3, 3]).with_groups(2).init(&d);
+        assert_eq!(conv_impl_for(&grouped, &d), ConvImpl::Burn);
     }
 
     #[test]
@@ -368,6 +421,19 @@ mod tests {
     fn dense_same_stride2_matches_burn() {
         // Even input, stride 2: TensorFlow "SAME" pads one more pixel right and bottom.
         check(case(3, 4, 3, 2, PaddingConfig2d::Same));
+    }
+
+    #[test]
+    fn depthwise_with_asymmetric_padding_and_tiny_maps_matches_burn() {
+        // Explicit padding on one side only, a map smaller than the kernel in one axis.
+        let mut c = case(3, 3, 3, 1, PaddingConfig2d::Explicit(2, 0, 0, 1));
+        c.groups = 3;
+        c.size = [4, 2];
+        check(c);
+        let mut c = case(5, 5, 5, 2, PaddingConfig2d::Same);
+        c.groups = 5;
+        c.size = [1, 1];
+        check(c);
     }
 
     #[test]
