@@ -434,6 +434,13 @@ mod tests {
         c.groups = 5;
         c.size = [1, 1];
         check(c);
+        // Stride 1 on maps of one and two pixels: taps whose every position is padding.
+        for (k, size) in [(3, [1, 1]), (5, [1, 1]), (5, [2, 1]), (5, [1, 3])] {
+            let mut c = case(4, 4, k, 1, PaddingConfig2d::Same);
+            c.groups = 4;
+            c.size = size;
+            check(c);
+        }
     }
 
     #[test]

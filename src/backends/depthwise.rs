@@ -137,6 +137,11 @@ impl DepthwiseBackend for Flex {
                         for j in 0..d.kw {
                             let wij = w[i * d.kw + j];
                             let cols = d.cols(j);
+                            // An empty range may start left of the padding: skip it before
+                            // computing an input position from it.
+                            if cols.is_empty() {
+                                continue;
+                            }
                             if d.sw == 1 {
                                 let start = cols.start + j - d.left;
                                 let src = &row[start..start + cols.len()];
@@ -189,6 +194,9 @@ impl DepthwiseBackend for Flex {
                         for j in 0..d.kw {
                             let wij = w[i * d.kw + j];
                             let cols = d.cols(j);
+                            if cols.is_empty() {
+                                continue;
+                            }
                             let mut acc = 0.0f32;
                             if d.sw == 1 {
                                 let start = cols.start + j - d.left;
