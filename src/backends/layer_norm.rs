@@ -123,7 +123,11 @@ impl LayerNormBackend for Flex {
                 }
                 (dgamma, dbeta)
             })
-            .reduce(zeros, |(mut g1, mut b1), (g2, b2)| {
+            .collect::<Vec<_>>()
+            .into_iter()
+            // Summed in block order, so that the result does not depend on how rayon split
+            // the work (or on the number of threads: data-parallel ranks run fewer).
+            .fold(zeros(), |(mut g1, mut b1), (g2, b2)| {
                 for j in 0..n {
                     g1[j] += g2[j];
                     b1[j] += b2[j];

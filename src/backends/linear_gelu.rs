@@ -95,13 +95,14 @@ impl BiasGeluBackend for Flex {
                 backward_rows(xs, b, gs, dst, &mut dbias);
                 dbias
             })
-            .reduce(
-                || vec![0.0f64; n],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+            .collect::<Vec<_>>()
+            .into_iter()
+            // Summed in block order, so that the result does not depend on how rayon split
+            // the work (or on the number of threads: data-parallel ranks run fewer).
+            .fold(vec![0.0f64; n], |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            });
         // SAFETY: every element was written by `backward_rows`.
         unsafe { dx.set_len(xs.len()) };
         let dbias = dbias.into_iter().map(|v| v as f32).collect();
