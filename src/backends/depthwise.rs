@@ -12,11 +12,13 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::{Flex, FlexTensor, Layout};
+use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
-use burn::tensor::{Bytes, DType, Shape, Tensor};
+use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
+
+use super::{contiguous, from_vec_shaped};
 
 /// Where the kernel runs over the input: `[stride_h, stride_w, pad_top, pad_left, out_h,
 /// out_w]`. Padding is implicit zeros; the bottom and right padding follow from the output
@@ -157,7 +159,7 @@ impl DepthwiseBackend for Flex {
                     }
                 }
             });
-        from_vec(
+        from_vec_shaped(
             out,
             Shape::new([d.planes / d.channels, d.channels, d.ho, d.wo]),
         )
@@ -233,8 +235,8 @@ impl DepthwiseBackend for Flex {
         }
         let dw = dw.into_iter().map(|v| v as f32).collect();
         (
-            from_vec(dx, x.shape()),
-            from_vec(dw, Shape::new([d.channels, d.kh, d.kw])),
+            from_vec_shaped(dx, x.shape()),
+            from_vec_shaped(dw, Shape::new([d.channels, d.kh, d.kw])),
         )
     }
 }
@@ -299,22 +301,6 @@ impl<B: DepthwiseBackend, C: CheckpointStrategy> DepthwiseBackend for Autodiff<B
         );
         (FloatTensor::<Self>::new(dx), FloatTensor::<Self>::new(dw))
     }
-}
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
-fn from_vec(values: Vec<f32>, shape: Shape) -> FlexTensor {
-    FlexTensor::new(
-        Bytes::from_elems(values),
-        Layout::contiguous(shape),
-        DType::F32,
-    )
 }
 
 #[cfg(test)]

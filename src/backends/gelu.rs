@@ -10,15 +10,15 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::backend::flex::{Flex, FlexTensor, Layout};
+use burn::backend::flex::Flex;
 use burn::backend::ops::ActivationOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
-use burn::tensor::{Bytes, DType, Tensor};
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use super::{CHUNK, is_flex};
+use super::{CHUNK, contiguous, from_vec, is_flex};
 
 /// GELU with the exact (erf) formulation, as PyTorch's `nn.GELU()`: our multi-threaded kernel
 /// on the CPU, burn's `gelu` on other devices.
@@ -259,14 +259,6 @@ fn gelu_backward_slice(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>]) {
     gelu_backward_slice_generic(xs, gs, dst)
 }
 
-pub(super) fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
 /// A new vector of `n` elements, filled in parallel chunks by `fill(range, chunk)`, without
 /// first zeroing it.
 fn par_map<F>(n: usize, fill: F) -> Vec<f32>
@@ -284,14 +276,6 @@ where
     // SAFETY: every chunk of the first `n` elements was written above.
     unsafe { out.set_len(n) };
     out
-}
-
-pub(super) fn from_vec(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-    FlexTensor::new(
-        Bytes::from_elems(values),
-        Layout::contiguous(like.layout().shape().clone()),
-        DType::F32,
-    )
 }
 
 #[cfg(test)]

@@ -12,14 +12,14 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::{Flex, FlexTensor, Layout};
+use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::nn::LayerNorm;
-use burn::tensor::{Bytes, DType, Tensor};
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::{CHUNK, is_flex};
+use super::{contiguous, from_vec, is_flex, rows_per_task};
 
 /// `norm` applied to `x` with epsilon `eps` (burn's `LayerNorm` keeps its epsilon private, so
 /// the caller passes the one it configured): our kernel on the CPU for f32 with a bias, burn's
@@ -228,27 +228,6 @@ fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
         .sum::<f64>()
         / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-}
-
-/// Rows per rayon task: about `CHUNK` elements, at least one row.
-fn rows_per_task(n: usize) -> usize {
-    (CHUNK / n.max(1)).max(1)
-}
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
-fn from_vec(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-    FlexTensor::new(
-        Bytes::from_elems(values),
-        Layout::contiguous(like.layout().shape().clone()),
-        DType::F32,
-    )
 }
 
 #[cfg(test)]

@@ -21,10 +21,8 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use super::gelu::{
-    contiguous, from_vec, gelu, gelu_derivative_f32, gelu_f32, has_avx2, has_avx512,
-};
-use super::{CHUNK, is_flex};
+use super::gelu::{gelu, gelu_derivative_f32, gelu_f32, has_avx2, has_avx512};
+use super::{contiguous, from_vec, is_flex, rows_per_task};
 
 /// `gelu(linear.forward(x))` (exact GELU): the fused kernel on the CPU for f32 with a bias,
 /// burn's Linear and our [`gelu`] otherwise.
@@ -167,11 +165,6 @@ impl<B: BiasGeluBackend, C: CheckpointStrategy> BiasGeluBackend for Autodiff<B, 
             FloatTensor::<Self>::new(dbias),
         )
     }
-}
-
-/// Rows per rayon task: about `CHUNK` elements, at least one row.
-fn rows_per_task(n: usize) -> usize {
-    (CHUNK / n.max(1)).max(1)
 }
 
 #[inline(always)]

@@ -3,9 +3,9 @@
 //! Gradients in the GCA-HNG step pick up subnormal values (magnitudes below 1.2e-38): GELU's
 //! derivative is about `x * exp(-x^2 / 2)`, so large negative pre-activations times a small
 //! upstream gradient land there. Intel and AMD cores take a microcode assist of about a
-//! hundred cycles for each subnormal operand or result, and one matrix product with a few
-//! percent subnormal inputs ran 10-50 times slower than the same product on normal numbers,
-//! doubling the whole step (BENCHMARKS.md, "Subnormal gradients").
+//! hundred cycles for each subnormal operand or result, and one matrix product with 0.6-8%
+//! subnormal inputs ran 5-70 times slower than the same product on normal numbers, doubling
+//! the whole step (BENCHMARKS.md, "Subnormal gradients").
 //!
 //! Setting the CPU's flush-to-zero and denormals-are-zero modes makes such values behave as
 //! zero. No value that matters moves: every flushed number is below 1.2e-38 in magnitude,

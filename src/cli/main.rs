@@ -38,7 +38,7 @@ struct Cli {
     device: Option<DeviceSpec>,
     /// Keep IEEE subnormal floats on the CPU. By default the CPU threads flush them to zero
     /// (values below 1.2e-38), which keeps rare tiny gradients from slowing matrix products
-    /// tenfold and changes no result that matters.
+    /// many times over and changes no result that matters.
     #[arg(long, global = true)]
     keep_subnormals: bool,
     #[command(subcommand)]
