@@ -5,11 +5,11 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 use super::BatchNormMode;
 use super::layers::{ConvBn, ConvBnConfig, global_avg_pool};
+use crate::backends::batch_norm::Activation::Relu6;
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 
 const EPS: f64 = 1e-3;
@@ -22,15 +22,6 @@ pub struct EfficientNetLiteConfig {
     /// Classes of the `_fc` head; `None` drops it.
     #[config(default = "None")]
     pub num_classes: Option<usize>,
-}
-
-/// `min(max(x, 0), 6)` as `relu(x) - relu(x - 6)`: the same values (`x - 6` and
-/// `x - (x - 6)` are exact in f32 for `|x| < 2^24`, and the result is 0, x or 6) and the same
-/// gradient (1 on (0, 6], else 0; only the point x = 6 differs from PyTorch's 0), but two ReLUs instead of `clamp`, which burn's autodiff
-/// runs as two compare-and-`mask_fill` passes forward and two more backward, each a scalar,
-/// branchy loop on the CPU backend.
-pub fn relu6(x: Tensor<4>) -> Tensor<4> {
-    relu(x.clone()) - relu(x - 6.0)
 }
 
 /// A convolution with TensorFlow "SAME" padding. The package pads statically for 224 px
@@ -67,9 +58,9 @@ impl MbConv {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut y = x.clone();
         if let Some(e) = &self.expand {
-            y = relu6(e.forward(y));
+            y = e.forward_act(y, Relu6);
         }
-        y = relu6(self.depthwise.forward(y));
+        y = self.depthwise.forward_act(y, Relu6);
         y = self.project.forward(y);
         if self.skip { y + x } else { y }
     }
@@ -137,9 +128,9 @@ impl EfficientNetLite {
 
     /// The 1280-channel map after the head convolution (`extract_features`).
     pub fn features(&self, images: Tensor<4>) -> Tensor<4> {
-        let x = relu6(self.stem.forward(images));
+        let x = self.stem.forward_act(images, Relu6);
         let x = self.blocks.iter().fold(x, |x, b| b.forward(x));
-        relu6(self.head.forward(x))
+        self.head.forward_act(x, Relu6)
     }
 
     /// `[B, 3, H, W] -> [B, 1280]`, global average pooled.
@@ -169,7 +160,7 @@ mod tests {
     use burn::tensor::TensorData;
 
     #[test]
-    fn relu6_is_exact_clamp_with_clamp_gradient() {
+    fn composed_relu6_is_exact_clamp_with_relus_gradient() {
         let device = Device::flex().autodiff();
         let v = [
             -1e7f32, -3.5, -0.0, 0.0, 1e-8, 0.3, 5.999_999, 6.0, 6.000_001, 7.25, 12.5, 1000.1,
@@ -177,7 +168,7 @@ mod tests {
         ];
         let x = Tensor::<4>::from_data(TensorData::new(v.to_vec(), [1, 1, 1, v.len()]), &device)
             .require_grad();
-        let y = relu6(x.clone());
+        let y = Relu6.apply(x.clone());
         let grads = y.clone().sum().backward();
         let got: Vec<f32> = y.into_data().try_to_vec::<f32>().unwrap();
         let want: Vec<f32> = v.iter().map(|x| x.clamp(0.0, 6.0)).collect();

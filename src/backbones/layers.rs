@@ -4,10 +4,10 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 use super::BatchNormMode;
+use crate::backends::batch_norm::Activation;
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 use crate::nn::batch_norm::{BatchNorm1d, BatchNorm1dConfig};
 
@@ -82,7 +82,12 @@ impl ConvBn {
     }
 
     pub fn forward_relu(&self, x: Tensor<4>) -> Tensor<4> {
-        relu(self.forward(x))
+        self.forward_act(x, Activation::Relu)
+    }
+
+    /// Convolution, BatchNorm and `act` (the last two fused on the CPU).
+    pub fn forward_act(&self, x: Tensor<4>, act: Activation) -> Tensor<4> {
+        self.bn.forward_act(super::conv::conv2d(&self.conv, x), act)
     }
 
     /// Registers the two layers under their own names (`conv1`/`bn1`, `conv`/`bn`, ...).

@@ -4,9 +4,13 @@
 //! burn-flex runs a grouped convolution's forward pass as a general 3-D convolution and its
 //! input gradient through `conv_transpose3d`, both on one thread; in EfficientNet-Lite0 (the
 //! demo's backbone) those left the second core idle for much of each step (BENCHMARKS.md,
-//! "The demo setting beside the release"). Here each (image, channel) plane is one rayon task:
-//! the output and the input gradient are plane-local, and the weight gradient is summed per
-//! plane, then over the images.
+//! "The demo setting beside the release"). Here the work runs channels-last (`[B, H, W, C]`,
+//! through burn-flex's tiled transpose), so that every inner loop is a contiguous vector over
+//! the channels, whatever the size of the map: loops over the rows of each channel's plane
+//! spent most of their time on 2- to 16-pixel rows and stride-2 gathers (BENCHMARKS.md, "CPU
+//! speed, fourth round"). The forward pass is one task per output row; the backward pass one
+//! per image, with the weight gradient summed per output row in f32, then in f64 over the rows
+//! and over the images in order.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -18,7 +22,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extensi
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, from_vec_shaped};
+use super::gelu::{has_avx2, has_avx512};
+use super::{contiguous, from_vec_shaped, rows_per_task};
 
 /// Where the kernel runs over the input: `[stride_h, stride_w, pad_top, pad_left, out_h,
 /// out_w]`. Padding is implicit zeros; the bottom and right padding follow from the output
@@ -73,6 +78,10 @@ struct Dims {
     left: usize,
     ho: usize,
     wo: usize,
+    /// Per kernel row `i`, the output rows whose input row lies inside the image; per kernel
+    /// column `j`, the output columns likewise.
+    row_ranges: Vec<std::ops::Range<usize>>,
+    col_ranges: Vec<std::ops::Range<usize>>,
 }
 
 impl Dims {
@@ -80,29 +89,23 @@ impl Dims {
         let xs = x.shape();
         let ws = weight.shape();
         let [sh, sw, top, left, ho, wo] = g;
+        let (h, w, sh, sw) = (xs[2], xs[3], sh.max(1), sw.max(1));
         Self {
+            row_ranges: (0..ws[1]).map(|i| valid(h, sh, top, i, ho)).collect(),
+            col_ranges: (0..ws[2]).map(|j| valid(w, sw, left, j, wo)).collect(),
             planes: xs[0] * xs[1],
             channels: xs[1],
-            h: xs[2],
-            w: xs[3],
+            h,
+            w,
             kh: ws[1],
             kw: ws[2],
-            sh: sh.max(1),
-            sw: sw.max(1),
+            sh,
+            sw,
             top,
             left,
             ho,
             wo,
         }
-    }
-
-    /// The output rows `oy` whose input row `oy * sh + i - top` lies inside the image.
-    fn rows(&self, i: usize) -> std::ops::Range<usize> {
-        valid(self.h, self.sh, self.top, i, self.ho)
-    }
-
-    fn cols(&self, j: usize) -> std::ops::Range<usize> {
-        valid(self.w, self.sw, self.left, j, self.wo)
     }
 }
 
@@ -119,50 +122,183 @@ fn valid(size: usize, stride: usize, pad: usize, k: usize, out: usize) -> std::o
     lo.min(hi)..hi
 }
 
+/// `[B, C, H, W]` as a contiguous channels-last `[B, H, W, C]` buffer (burn-flex's tiled,
+/// multi-threaded transpose).
+fn channels_last(t: &FlexTensor) -> FlexTensor {
+    let s = t.shape();
+    t.reshape(Shape::new([s[0], s[1], s[2] * s[3]]))
+        .transpose(1, 2)
+        .to_contiguous()
+}
+
+/// A channels-last `[B, H*W, C]` buffer as a `[B, C, H, W]` tensor.
+fn channels_first(values: Vec<f32>, b: usize, c: usize, h: usize, w: usize) -> FlexTensor {
+    from_vec_shaped(values, Shape::new([b, h * w, c]))
+        .transpose(1, 2)
+        .to_contiguous()
+        .reshape(Shape::new([b, c, h, w]))
+}
+
+/// The weights as `[kh * kw, C]`: the channel vector of each tap.
+fn taps_by_channel(ws: &[f32], channels: usize, taps: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; ws.len()];
+    for c in 0..channels {
+        for t in 0..taps {
+            out[t * channels + c] = ws[c * taps + t];
+        }
+    }
+    out
+}
+
+/// `acc += w * x` over one channel vector.
+#[inline(always)]
+fn axpy(acc: &mut [f32], w: &[f32], x: &[f32]) {
+    for ((a, &w), &x) in acc.iter_mut().zip(w).zip(x) {
+        *a += w * x;
+    }
+}
+
+/// `acc += a * b` over one channel vector.
+#[inline(always)]
+fn mul_acc(acc: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((s, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+        *s += a * b;
+    }
+}
+
+/// One output row `oy` of one image, channels last: `out[ox, :] += w[tap, :] * x[iy, ix, :]`
+/// over the taps that land inside the image.
+#[inline(always)]
+fn forward_row(d: &Dims, xt: &[f32], wt: &[f32], oy: usize, out: &mut [f32]) {
+    let c = d.channels;
+    for i in 0..d.kh {
+        if !d.row_ranges[i].contains(&oy) {
+            continue;
+        }
+        let xrow = &xt[(oy * d.sh + i - d.top) * d.w * c..][..d.w * c];
+        for j in 0..d.kw {
+            let w = &wt[(i * d.kw + j) * c..][..c];
+            for ox in d.col_ranges[j].clone() {
+                let ix = ox * d.sw + j - d.left;
+                axpy(&mut out[ox * c..][..c], w, &xrow[ix * c..][..c]);
+            }
+        }
+    }
+}
+
+/// One image's backward pass, channels last: the input gradient into `dx`, and the weight
+/// gradient `[taps, C]` summed per output row in f32, over the rows in f64.
+#[inline(always)]
+fn backward_image(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) -> Vec<f64> {
+    let c = d.channels;
+    let taps = d.kh * d.kw;
+    let mut dw = vec![0.0f64; taps * c];
+    let mut row_dw = vec![0.0f32; taps * c];
+    for oy in 0..d.ho {
+        row_dw.fill(0.0);
+        let grow = &gt[oy * d.wo * c..][..d.wo * c];
+        for i in 0..d.kh {
+            if !d.row_ranges[i].contains(&oy) {
+                continue;
+            }
+            let iy = oy * d.sh + i - d.top;
+            let xrow = &xt[iy * d.w * c..][..d.w * c];
+            let dxrow = &mut dx[iy * d.w * c..][..d.w * c];
+            for j in 0..d.kw {
+                let t = i * d.kw + j;
+                let w = &wt[t * c..][..c];
+                let acc = &mut row_dw[t * c..][..c];
+                for ox in d.col_ranges[j].clone() {
+                    let ix = ox * d.sw + j - d.left;
+                    let g = &grow[ox * c..][..c];
+                    axpy(&mut dxrow[ix * c..][..c], w, g);
+                    mul_acc(acc, g, &xrow[ix * c..][..c]);
+                }
+            }
+        }
+        for (s, &r) in dw.iter_mut().zip(&row_dw) {
+            *s += f64::from(r);
+        }
+    }
+    dw
+}
+
+// Copies of the row loops for AVX-512 and AVX2 + FMA, chosen at run time (see gelu.rs).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn forward_row_avx512(d: &Dims, xt: &[f32], wt: &[f32], oy: usize, out: &mut [f32]) {
+    forward_row(d, xt, wt, oy, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_row_avx2(d: &Dims, xt: &[f32], wt: &[f32], oy: usize, out: &mut [f32]) {
+    forward_row(d, xt, wt, oy, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+fn backward_image_avx512(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) -> Vec<f64> {
+    backward_image(d, xt, gt, wt, dx)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_image_avx2(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) -> Vec<f64> {
+    backward_image(d, xt, gt, wt, dx)
+}
+
+fn forward_row_best(d: &Dims, xt: &[f32], wt: &[f32], oy: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
+        return unsafe { forward_row_avx512(d, xt, wt, oy, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { forward_row_avx2(d, xt, wt, oy, out) };
+    }
+    forward_row(d, xt, wt, oy, out)
+}
+
+fn backward_image_best(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) -> Vec<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
+        return unsafe { backward_image_avx512(d, xt, gt, wt, dx) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { backward_image_avx2(d, xt, gt, wt, dx) };
+    }
+    backward_image(d, xt, gt, wt, dx)
+}
+
 impl DepthwiseBackend for Flex {
     fn depthwise_conv2d(x: FlexTensor, weight: FlexTensor, geometry: Geometry) -> FlexTensor {
         let (x, weight) = (contiguous(x), contiguous(weight));
         let d = Dims::new(&x, &weight, geometry);
-        let xs = x.as_slice::<f32>().expect("contiguous f32");
-        let ws = weight.as_slice::<f32>().expect("contiguous f32");
-        let (plane_in, plane_out, taps) = (d.h * d.w, d.ho * d.wo, d.kh * d.kw);
-        let mut out = vec![0.0f32; d.planes * plane_out];
-        out.par_chunks_mut(plane_out.max(1))
+        let batch = d.planes / d.channels.max(1);
+        let xt = channels_last(&x);
+        let xt = xt.as_slice::<f32>().expect("contiguous f32");
+        let wt = taps_by_channel(
+            weight.as_slice::<f32>().expect("contiguous f32"),
+            d.channels,
+            d.kh * d.kw,
+        );
+        let (img_in, row_out) = (d.h * d.w * d.channels, d.wo * d.channels);
+        let mut out = vec![0.0f32; batch * d.ho * row_out];
+        // One task per output row of one image, grouped to about `CHUNK` elements.
+        out.par_chunks_mut(row_out.max(1))
             .enumerate()
-            .for_each(|(p, y)| {
-                let x = &xs[p * plane_in..(p + 1) * plane_in];
-                let w = &ws[(p % d.channels) * taps..(p % d.channels + 1) * taps];
-                for i in 0..d.kh {
-                    for oy in d.rows(i) {
-                        let row = &x[(oy * d.sh + i - d.top) * d.w..][..d.w];
-                        let yrow = &mut y[oy * d.wo..(oy + 1) * d.wo];
-                        for j in 0..d.kw {
-                            let wij = w[i * d.kw + j];
-                            let cols = d.cols(j);
-                            // An empty range may start left of the padding: skip it before
-                            // computing an input position from it.
-                            if cols.is_empty() {
-                                continue;
-                            }
-                            if d.sw == 1 {
-                                let start = cols.start + j - d.left;
-                                let src = &row[start..start + cols.len()];
-                                for (o, &v) in yrow[cols].iter_mut().zip(src) {
-                                    *o += wij * v;
-                                }
-                            } else {
-                                for ox in cols {
-                                    yrow[ox] += wij * row[ox * d.sw + j - d.left];
-                                }
-                            }
-                        }
-                    }
-                }
+            .with_min_len(rows_per_task(row_out))
+            .for_each(|(r, row)| {
+                let (b, oy) = (r / d.ho.max(1), r % d.ho.max(1));
+                forward_row_best(&d, &xt[b * img_in..][..img_in], &wt, oy, row);
             });
-        from_vec_shaped(
-            out,
-            Shape::new([d.planes / d.channels, d.channels, d.ho, d.wo]),
-        )
+        channels_first(out, batch, d.channels, d.ho, d.wo)
     }
 
     fn depthwise_conv2d_backward(
@@ -173,70 +309,49 @@ impl DepthwiseBackend for Flex {
     ) -> (FlexTensor, FlexTensor) {
         let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
         let d = Dims::new(&x, &weight, geometry);
-        let xs = x.as_slice::<f32>().expect("contiguous f32");
-        let ws = weight.as_slice::<f32>().expect("contiguous f32");
-        let gs = grad.as_slice::<f32>().expect("contiguous f32");
-        let (plane_in, plane_out, taps) = (d.h * d.w, d.ho * d.wo, d.kh * d.kw);
-        let mut dx = vec![0.0f32; d.planes * plane_in];
-        // Per plane: its input gradient, and its share of the weight gradient (f64 sums).
-        let dw_planes: Vec<Vec<f64>> = dx
-            .par_chunks_mut(plane_in.max(1))
+        let batch = d.planes / d.channels.max(1);
+        let taps = d.kh * d.kw;
+        let (xt, gt) = (channels_last(&x), channels_last(&grad));
+        let xt = xt.as_slice::<f32>().expect("contiguous f32");
+        let gt = gt.as_slice::<f32>().expect("contiguous f32");
+        let wt = taps_by_channel(
+            weight.as_slice::<f32>().expect("contiguous f32"),
+            d.channels,
+            taps,
+        );
+        let (img_in, img_out) = (d.h * d.w * d.channels, d.ho * d.wo * d.channels);
+        let mut dx = vec![0.0f32; batch * img_in];
+        // One task per image (rows of one image write overlapping input rows); the weight
+        // gradient is summed over the images in order, so it does not depend on the threads.
+        let parts: Vec<Vec<f64>> = dx
+            .par_chunks_mut(img_in.max(1))
             .enumerate()
-            .map(|(p, dxp)| {
-                let x = &xs[p * plane_in..(p + 1) * plane_in];
-                let g = &gs[p * plane_out..(p + 1) * plane_out];
-                let w = &ws[(p % d.channels) * taps..(p % d.channels + 1) * taps];
-                let mut dw = vec![0.0f64; taps];
-                for i in 0..d.kh {
-                    for oy in d.rows(i) {
-                        let iy = oy * d.sh + i - d.top;
-                        let row = &x[iy * d.w..(iy + 1) * d.w];
-                        let drow = &mut dxp[iy * d.w..(iy + 1) * d.w];
-                        let grow = &g[oy * d.wo..(oy + 1) * d.wo];
-                        for j in 0..d.kw {
-                            let wij = w[i * d.kw + j];
-                            let cols = d.cols(j);
-                            if cols.is_empty() {
-                                continue;
-                            }
-                            let mut acc = 0.0f32;
-                            if d.sw == 1 {
-                                let start = cols.start + j - d.left;
-                                let n = cols.len();
-                                let gsl = &grow[cols];
-                                for ((dv, &xv), &gv) in drow[start..start + n]
-                                    .iter_mut()
-                                    .zip(&row[start..start + n])
-                                    .zip(gsl)
-                                {
-                                    *dv += wij * gv;
-                                    acc += gv * xv;
-                                }
-                            } else {
-                                for ox in cols {
-                                    let ix = ox * d.sw + j - d.left;
-                                    drow[ix] += wij * grow[ox];
-                                    acc += grow[ox] * row[ix];
-                                }
-                            }
-                            dw[i * d.kw + j] += f64::from(acc);
-                        }
-                    }
-                }
-                dw
+            .map(|(b, dx)| {
+                backward_image_best(
+                    &d,
+                    &xt[b * img_in..][..img_in],
+                    &gt[b * img_out..][..img_out],
+                    &wt,
+                    dx,
+                )
             })
             .collect();
-        let mut dw = vec![0.0f64; d.channels * taps];
-        for (p, part) in dw_planes.iter().enumerate() {
-            let c = p % d.channels;
-            for (t, v) in part.iter().enumerate() {
-                dw[c * taps + t] += v;
+        let mut dw = vec![0.0f64; taps * d.channels];
+        for part in &parts {
+            for (s, v) in dw.iter_mut().zip(part) {
+                *s += v;
             }
         }
-        let dw = dw.into_iter().map(|v| v as f32).collect();
+        // `[taps, C]` back to the weight's `[C, kh, kw]`.
+        let mut dw_out = vec![0.0f32; taps * d.channels];
+        for t in 0..taps {
+            for c in 0..d.channels {
+                dw_out[c * taps + t] = dw[t * d.channels + c] as f32;
+            }
+        }
         (
-            from_vec_shaped(dx, x.shape()),
-            from_vec_shaped(dw, Shape::new([d.channels, d.kh, d.kw])),
+            channels_first(dx, batch, d.channels, d.h, d.w),
+            from_vec_shaped(dw_out, Shape::new([d.channels, d.kh, d.kw])),
         )
     }
 }

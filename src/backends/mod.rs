@@ -3,6 +3,7 @@
 //! special functions, which left a core idle for much of a training step. Other devices keep
 //! burn's own operations.
 
+pub mod batch_norm;
 pub mod depthwise;
 pub mod gelu;
 pub mod layer_norm;

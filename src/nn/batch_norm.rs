@@ -5,6 +5,7 @@ use burn::module::{Flag, Initializer, Module, Param, RunningState};
 use burn::nn::LayerNorm;
 use burn::tensor::{Device, Tensor};
 
+use crate::backends::batch_norm::{self, Activation};
 use crate::backends::gelu;
 use crate::io::state_dict::{Layout, TorchNamed, TorchParam, push};
 
@@ -75,41 +76,65 @@ impl BatchNorm1d {
     /// - input: `[batch, features, ...]`
     /// - output: the input's shape
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        self.forward_act(input, Activation::Identity)
+    }
+
+    /// [`forward`](Self::forward) followed by `act`: one fused kernel on the CPU in f32
+    /// ([`crate::backends::batch_norm`]), burn's operations elsewhere.
+    ///
+    /// # Shapes
+    /// - input: `[batch, features, ...]`
+    /// - output: the input's shape
+    pub fn forward_act<const D: usize>(&self, input: Tensor<D>, act: Activation) -> Tensor<D> {
         if crate::nn::precision::is_reduced(&input) {
             let dtype = input.dtype();
             return self
-                .forward(crate::nn::precision::to_f32(input))
+                .forward_act(crate::nn::precision::to_f32(input), act)
                 .cast(dtype);
         }
-        if input.device().is_autodiff() && self.training.is_enabled() {
-            self.forward_train(input)
-        } else {
-            let device = input.device();
-            burn::tensor::module::batch_norm(
+        let train = input.device().is_autodiff() && self.training.is_enabled();
+        let device = input.device();
+        if batch_norm::applies(&input) {
+            let (output, mean, var) = batch_norm::batch_norm_act(
                 input,
                 self.weight.val(),
                 self.bias.val(),
                 self.running_mean.value().to_device(&device),
                 self.running_var.value().to_device(&device),
                 self.epsilon,
-            )
+                act,
+                train,
+            );
+            if train {
+                self.update_running(count_per_channel(&output.dims()), mean, var);
+            }
+            return output;
+        }
+        if train {
+            let count = count_per_channel(&input.dims());
+            let result = burn::tensor::module::batch_norm_train(
+                input,
+                self.weight.val(),
+                self.bias.val(),
+                self.epsilon,
+            );
+            self.update_running(count, result.mean, result.variance);
+            act.apply(result.output)
+        } else {
+            act.apply(burn::tensor::module::batch_norm(
+                input,
+                self.weight.val(),
+                self.bias.val(),
+                self.running_mean.value().to_device(&device),
+                self.running_var.value().to_device(&device),
+                self.epsilon,
+            ))
         }
     }
 
-    fn forward_train<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        let dims = input.dims();
-        let count: usize = dims
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != 1)
-            .map(|(_, d)| d)
-            .product();
-        let result = burn::tensor::module::batch_norm_train(
-            input,
-            self.weight.val(),
-            self.bias.val(),
-            self.epsilon,
-        );
+    /// PyTorch's running-statistics update from a batch's mean and biased variance over
+    /// `count` values per channel (the variance enters unbiased).
+    fn update_running(&self, count: usize, batch_mean: Tensor<1>, batch_var: Tensor<1>) {
         let m = self.momentum;
         let unbiased = if count > 1 {
             count as f64 / (count as f64 - 1.0)
@@ -118,8 +143,8 @@ impl BatchNorm1d {
         };
         let mean = self.running_mean.value_sync().inner();
         let var = self.running_var.value_sync().inner();
-        let batch_mean = result.mean.detach().inner();
-        let batch_var = result.variance.detach().inner();
+        let batch_mean = batch_mean.detach().inner();
+        let batch_var = batch_var.detach().inner();
         self.running_mean
             .update(mean.mul_scalar(1.0 - m).add(batch_mean.mul_scalar(m)));
         self.running_var.update(
@@ -137,7 +162,6 @@ impl BatchNorm1d {
         ] {
             let _ = state.value_sync();
         }
-        result.output
     }
 
     /// Switches between batch statistics (`true`) and running statistics (`false`).
@@ -170,6 +194,15 @@ impl TorchNamed for BatchNorm1d {
 }
 
 /// burn keeps a running state's id private; a visitor sees it.
+/// Values per channel of a `[batch, channels, ...]` shape.
+fn count_per_channel(dims: &[usize]) -> usize {
+    dims.iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, d)| d)
+        .product()
+}
+
 fn running_state_id(state: &RunningState<Tensor<1>>) -> burn::module::ParamId {
     struct Grab(Option<burn::module::ParamId>);
     impl burn::module::ModuleVisitor for Grab {

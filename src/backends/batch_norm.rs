@@ -1,0 +1,785 @@
+//! BatchNorm and the activation after it as one kernel for burn's Flex backend, forward and
+//! backward, on every core, with the batch statistics (training) or the running ones.
+//!
+//! burn composes BatchNorm from broadcast subtractions, divisions, products and sums, and an
+//! activation from more passes (ReLU6 is two ReLUs and a difference); each is a separate pass
+//! over the tensor that allocates its result, and most run on one thread. In the CNN backbones
+//! those passes were a fifth of the demo's training step (BENCHMARKS.md, "CPU speed, fourth
+//! round"). Here the forward pass is one sweep (two more for batch statistics) and the
+//! backward pass two. Per-channel sums are f64, summed in a fixed order, so the result does
+//! not depend on the thread count.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
+use burn::tensor::activation::relu;
+use burn::tensor::{DType, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{CHUNK, contiguous, from_vec, from_vec_shaped, is_flex};
+
+/// The activation applied right after a BatchNorm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)` (MobileNet's and EfficientNet-Lite's).
+    Relu6,
+}
+
+impl Activation {
+    /// The activation through burn's own operations, for devices and dtypes the kernel does
+    /// not cover. ReLU6 is `relu(x) - relu(x - 6)`: the same values as a clamp (`x - 6` and
+    /// `x - (x - 6)` are exact in f32 for `|x| < 2^24`), and two ReLUs instead of `clamp`,
+    /// which burn's autodiff runs as two compare-and-`mask_fill` passes each way. Its gradient
+    /// at exactly 6 is 1 where PyTorch's (and the kernel's) is 0.
+    pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Identity => x,
+            Self::Relu => relu(x),
+            Self::Relu6 => relu(x.clone()) - relu(x - 6.0),
+        }
+    }
+}
+
+// The kernels are compiled once per activation (`A` is `Activation as u8`), so that the
+// activation's branch leaves the inner loops and they vectorise.
+const IDENTITY: u8 = Activation::Identity as u8;
+const RELU: u8 = Activation::Relu as u8;
+const RELU6: u8 = Activation::Relu6 as u8;
+
+/// The activation's value; NaN passes through, as in burn's and PyTorch's ReLU.
+#[inline(always)]
+fn act_value<const A: u8>(v: f32) -> f32 {
+    match A {
+        RELU if v <= 0.0 => 0.0,
+        RELU6 if v <= 0.0 => 0.0,
+        RELU6 if v >= 6.0 => 6.0,
+        _ => v,
+    }
+}
+
+/// Whether the gradient passes, read from the output as PyTorch's `threshold_backward` and
+/// `hardtanh_backward` do: `y > 0` for ReLU, `0 < y < 6` for ReLU6.
+#[inline(always)]
+fn act_passes<const A: u8>(y: f32) -> bool {
+    match A {
+        RELU => y > 0.0,
+        RELU6 => y > 0.0 && y < 6.0,
+        _ => true,
+    }
+}
+
+/// Calls `$f::<A>($args)` with the activation's code as `A`.
+macro_rules! by_activation {
+    ($act:expr, $f:ident $(::<$($g:tt),*>)? ($($arg:expr),* $(,)?)) => {
+        match $act {
+            Activation::Identity => $f::<IDENTITY $($(, $g)*)?>($($arg),*),
+            Activation::Relu => $f::<RELU $($(, $g)*)?>($($arg),*),
+            Activation::Relu6 => $f::<RELU6 $($(, $g)*)?>($($arg),*),
+        }
+    };
+}
+
+/// Lanes of the f64 sums: independent running sums that the compiler keeps in vector
+/// registers (one running sum is a chain of dependent additions, several times slower).
+const LANES: usize = 8;
+
+/// `sum(x)` in f64.
+fn sum_f64(x: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
+    for c in chunks {
+        for k in 0..LANES {
+            lanes[k] += f64::from(c[k]);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
+}
+
+/// `sum((x - mean)^2)` in f64.
+fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum();
+    for c in chunks {
+        for k in 0..LANES {
+            let d = f64::from(c[k]) - mean;
+            lanes[k] += d * d;
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
+}
+
+/// `(sum(g'), sum(g' * xhat))` in f64 over one plane, `g'` the gradient past the activation
+/// and `xhat = (x - mean) * rstd`.
+#[inline(always)]
+fn grad_sums<const A: u8>(x: &[f32], y: &[f32], g: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
+    let one = |x: f32, y: f32, g: f32| {
+        let g = if act_passes::<A>(y) { g } else { 0.0 };
+        (g, g * ((x - mean) * rstd))
+    };
+    let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (xc, yc, gc) = (
+        x.chunks_exact(LANES),
+        y.chunks_exact(LANES),
+        g.chunks_exact(LANES),
+    );
+    let (mut ra, mut rb) = (0.0f64, 0.0f64);
+    for ((&x, &y), &g) in xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .zip(gc.remainder())
+    {
+        let (a, b) = one(x, y, g);
+        ra += f64::from(a);
+        rb += f64::from(b);
+    }
+    for ((x, y), g) in xc.zip(yc).zip(gc) {
+        for k in 0..LANES {
+            let (a, b) = one(x[k], y[k], g[k]);
+            la[k] += f64::from(a);
+            lb[k] += f64::from(b);
+        }
+    }
+    (la.iter().sum::<f64>() + ra, lb.iter().sum::<f64>() + rb)
+}
+
+/// `out = act((x - mean[c]) * scale[c] + bias[c])` over the planes of one task, the first
+/// being plane `first`.
+fn forward_planes<const A: u8>(
+    out: &mut [f32],
+    xs: &[f32],
+    first: usize,
+    planes: &Planes,
+    (mean, scale, bias): (&[f32], &[f32], &[f32]),
+) {
+    let size = planes.size.max(1);
+    for (i, (o, x)) in out.chunks_mut(size).zip(xs.chunks(size)).enumerate() {
+        let c = (first + i) % planes.channels;
+        let (mc, sc, bc) = (mean[c], scale[c], bias[c]);
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = act_value::<A>((x - mc) * sc + bc);
+        }
+    }
+}
+
+/// The input gradient over the planes of one task: `k * (g' - a - xhat * b)` with
+/// `(k, a, b)` per channel in training, `k * g'` otherwise.
+fn dx_planes<const A: u8, const TRAIN: bool>(
+    (dx, xs, ys, gs): (&mut [f32], &[f32], &[f32], &[f32]),
+    first: usize,
+    planes: &Planes,
+    (mean, rstd, coef): (&[f32], &[f32], &[(f32, f32, f32)]),
+) {
+    let size = planes.size.max(1);
+    for (i, (((dx, x), y), g)) in dx
+        .chunks_mut(size)
+        .zip(xs.chunks(size))
+        .zip(ys.chunks(size))
+        .zip(gs.chunks(size))
+        .enumerate()
+    {
+        let c = (first + i) % planes.channels;
+        let (k, a, b) = coef[c];
+        let (mc, rc) = (mean[c], rstd[c]);
+        for (((d, &x), &y), &g) in dx.iter_mut().zip(x).zip(y).zip(g) {
+            let g = if act_passes::<A>(y) { g } else { 0.0 };
+            *d = if TRAIN {
+                k * (g - a - (x - mc) * rc * b)
+            } else {
+                k * g
+            };
+        }
+    }
+}
+
+/// Whether [`batch_norm_act`] runs our kernel for `x` (f32 on the Flex backend); elsewhere the
+/// caller composes burn's BatchNorm and [`Activation::apply`].
+pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
+    D >= 2 && x.dtype() == DType::F32 && is_flex(&x.device())
+}
+
+/// `act((x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c])` over channel axis 1. With
+/// `train`, `mean` and `var` are the batch's (over every axis but 1; biased variance) and
+/// `running_mean`/`running_var` are not read; otherwise they are the running statistics.
+/// Returns the output and the statistics used, which do not take part in autodiff.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, ...]`
+/// - `weight`, `bias`, `running_mean`, `running_var`: `[channels]`
+/// - output: `x`'s shape, then `[channels]` twice (mean, variance)
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_act<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    running_mean: Tensor<1>,
+    running_var: Tensor<1>,
+    eps: f64,
+    act: Activation,
+    train: bool,
+) -> (Tensor<D>, Tensor<1>, Tensor<1>) {
+    let (y, mean, var) = <Dispatch as BatchNormBackend>::fused_batch_norm(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        running_mean.into_dispatch(),
+        running_var.into_dispatch(),
+        eps,
+        act,
+        train,
+    );
+    (
+        Tensor::from_dispatch(y),
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(var),
+    )
+}
+
+/// BatchNorm with its activation as a backend extension, so that autodiff records our
+/// backward kernel.
+#[backend_extension(Flex, Autodiff)]
+pub trait BatchNormBackend: Backend {
+    /// See [`batch_norm_act`].
+    #[allow(clippy::too_many_arguments)]
+    fn fused_batch_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        eps: f64,
+        act: Activation,
+        train: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// The gradients of `x`, `weight` and `bias` from the output's, given the forward pass's
+    /// output `y` and statistics; not differentiable.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_batch_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+        act: Activation,
+        train: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// `[batch, channels, rest...]` as planes of `size` elements, plane `p` in channel
+/// `p % channels`.
+struct Planes {
+    channels: usize,
+    batch: usize,
+    size: usize,
+}
+
+impl Planes {
+    fn of(x: &FlexTensor) -> Self {
+        let shape = x.shape();
+        Self {
+            batch: shape[0],
+            channels: shape[1],
+            size: shape.iter().skip(2).product(),
+        }
+    }
+
+    /// Elements per rayon task: whole planes, about `CHUNK` elements.
+    fn block(&self) -> usize {
+        (CHUNK / self.size.max(1)).max(1) * self.size.max(1)
+    }
+
+    /// The planes of channel `c`, in batch order.
+    fn channel<'a>(&self, data: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> {
+        let (s, ch) = (self.size, self.channels);
+        (0..self.batch).map(move |b| &data[(b * ch + c) * s..][..s])
+    }
+
+    /// Per-channel results of `f`, channels in parallel (each channel's sum is sequential, so
+    /// the result does not depend on the thread count).
+    fn per_channel<T: Send>(&self, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+        // Small channels are grouped so that a task covers about `CHUNK` elements.
+        let per_channel = self.batch * self.size;
+        let min_len = (CHUNK / per_channel.max(1)).max(1);
+        (0..self.channels)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .map(f)
+            .collect()
+    }
+}
+
+/// `1 / sqrt(var + eps)`, computed the same way in both passes.
+#[inline]
+fn inv_std(var: f32, eps: f64) -> f32 {
+    (1.0 / (f64::from(var) + eps).sqrt()) as f32
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
+}
+
+impl BatchNormBackend for Flex {
+    fn fused_batch_norm(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        running_mean: FlexTensor,
+        running_var: FlexTensor,
+        eps: f64,
+        act: Activation,
+        train: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, weight, bias) = (contiguous(x), contiguous(weight), contiguous(bias));
+        let xs = slice(&x);
+        let (w, b) = (slice(&weight), slice(&bias));
+        let planes = Planes::of(&x);
+        let (mean, var) = if train {
+            let n = (planes.batch * planes.size) as f64;
+            let stats = planes.per_channel(|c| {
+                let mean = planes.channel(xs, c).map(sum_f64).sum::<f64>() / n;
+                let sq: f64 = planes.channel(xs, c).map(|p| sum_sq_dev_f64(p, mean)).sum();
+                (mean as f32, (sq / n) as f32)
+            });
+            let (m, v): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+            let shape = Shape::new([planes.channels]);
+            (from_vec_shaped(m, shape.clone()), from_vec_shaped(v, shape))
+        } else {
+            (contiguous(running_mean), contiguous(running_var))
+        };
+        let (m, v) = (slice(&mean), slice(&var));
+        let scale: Vec<f32> = (0..planes.channels)
+            .map(|c| inv_std(v[c], eps) * w[c])
+            .collect();
+        let mut out = vec![0.0f32; xs.len()];
+        let block = planes.block();
+        let per_task = block / planes.size.max(1);
+        out.par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .enumerate()
+            .for_each(|(task, (out, xs))| {
+                let params = (m, &scale[..], b);
+                by_activation!(
+                    act,
+                    forward_planes(out, xs, task * per_task, &planes, params)
+                );
+            });
+        (from_vec(out, &x), mean, var)
+    }
+
+    fn fused_batch_norm_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        mean: FlexTensor,
+        var: FlexTensor,
+        y: FlexTensor,
+        grad: FlexTensor,
+        eps: f64,
+        act: Activation,
+        train: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, weight) = (contiguous(x), contiguous(weight));
+        let (y, grad) = (contiguous(y), contiguous(grad));
+        let (mean, var) = (contiguous(mean), contiguous(var));
+        let (xs, ys, gs) = (slice(&x), slice(&y), slice(&grad));
+        let (w, m, v) = (slice(&weight), slice(&mean), slice(&var));
+        let planes = Planes::of(&x);
+        let rstd: Vec<f32> = v.iter().map(|&v| inv_std(v, eps)).collect();
+        // Per channel: the sum of the gradient past the activation (bias gradient) and of
+        // its product with the normalised input (weight gradient).
+        let sums = planes.per_channel(|c| {
+            planes
+                .channel(xs, c)
+                .zip(planes.channel(ys, c))
+                .zip(planes.channel(gs, c))
+                .map(|((x, y), g)| by_activation!(act, grad_sums(x, y, g, m[c], rstd[c])))
+                .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d))
+        });
+        let n = (planes.batch * planes.size) as f64;
+        // dx = w * rstd * (g' - [train] (mean(g') + xhat * mean(g' * xhat))).
+        let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
+            .map(|c| {
+                let (sg, sgx) = sums[c];
+                let (a, b) = if train {
+                    ((sg / n) as f32, (sgx / n) as f32)
+                } else {
+                    (0.0, 0.0)
+                };
+                (w[c] * rstd[c], a, b)
+            })
+            .collect();
+        let mut dx = vec![0.0f32; xs.len()];
+        let block = planes.block();
+        let per_task = block / planes.size.max(1);
+        dx.par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .zip(ys.par_chunks(block).zip(gs.par_chunks(block)))
+            .enumerate()
+            .for_each(|(task, ((dx, xs), (ys, gs)))| {
+                let params = (m, &rstd[..], &coef[..]);
+                let (args, first) = ((dx, xs, ys, gs), task * per_task);
+                if train {
+                    by_activation!(act, dx_planes::<true>(args, first, &planes, params));
+                } else {
+                    by_activation!(act, dx_planes::<false>(args, first, &planes, params));
+                }
+            });
+        let shape = Shape::new([planes.channels]);
+        let dw = sums.iter().map(|&(_, sgx)| sgx as f32).collect();
+        let db = sums.iter().map(|&(sg, _)| sg as f32).collect();
+        (
+            from_vec(dx, &x),
+            from_vec_shaped(dw, shape.clone()),
+            from_vec_shaped(db, shape),
+        )
+    }
+}
+
+impl<B: BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for Autodiff<B, C> {
+    fn fused_batch_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        eps: f64,
+        act: Activation,
+        train: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct BatchNormGrad;
+
+        /// Input, weight, statistics, output; epsilon, activation, training.
+        type State<B> = ([FloatTensor<B>; 5], f64, Activation, bool);
+
+        impl<B: BatchNormBackend> Backward<B, 3> for BatchNormGrad {
+            type State = State<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node_x, node_w, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let ([x, w, mean, var, y], eps, act, train) = ops.state;
+                let (dx, dw, db) =
+                    B::fused_batch_norm_backward(x, w, mean, var, y, grad, eps, act, train);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, dw);
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, db);
+                }
+            }
+        }
+
+        let (x, x_node) = x.into_parts();
+        let (weight, w_node) = weight.into_parts();
+        let (bias, b_node) = bias.into_parts();
+        let (rm, rv) = (running_mean.into_primitive(), running_var.into_primitive());
+        let (y, mean, var) = match BatchNormGrad
+            .prepare::<C>([x_node, w_node, b_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, mean, var) =
+                    B::fused_batch_norm(x.clone(), weight.clone(), bias, rm, rv, eps, act, train);
+                let state = (
+                    [x, weight, mean.clone(), var.clone(), y.clone()],
+                    eps,
+                    act,
+                    train,
+                );
+                (prep.finish(state, y), mean, var)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, mean, var) = B::fused_batch_norm(x, weight, bias, rm, rv, eps, act, train);
+                (prep.finish(y), mean, var)
+            }
+        };
+        (
+            y,
+            FloatTensor::<Self>::new(mean),
+            FloatTensor::<Self>::new(var),
+        )
+    }
+
+    fn fused_batch_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+        act: Activation,
+        train: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw, db) = B::fused_batch_norm_backward(
+            x.into_primitive(),
+            weight.into_primitive(),
+            mean.into_primitive(),
+            var.into_primitive(),
+            y.into_primitive(),
+            grad.into_primitive(),
+            eps,
+            act,
+            train,
+        );
+        (
+            FloatTensor::<Self>::new(dx),
+            FloatTensor::<Self>::new(dw),
+            FloatTensor::<Self>::new(db),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Distribution, Tolerance};
+
+    use super::*;
+
+    /// burn's BatchNorm (training or running statistics), then the activation.
+    fn composed(
+        x: Tensor<4>,
+        w: Tensor<1>,
+        b: Tensor<1>,
+        rm: Tensor<1>,
+        rv: Tensor<1>,
+        act: Activation,
+        train: bool,
+    ) -> (Tensor<4>, Option<(Tensor<1>, Tensor<1>)>) {
+        let eps = 1e-3;
+        if train {
+            let r = burn::tensor::module::batch_norm_train(x, w, b, eps);
+            (act.apply(r.output), Some((r.mean, r.variance)))
+        } else {
+            (
+                act.apply(burn::tensor::module::batch_norm(x, w, b, rm, rv, eps)),
+                None,
+            )
+        }
+    }
+
+    #[test]
+    fn matches_burns_batch_norm_and_activation_on_values_and_every_gradient() {
+        let dev = Device::flex().autodiff();
+        dev.seed(11);
+        let tol = Tolerance::<f32>::rel_abs(2e-5, 2e-5);
+        for (shape, act, train) in [
+            ([4, 3, 5, 7], Activation::Relu6, false),
+            ([4, 3, 5, 7], Activation::Relu6, true),
+            ([2, 40, 3, 3], Activation::Relu, true),
+            ([2, 40, 3, 3], Activation::Relu, false),
+            ([3, 1000, 1, 1], Activation::Identity, true),
+            ([5, 6, 31, 29], Activation::Identity, false),
+        ] {
+            let c = shape[1];
+            let w = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.5), &dev);
+            let b = Tensor::<1>::random([c], Distribution::Normal(1.0, 1.0), &dev);
+            let rm = Tensor::<1>::random([c], Distribution::Normal(0.5, 1.0), &dev);
+            let rv = Tensor::<1>::random([c], Distribution::Uniform(0.5, 4.0), &dev);
+            // Wide enough that ReLU6 clips at both ends.
+            let x = Tensor::<4>::random(shape, Distribution::Normal(1.0, 4.0), &dev);
+            let up = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+            let (x_host, up_host) = (x.clone(), up.clone());
+            let leaf = |t: &Tensor<1>| t.clone().require_grad();
+            let (xa, wa, ba) = (x.clone().require_grad(), leaf(&w), leaf(&b));
+            let (xb, wb, bb) = (x.require_grad(), leaf(&w), leaf(&b));
+            let (ours, mean, var) = batch_norm_act(
+                xa.clone(),
+                wa.clone(),
+                ba.clone(),
+                rm.clone(),
+                rv.clone(),
+                1e-3,
+                act,
+                train,
+            );
+            let (theirs, stats) = composed(
+                xb.clone(),
+                wb.clone(),
+                bb.clone(),
+                rm.clone(),
+                rv.clone(),
+                act,
+                train,
+            );
+            let what = format!("{shape:?} {act:?} train={train}");
+            ours.clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&theirs.clone().into_data(), tol);
+            match stats {
+                Some((m, v)) => {
+                    mean.into_data()
+                        .assert_approx_eq::<f32>(&m.reshape([c]).into_data(), tol);
+                    var.into_data()
+                        .assert_approx_eq::<f32>(&v.reshape([c]).into_data(), tol);
+                }
+                None => {
+                    assert_eq!(mean.into_data(), rm.clone().into_data(), "{what}");
+                    assert_eq!(var.into_data(), rv.clone().into_data(), "{what}");
+                }
+            }
+            let ga = (ours * up.clone()).sum().backward();
+            let gb = (theirs * up).sum().backward();
+            for (a, b) in [(wa, wb), (ba, bb)] {
+                a.grad(&ga)
+                    .unwrap()
+                    .into_data()
+                    .assert_approx_eq::<f32>(&b.grad(&gb).unwrap().into_data(), tol);
+            }
+            // burn's f32 composition of the training-mode input gradient loses up to ~4e-5
+            // to cancellation, so the input gradient is checked against an f64 reference.
+            let host = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+            let want = reference_dx(
+                &host(x_host.clone()),
+                &host(up_host.clone()),
+                shape,
+                &w,
+                &b,
+                &rm,
+                &rv,
+                act,
+                train,
+            );
+            let got = host(xa.grad(&ga).unwrap());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(*g) - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                    "{what}: dx[{i}] = {g}, f64 reference {w}"
+                );
+            }
+        }
+    }
+
+    /// The input gradient of `sum(up * act(batch_norm(x)))` in f64 (eps 1e-3).
+    #[allow(clippy::too_many_arguments)]
+    fn reference_dx(
+        x: &[f32],
+        up: &[f32],
+        shape: [usize; 4],
+        w: &Tensor<1>,
+        b: &Tensor<1>,
+        rm: &Tensor<1>,
+        rv: &Tensor<1>,
+        act: Activation,
+        train: bool,
+    ) -> Vec<f64> {
+        let v = |t: &Tensor<1>| t.clone().into_data().try_to_vec::<f32>().unwrap();
+        let (w, b, rm, rv) = (v(w), v(b), v(rm), v(rv));
+        let [n, c, h, wd] = shape;
+        let s = h * wd;
+        let idx = |i: usize, ch: usize, k: usize| (i * c + ch) * s + k;
+        let mut dx = vec![0.0f64; x.len()];
+        for ch in 0..c {
+            let all: Vec<usize> = (0..n)
+                .flat_map(|i| (0..s).map(move |k| idx(i, ch, k)))
+                .collect();
+            let count = all.len() as f64;
+            let (mean, var) = if train {
+                let m = all.iter().map(|&j| f64::from(x[j])).sum::<f64>() / count;
+                let v = all
+                    .iter()
+                    .map(|&j| (f64::from(x[j]) - m).powi(2))
+                    .sum::<f64>()
+                    / count;
+                (m, v)
+            } else {
+                (f64::from(rm[ch]), f64::from(rv[ch]))
+            };
+            let rstd = 1.0 / (var + 1e-3).sqrt();
+            let xhat = |j: usize| (f64::from(x[j]) - mean) * rstd;
+            let g = |j: usize| {
+                let pre = xhat(j) * f64::from(w[ch]) + f64::from(b[ch]);
+                let pass = match act {
+                    Activation::Identity => true,
+                    Activation::Relu => pre > 0.0,
+                    Activation::Relu6 => pre > 0.0 && pre < 6.0,
+                };
+                if pass { f64::from(up[j]) } else { 0.0 }
+            };
+            let sg = all.iter().map(|&j| g(j)).sum::<f64>() / count;
+            let sgx = all.iter().map(|&j| g(j) * xhat(j)).sum::<f64>() / count;
+            for &j in &all {
+                let k = f64::from(w[ch]) * rstd;
+                dx[j] = if train {
+                    k * (g(j) - sg - xhat(j) * sgx)
+                } else {
+                    k * g(j)
+                };
+            }
+        }
+        dx
+    }
+
+    #[test]
+    fn relu6_gradient_is_pytorchs_at_the_ends() {
+        let dev = Device::flex().autodiff();
+        let x = Tensor::<2>::from_floats([[-1.0, 0.0, 3.0, 6.0, 7.0, f32::NAN]], &dev)
+            .reshape([1, 1, 1, 6])
+            .require_grad();
+        let one = |d: &Device| Tensor::<1>::ones([1], d);
+        let zero = |d: &Device| Tensor::<1>::zeros([1], d);
+        // eps = 0 with unit variance: the identity before the activation.
+        let (y, _, _) = batch_norm_act(
+            x.clone(),
+            one(&dev),
+            zero(&dev),
+            zero(&dev),
+            one(&dev),
+            0.0,
+            Activation::Relu6,
+            false,
+        );
+        let values = y.clone().into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(&values[..5], &[0.0, 0.0, 3.0, 6.0, 6.0]);
+        assert!(values[5].is_nan());
+        let g = y.sum().backward();
+        let grad = x.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
+        // hardtanh_backward: 1 strictly inside (0, 6), 0 at both ends and outside.
+        assert_eq!(grad, vec![0.0, 0.0, 1.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn runs_on_views_without_autodiff_for_rank_two() {
+        let dev = Device::flex();
+        let x = Tensor::<2>::random([7, 9], Distribution::Normal(0.0, 2.0), &dev).transpose();
+        let (w, b) = (Tensor::<1>::ones([7], &dev), Tensor::<1>::zeros([7], &dev));
+        let (rm, rv) = (Tensor::<1>::zeros([7], &dev), Tensor::<1>::ones([7], &dev));
+        let (y, _, _) = batch_norm_act(
+            x.clone(),
+            w.clone(),
+            b.clone(),
+            rm,
+            rv,
+            1e-5,
+            Activation::Relu,
+            true,
+        );
+        let want = relu(burn::tensor::module::batch_norm_train(x, w, b, 1e-5).output);
+        y.into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+    }
+}
