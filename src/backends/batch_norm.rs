@@ -156,6 +156,27 @@ fn grad_sums<const A: u8>(x: &[f32], y: &[f32], g: &[f32], mean: f32, rstd: f32)
     (la.iter().sum::<f64>() + ra, lb.iter().sum::<f64>() + rb)
 }
 
+/// Outside training: the input gradient over the planes of one task, and each plane's
+/// `(sum(g'), sum(g' * xhat))`, from one read of the inputs.
+fn eval_planes<const A: u8>(
+    (dx, xs, ys, gs): (&mut [f32], &[f32], &[f32], &[f32]),
+    first: usize,
+    planes: &Planes,
+    (mean, rstd, coef): (&[f32], &[f32], &[(f32, f32, f32)]),
+) -> Vec<(f64, f64)> {
+    dx_planes::<A, false>((dx, xs, ys, gs), first, planes, (mean, rstd, coef));
+    let size = planes.size.max(1);
+    xs.chunks(size)
+        .zip(ys.chunks(size))
+        .zip(gs.chunks(size))
+        .enumerate()
+        .map(|(i, ((x, y), g))| {
+            let c = (first + i) % planes.channels;
+            grad_sums::<A>(x, y, g, mean[c], rstd[c])
+        })
+        .collect()
+}
+
 /// `out = act((x - mean[c]) * scale[c] + bias[c])` over the planes of one task, the first
 /// being plane `first`.
 fn forward_planes<const A: u8>(
@@ -399,45 +420,63 @@ impl BatchNormBackend for Flex {
         let (w, m, v) = (slice(&weight), slice(&mean), slice(&var));
         let planes = Planes::of(&x);
         let rstd: Vec<f32> = v.iter().map(|&v| inv_std(v, eps)).collect();
-        // Per channel: the sum of the gradient past the activation (bias gradient) and of
-        // its product with the normalised input (weight gradient).
-        let sums = planes.per_channel(|c| {
-            planes
-                .channel(xs, c)
-                .zip(planes.channel(ys, c))
-                .zip(planes.channel(gs, c))
-                .map(|((x, y), g)| by_activation!(act, grad_sums(x, y, g, m[c], rstd[c])))
-                .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d))
-        });
-        let n = (planes.batch * planes.size) as f64;
-        // dx = w * rstd * (g' - [train] (mean(g') + xhat * mean(g' * xhat))).
-        let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
-            .map(|c| {
-                let (sg, sgx) = sums[c];
-                let (a, b) = if train {
-                    ((sg / n) as f32, (sgx / n) as f32)
-                } else {
-                    (0.0, 0.0)
-                };
-                (w[c] * rstd[c], a, b)
-            })
-            .collect();
         let mut dx = vec![0.0f32; xs.len()];
         let block = planes.block();
         let per_task = block / planes.size.max(1);
-        dx.par_chunks_mut(block)
-            .zip(xs.par_chunks(block))
-            .zip(ys.par_chunks(block).zip(gs.par_chunks(block)))
-            .enumerate()
-            .for_each(|(task, ((dx, xs), (ys, gs)))| {
-                let params = (m, &rstd[..], &coef[..]);
-                let (args, first) = ((dx, xs, ys, gs), task * per_task);
-                if train {
-                    by_activation!(act, dx_planes::<true>(args, first, &planes, params));
-                } else {
-                    by_activation!(act, dx_planes::<false>(args, first, &planes, params));
-                }
+        // Per channel: the sum of the gradient past the activation (bias gradient) and of
+        // its product with the normalised input (weight gradient).
+        let sums: Vec<(f64, f64)> = if train {
+            // dx = w * rstd * (g' - mean(g') - xhat * mean(g' * xhat)): the sums first.
+            let sums = planes.per_channel(|c| {
+                planes
+                    .channel(xs, c)
+                    .zip(planes.channel(ys, c))
+                    .zip(planes.channel(gs, c))
+                    .map(|((x, y), g)| by_activation!(act, grad_sums(x, y, g, m[c], rstd[c])))
+                    .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d))
             });
+            let n = (planes.batch * planes.size) as f64;
+            let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
+                .map(|c| {
+                    let (sg, sgx) = sums[c];
+                    (w[c] * rstd[c], (sg / n) as f32, (sgx / n) as f32)
+                })
+                .collect();
+            dx.par_chunks_mut(block)
+                .zip(xs.par_chunks(block))
+                .zip(ys.par_chunks(block).zip(gs.par_chunks(block)))
+                .enumerate()
+                .for_each(|(task, ((dx, xs), (ys, gs)))| {
+                    let params = (m, &rstd[..], &coef[..]);
+                    let (args, first) = ((dx, xs, ys, gs), task * per_task);
+                    by_activation!(act, dx_planes::<true>(args, first, &planes, params));
+                });
+            sums
+        } else {
+            // dx = w * rstd * g' needs no sums: one pass, each plane's sums kept apart and
+            // added per channel in batch order (independent of the threads).
+            let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
+                .map(|c| (w[c] * rstd[c], 0.0, 0.0))
+                .collect();
+            let per_plane: Vec<Vec<(f64, f64)>> = dx
+                .par_chunks_mut(block)
+                .zip(xs.par_chunks(block))
+                .zip(ys.par_chunks(block).zip(gs.par_chunks(block)))
+                .enumerate()
+                .map(|(task, ((dx, xs), (ys, gs)))| {
+                    let params = (m, &rstd[..], &coef[..]);
+                    let (args, first) = ((dx, xs, ys, gs), task * per_task);
+                    by_activation!(act, eval_planes(args, first, &planes, params))
+                })
+                .collect();
+            let mut sums = vec![(0.0f64, 0.0f64); planes.channels];
+            for (p, (a, b)) in per_plane.into_iter().flatten().enumerate() {
+                let s = &mut sums[p % planes.channels];
+                s.0 += a;
+                s.1 += b;
+            }
+            sums
+        };
         let shape = Shape::new([planes.channels]);
         let dw = sums.iter().map(|&(_, sgx)| sgx as f32).collect();
         let db = sums.iter().map(|&(sg, _)| sg as f32).collect();

@@ -4,13 +4,13 @@
 //! burn-flex runs a grouped convolution's forward pass as a general 3-D convolution and its
 //! input gradient through `conv_transpose3d`, both on one thread; in EfficientNet-Lite0 (the
 //! demo's backbone) those left the second core idle for much of each step (BENCHMARKS.md,
-//! "The demo setting beside the release"). Here the work runs channels-last (`[B, H, W, C]`,
-//! through burn-flex's tiled transpose), so that every inner loop is a contiguous vector over
-//! the channels, whatever the size of the map: loops over the rows of each channel's plane
-//! spent most of their time on 2- to 16-pixel rows and stride-2 gathers (BENCHMARKS.md, "CPU
-//! speed, fourth round"). The forward pass is one task per output row; the backward pass one
-//! per image, with the weight gradient summed per output row in f32, then in f64 over the rows
-//! and over the images in order.
+//! "The demo setting beside the release"). Here each image is one rayon task that copies its
+//! planes channels-last (`[H, W, C]`) into task-local buffers, so that every inner loop is a
+//! contiguous vector over the channels whatever the size of the map: loops over the rows of
+//! each channel's plane spent most of their time on 2- to 16-pixel rows and stride-2 gathers,
+//! and whole-tensor transposes cost as much again in memory traffic (BENCHMARKS.md, "CPU
+//! speed, fourth round"). The weight gradient is summed per output row in f32, then in f64
+//! over the rows and over the images in order.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -23,7 +23,7 @@ use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gelu::{has_avx2, has_avx512};
-use super::{contiguous, from_vec_shaped, rows_per_task};
+use super::{contiguous, from_vec_shaped};
 
 /// Where the kernel runs over the input: `[stride_h, stride_w, pad_top, pad_left, out_h,
 /// out_w]`. Padding is implicit zeros; the bottom and right padding follow from the output
@@ -122,21 +122,26 @@ fn valid(size: usize, stride: usize, pad: usize, k: usize, out: usize) -> std::o
     lo.min(hi)..hi
 }
 
-/// `[B, C, H, W]` as a contiguous channels-last `[B, H, W, C]` buffer (burn-flex's tiled,
-/// multi-threaded transpose).
-fn channels_last(t: &FlexTensor) -> FlexTensor {
-    let s = t.shape();
-    t.reshape(Shape::new([s[0], s[1], s[2] * s[3]]))
-        .transpose(1, 2)
-        .to_contiguous()
+/// One image `[C, P]` (channel planes of `P` pixels) as channels-last `[P, C]` in `dst`.
+/// Done per image inside the task, so that the copy stays in cache and the tensor is read
+/// from memory once.
+fn to_channels_last(src: &[f32], channels: usize, dst: &mut [f32]) {
+    let pixels = src.len() / channels.max(1);
+    for (c, plane) in src.chunks_exact(pixels.max(1)).enumerate() {
+        for (p, &v) in plane.iter().enumerate() {
+            dst[p * channels + c] = v;
+        }
+    }
 }
 
-/// A channels-last `[B, H*W, C]` buffer as a `[B, C, H, W]` tensor.
-fn channels_first(values: Vec<f32>, b: usize, c: usize, h: usize, w: usize) -> FlexTensor {
-    from_vec_shaped(values, Shape::new([b, h * w, c]))
-        .transpose(1, 2)
-        .to_contiguous()
-        .reshape(Shape::new([b, c, h, w]))
+/// The inverse of [`to_channels_last`]: `[P, C]` into channel planes `[C, P]`.
+fn to_channels_first(src: &[f32], channels: usize, dst: &mut [f32]) {
+    let pixels = src.len() / channels.max(1);
+    for (c, plane) in dst.chunks_exact_mut(pixels.max(1)).enumerate() {
+        for (p, v) in plane.iter_mut().enumerate() {
+            *v = src[p * channels + c];
+        }
+    }
 }
 
 /// The weights as `[kh * kw, C]`: the channel vector of each tap.
@@ -281,24 +286,28 @@ impl DepthwiseBackend for Flex {
         let (x, weight) = (contiguous(x), contiguous(weight));
         let d = Dims::new(&x, &weight, geometry);
         let batch = d.planes / d.channels.max(1);
-        let xt = channels_last(&x);
-        let xt = xt.as_slice::<f32>().expect("contiguous f32");
+        let xs = x.as_slice::<f32>().expect("contiguous f32");
         let wt = taps_by_channel(
             weight.as_slice::<f32>().expect("contiguous f32"),
             d.channels,
             d.kh * d.kw,
         );
         let (img_in, row_out) = (d.h * d.w * d.channels, d.wo * d.channels);
-        let mut out = vec![0.0f32; batch * d.ho * row_out];
-        // One task per output row of one image, grouped to about `CHUNK` elements.
-        out.par_chunks_mut(row_out.max(1))
-            .enumerate()
-            .with_min_len(rows_per_task(row_out))
-            .for_each(|(r, row)| {
-                let (b, oy) = (r / d.ho.max(1), r % d.ho.max(1));
-                forward_row_best(&d, &xt[b * img_in..][..img_in], &wt, oy, row);
+        let img_out = d.ho * row_out;
+        let mut out = vec![0.0f32; batch * img_out];
+        // One task per image: its input and output go channels-last in task-local buffers.
+        out.par_chunks_mut(img_out.max(1))
+            .zip(xs.par_chunks(img_in.max(1)))
+            .for_each(|(y, x)| {
+                let mut xt = vec![0.0f32; img_in];
+                to_channels_last(x, d.channels, &mut xt);
+                let mut yt = vec![0.0f32; img_out];
+                for (oy, row) in yt.chunks_mut(row_out.max(1)).enumerate() {
+                    forward_row_best(&d, &xt, &wt, oy, row);
+                }
+                to_channels_first(&yt, d.channels, y);
             });
-        channels_first(out, batch, d.channels, d.ho, d.wo)
+        from_vec_shaped(out, Shape::new([batch, d.channels, d.ho, d.wo]))
     }
 
     fn depthwise_conv2d_backward(
@@ -309,31 +318,30 @@ impl DepthwiseBackend for Flex {
     ) -> (FlexTensor, FlexTensor) {
         let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
         let d = Dims::new(&x, &weight, geometry);
-        let batch = d.planes / d.channels.max(1);
         let taps = d.kh * d.kw;
-        let (xt, gt) = (channels_last(&x), channels_last(&grad));
-        let xt = xt.as_slice::<f32>().expect("contiguous f32");
-        let gt = gt.as_slice::<f32>().expect("contiguous f32");
+        let xs = x.as_slice::<f32>().expect("contiguous f32");
+        let gs = grad.as_slice::<f32>().expect("contiguous f32");
         let wt = taps_by_channel(
             weight.as_slice::<f32>().expect("contiguous f32"),
             d.channels,
             taps,
         );
         let (img_in, img_out) = (d.h * d.w * d.channels, d.ho * d.wo * d.channels);
-        let mut dx = vec![0.0f32; batch * img_in];
+        let mut dx = vec![0.0f32; xs.len()];
         // One task per image (rows of one image write overlapping input rows); the weight
         // gradient is summed over the images in order, so it does not depend on the threads.
         let parts: Vec<Vec<f64>> = dx
             .par_chunks_mut(img_in.max(1))
-            .enumerate()
-            .map(|(b, dx)| {
-                backward_image_best(
-                    &d,
-                    &xt[b * img_in..][..img_in],
-                    &gt[b * img_out..][..img_out],
-                    &wt,
-                    dx,
-                )
+            .zip(xs.par_chunks(img_in.max(1)))
+            .zip(gs.par_chunks(img_out.max(1)))
+            .map(|((dx, x), g)| {
+                let (mut xt, mut gt) = (vec![0.0f32; img_in], vec![0.0f32; img_out]);
+                to_channels_last(x, d.channels, &mut xt);
+                to_channels_last(g, d.channels, &mut gt);
+                let mut dxt = vec![0.0f32; img_in];
+                let dw = backward_image_best(&d, &xt, &gt, &wt, &mut dxt);
+                to_channels_first(&dxt, d.channels, dx);
+                dw
             })
             .collect();
         let mut dw = vec![0.0f64; taps * d.channels];
@@ -350,7 +358,7 @@ impl DepthwiseBackend for Flex {
             }
         }
         (
-            channels_first(dx, batch, d.channels, d.h, d.w),
+            from_vec_shaped(dx, x.shape()),
             from_vec_shaped(dw_out, Shape::new([d.channels, d.kh, d.kw])),
         )
     }
