@@ -3,11 +3,17 @@
 #   step      the release's head step (../shared/tools/release/bench_step.py, 27x3, d=512, L=2,
 #             H=4) and `gca-hng bench step` on the same setting;
 #   resnet50  torchvision's ResNet-50 (scripts/torch_resnet50_cpu_bench.py) and
-#             `gca-hng bench backbone --arch resnet50`, batch 8 at 224 px, forward + backward.
+#             `gca-hng bench backbone --arch resnet50`, batch 8 at 224 px, forward + backward;
+#   demo      whole training steps (loader included) on the emoji demo setting: the release
+#             through ../shared/tools/release/emoji_train.py (2 epochs, 22 steps, BatchNorm in
+#             eval mode; steps 3-22 of epoch 2, timed by scripts/release_demo_steps.py) and
+#             `gca-hng bench train --preset demo --steps 20 --warmup 2`. Needs DEMO_DATA, the
+#             folder that ../shared/tools/release/emoji_data.py renders (its README says how),
+#             and the EfficientNet-Lite0 environment variables of that README.
 # Prints the CPU model and vector ISA, each run's median, the medians of the runs and the ratio
 # ours / theirs. Both sides get the same number of threads (THREADS, default 2).
 #
-# usage: scripts/bench-release.sh [step|resnet50] [ROUNDS]
+# usage: scripts/bench-release.sh [step|resnet50|demo] [ROUNDS]
 # environment: PYTHON (PyTorch from PyPI), RELEASE (the release's tree), HARNESS (the
 # release harness folder), BIN (gca-hng), THREADS.
 set -euo pipefail
@@ -38,8 +44,14 @@ resnet50)
     theirs_cmd=("$PYTHON" "$here/torch_resnet50_cpu_bench.py" 8 224 3 "$THREADS")
     ours_cmd=("$BIN" bench backbone --arch resnet50 --batch 8 --size 224 --iters 3)
     ;;
+demo)
+    : "${DEMO_DATA:?set DEMO_DATA to the emoji data folder that emoji_data.py renders}"
+    theirs_cmd=("$PYTHON" "$here/release_demo_steps.py" 2 "$HARNESS/emoji_train.py" --method gca
+        --seed 0 --data "$DEMO_DATA" --epochs 2 --max-steps 22 --bn-freeze 1)
+    ours_cmd=("$BIN" bench train --preset demo --steps 20 --warmup 2)
+    ;;
 *)
-    echo "usage: $0 [step|resnet50] [ROUNDS]" >&2
+    echo "usage: $0 [step|resnet50|demo] [ROUNDS]" >&2
     exit 2
     ;;
 esac

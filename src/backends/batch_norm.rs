@@ -20,7 +20,10 @@ use burn::tensor::activation::relu;
 use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{CHUNK, contiguous, from_vec, from_vec_shaped, is_flex};
+use super::{
+    CHUNK, LANES, contiguous, from_vec, from_vec_shaped, is_flex, rows_per_task, sum_f64,
+    sum_sq_dev_f64,
+};
 
 /// The activation applied right after a BatchNorm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,41 +87,6 @@ macro_rules! by_activation {
             Activation::Relu6 => $f::<RELU6 $($(, $g)*)?>($($arg),*),
         }
     };
-}
-
-/// Lanes of the f64 sums: independent running sums that the compiler keeps in vector
-/// registers (one running sum is a chain of dependent additions, several times slower).
-const LANES: usize = 8;
-
-/// `sum(x)` in f64.
-fn sum_f64(x: &[f32]) -> f64 {
-    let mut lanes = [0.0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
-    for c in chunks {
-        for k in 0..LANES {
-            lanes[k] += f64::from(c[k]);
-        }
-    }
-    lanes.iter().sum::<f64>() + rest
-}
-
-/// `sum((x - mean)^2)` in f64.
-fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 {
-    let mut lanes = [0.0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum();
-    for c in chunks {
-        for k in 0..LANES {
-            let d = f64::from(c[k]) - mean;
-            lanes[k] += d * d;
-        }
-    }
-    lanes.iter().sum::<f64>() + rest
 }
 
 /// `(sum(g'), sum(g' * xhat))` in f64 over one plane, `g'` the gradient past the activation
@@ -354,6 +322,142 @@ fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
 }
 
+/// The kernels over `[N, C]` (a size-1 plane per channel): per-channel work walks a column,
+/// so these go row by row instead, with one f64 vector of partial sums per block of rows,
+/// added in block order (the blocks depend only on `C`, not on the threads).
+mod rows {
+    use super::*;
+
+    fn blocks(c: usize) -> usize {
+        rows_per_task(c) * c
+    }
+
+    /// Per-channel f64 sums of `f(row)` over every row, `f` adding into its accumulator.
+    fn column_sums<const K: usize>(
+        n_rows_len: usize,
+        c: usize,
+        f: impl Fn(std::ops::Range<usize>, &mut [Vec<f64>; K]) + Sync + Send,
+    ) -> [Vec<f64>; K] {
+        let block = blocks(c);
+        let starts: Vec<usize> = (0..n_rows_len).step_by(block.max(1)).collect();
+        let parts: Vec<[Vec<f64>; K]> = starts
+            .par_iter()
+            .map(|&s| {
+                let mut acc = std::array::from_fn(|_| vec![0.0f64; c]);
+                f(s..(s + block).min(n_rows_len), &mut acc);
+                acc
+            })
+            .collect();
+        let mut total = std::array::from_fn(|_| vec![0.0f64; c]);
+        for part in parts {
+            for (t, p) in total.iter_mut().zip(part) {
+                for (t, p) in t.iter_mut().zip(p) {
+                    *t += p;
+                }
+            }
+        }
+        total
+    }
+
+    /// Batch mean and biased variance per column, two passes.
+    pub(super) fn stats(xs: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = (xs.len() / c.max(1)) as f64;
+        let [sum] = column_sums::<1>(xs.len(), c, |r, [acc]| {
+            for row in xs[r].chunks_exact(c) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += f64::from(v);
+                }
+            }
+        });
+        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let [sq] = column_sums::<1>(xs.len(), c, |r, [acc]| {
+            for row in xs[r].chunks_exact(c) {
+                for ((a, &v), &m) in acc.iter_mut().zip(row).zip(&mean) {
+                    let d = f64::from(v) - m;
+                    *a += d * d;
+                }
+            }
+        });
+        (
+            mean.iter().map(|&m| m as f32).collect(),
+            sq.iter().map(|&s| (s / n) as f32).collect(),
+        )
+    }
+
+    pub(super) fn forward<const A: u8>(
+        out: &mut [f32],
+        xs: &[f32],
+        (mean, scale, bias): (&[f32], &[f32], &[f32]),
+    ) {
+        let c = mean.len();
+        out.par_chunks_mut(blocks(c).max(1))
+            .zip(xs.par_chunks(blocks(c).max(1)))
+            .for_each(|(out, xs)| {
+                for (o, x) in out.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                    for ((((o, &x), &m), &s), &b) in
+                        o.iter_mut().zip(x).zip(mean).zip(scale).zip(bias)
+                    {
+                        *o = act_value::<A>((x - m) * s + b);
+                    }
+                }
+            });
+    }
+
+    /// Per-channel `(sum(g'), sum(g' * xhat))`.
+    pub(super) fn grad_sums<const A: u8>(
+        (xs, ys, gs): (&[f32], &[f32], &[f32]),
+        (mean, rstd): (&[f32], &[f32]),
+    ) -> Vec<(f64, f64)> {
+        let c = mean.len();
+        let [sg, sgx] = column_sums::<2>(xs.len(), c, |r, [a, b]| {
+            let rows = xs[r.clone()]
+                .chunks_exact(c)
+                .zip(ys[r.clone()].chunks_exact(c))
+                .zip(gs[r].chunks_exact(c));
+            for ((x, y), g) in rows {
+                for (k, ((&x, &y), &g)) in x.iter().zip(y).zip(g).enumerate() {
+                    let g = if act_passes::<A>(y) { g } else { 0.0 };
+                    a[k] += f64::from(g);
+                    b[k] += f64::from(g * ((x - mean[k]) * rstd[k]));
+                }
+            }
+        });
+        sg.into_iter().zip(sgx).collect()
+    }
+
+    /// `dx = k * (g' - a - xhat * b)` in training, `k * g'` otherwise.
+    pub(super) fn dx<const A: u8, const TRAIN: bool>(
+        dx: &mut [f32],
+        (xs, ys, gs): (&[f32], &[f32], &[f32]),
+        (mean, rstd, coef): (&[f32], &[f32], &[(f32, f32, f32)]),
+    ) {
+        let c = mean.len();
+        let block = blocks(c).max(1);
+        dx.par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .zip(ys.par_chunks(block).zip(gs.par_chunks(block)))
+            .for_each(|((dx, xs), (ys, gs))| {
+                let rows = dx
+                    .chunks_exact_mut(c)
+                    .zip(xs.chunks_exact(c))
+                    .zip(ys.chunks_exact(c).zip(gs.chunks_exact(c)));
+                for ((d, x), (y, g)) in rows {
+                    for (k, (((d, &x), &y), &g)) in d.iter_mut().zip(x).zip(y).zip(g).enumerate() {
+                        let g = if act_passes::<A>(y) { g } else { 0.0 };
+                        let (kk, a, b) = coef[k];
+                        *d = if TRAIN {
+                            kk * (g - a - (x - mean[k]) * rstd[k] * b)
+                        } else {
+                            kk * g
+                        };
+                    }
+                }
+            });
+    }
+}
+
+use rows::{dx as rows_dx, forward as rows_forward, grad_sums as rows_grad_sums};
+
 impl BatchNormBackend for Flex {
     fn fused_batch_norm(
         x: FlexTensor,
@@ -369,7 +473,11 @@ impl BatchNormBackend for Flex {
         let xs = slice(&x);
         let (w, b) = (slice(&weight), slice(&bias));
         let planes = Planes::of(&x);
-        let (mean, var) = if train {
+        let (mean, var) = if train && planes.size == 1 {
+            let (m, v) = rows::stats(xs, planes.channels);
+            let shape = Shape::new([planes.channels]);
+            (from_vec_shaped(m, shape.clone()), from_vec_shaped(v, shape))
+        } else if train {
             let n = (planes.batch * planes.size) as f64;
             let stats = planes.per_channel(|c| {
                 let mean = planes.channel(xs, c).map(sum_f64).sum::<f64>() / n;
@@ -387,6 +495,10 @@ impl BatchNormBackend for Flex {
             .map(|c| inv_std(v[c], eps) * w[c])
             .collect();
         let mut out = vec![0.0f32; xs.len()];
+        if planes.size == 1 {
+            by_activation!(act, rows_forward(&mut out, xs, (m, &scale[..], b)));
+            return (from_vec(out, &x), mean, var);
+        }
         let block = planes.block();
         let per_task = block / planes.size.max(1);
         out.par_chunks_mut(block)
@@ -421,6 +533,23 @@ impl BatchNormBackend for Flex {
         let planes = Planes::of(&x);
         let rstd: Vec<f32> = v.iter().map(|&v| inv_std(v, eps)).collect();
         let mut dx = vec![0.0f32; xs.len()];
+        if planes.size == 1 {
+            let sums = by_activation!(act, rows_grad_sums((xs, ys, gs), (m, &rstd[..])));
+            let n = planes.batch as f64;
+            let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
+                .map(|c| {
+                    let (sg, sgx) = sums[c];
+                    (w[c] * rstd[c], (sg / n) as f32, (sgx / n) as f32)
+                })
+                .collect();
+            let params = (m, &rstd[..], &coef[..]);
+            if train {
+                by_activation!(act, rows_dx::<true>(&mut dx, (xs, ys, gs), params));
+            } else {
+                by_activation!(act, rows_dx::<false>(&mut dx, (xs, ys, gs), params));
+            }
+            return grads(dx, &x, &sums);
+        }
         let block = planes.block();
         let per_task = block / planes.size.max(1);
         // Per channel: the sum of the gradient past the activation (bias gradient) and of
@@ -477,15 +606,24 @@ impl BatchNormBackend for Flex {
             }
             sums
         };
-        let shape = Shape::new([planes.channels]);
-        let dw = sums.iter().map(|&(_, sgx)| sgx as f32).collect();
-        let db = sums.iter().map(|&(sg, _)| sg as f32).collect();
-        (
-            from_vec(dx, &x),
-            from_vec_shaped(dw, shape.clone()),
-            from_vec_shaped(db, shape),
-        )
+        grads(dx, &x, &sums)
     }
+}
+
+/// The three gradients from the input gradient and the per-channel `(sum(g'), sum(g' * xhat))`.
+fn grads(
+    dx: Vec<f32>,
+    x: &FlexTensor,
+    sums: &[(f64, f64)],
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = Shape::new([sums.len()]);
+    let dw = sums.iter().map(|&(_, sgx)| sgx as f32).collect();
+    let db = sums.iter().map(|&(sg, _)| sg as f32).collect();
+    (
+        from_vec(dx, x),
+        from_vec_shaped(dw, shape.clone()),
+        from_vec_shaped(db, shape),
+    )
 }
 
 impl<B: BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for Autodiff<B, C> {
@@ -631,7 +769,10 @@ mod tests {
             ([4, 3, 5, 7], Activation::Relu6, true),
             ([2, 40, 3, 3], Activation::Relu, true),
             ([2, 40, 3, 3], Activation::Relu, false),
+            // Size-1 planes (`[N, C]`) go row by row; 300 rows of 64 are two blocks.
             ([3, 1000, 1, 1], Activation::Identity, true),
+            ([300, 64, 1, 1], Activation::Relu, false),
+            ([300, 64, 1, 1], Activation::Relu6, true),
             ([5, 6, 31, 29], Activation::Identity, false),
         ] {
             let c = shape[1];

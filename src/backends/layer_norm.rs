@@ -19,7 +19,7 @@ use burn::nn::LayerNorm;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, from_vec, is_flex, rows_per_task};
+use super::{contiguous, from_vec, is_flex, rows_per_task, sum_f64, sum_pairs_f64, sum_sq_dev_f64};
 
 /// `norm` applied to `x` with epsilon `eps` (burn's `LayerNorm` keeps its epsilon private, so
 /// the caller passes the one it configured): our kernel on the CPU for f32 with a bias, burn's
@@ -106,12 +106,12 @@ impl LayerNormBackend for Flex {
                 for ((dx, x), go) in dx.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
                     let (mean, rstd) = row_stats(x, eps);
                     // dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
-                    let (mut a, mut c) = (0.0f64, 0.0f64);
+                    let (a, c) = sum_pairs_f64(n, |j| {
+                        let gg = go[j] * g[j];
+                        (gg, gg * ((x[j] - mean) * rstd))
+                    });
                     for j in 0..n {
                         let xhat = (x[j] - mean) * rstd;
-                        let gg = go[j] * g[j];
-                        a += f64::from(gg);
-                        c += f64::from(gg * xhat);
                         dgamma[j] += f64::from(go[j] * xhat);
                         dbeta[j] += f64::from(go[j]);
                     }
@@ -218,15 +218,8 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
 #[inline]
 fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|&v| {
-            let c = f64::from(v) - mean;
-            c * c
-        })
-        .sum::<f64>()
-        / n;
+    let mean = sum_f64(x) / n;
+    let var = sum_sq_dev_f64(x, mean) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 

@@ -38,6 +38,62 @@ pub(crate) fn rows_per_task(row: usize) -> usize {
     (CHUNK / row.max(1)).max(1)
 }
 
+/// Lanes of the f64 sums: independent running sums that the compiler keeps in vector
+/// registers (one running sum is a chain of dependent additions, several times slower).
+pub(crate) const LANES: usize = 8;
+
+/// `sum(x)` in f64.
+pub(crate) fn sum_f64(x: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
+    for c in chunks {
+        for k in 0..LANES {
+            lanes[k] += f64::from(c[k]);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
+}
+
+/// `sum((x - mean)^2)` in f64.
+pub(crate) fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum();
+    for c in chunks {
+        for k in 0..LANES {
+            let d = f64::from(c[k]) - mean;
+            lanes[k] += d * d;
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
+}
+
+/// `(sum(a), sum(b))` in f64 over the pairs `f(i)`, `i` in `0..n`.
+#[inline(always)]
+pub(crate) fn sum_pairs_f64(n: usize, f: impl Fn(usize) -> (f32, f32)) -> (f64, f64) {
+    let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let full = n / LANES * LANES;
+    for i in (0..full).step_by(LANES) {
+        for k in 0..LANES {
+            let (a, b) = f(i + k);
+            la[k] += f64::from(a);
+            lb[k] += f64::from(b);
+        }
+    }
+    let (mut ra, mut rb) = (0.0f64, 0.0f64);
+    for i in full..n {
+        let (a, b) = f(i);
+        ra += f64::from(a);
+        rb += f64::from(b);
+    }
+    (la.iter().sum::<f64>() + ra, lb.iter().sum::<f64>() + rb)
+}
+
 /// `t` with a contiguous layout, copied only when it is a strided view.
 pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() {
