@@ -124,13 +124,16 @@ fn grad_sums<const A: u8>(x: &[f32], y: &[f32], g: &[f32], mean: f32, rstd: f32)
     (la.iter().sum::<f64>() + ra, lb.iter().sum::<f64>() + rb)
 }
 
+/// Per channel: the mean, `1 / sqrt(var + eps)` and the input gradient's `(k, a, b)`.
+type DxParams<'a> = (&'a [f32], &'a [f32], &'a [(f32, f32, f32)]);
+
 /// Outside training: the input gradient over the planes of one task, and each plane's
 /// `(sum(g'), sum(g' * xhat))`, from one read of the inputs.
 fn eval_planes<const A: u8>(
     (dx, xs, ys, gs): (&mut [f32], &[f32], &[f32], &[f32]),
     first: usize,
     planes: &Planes,
-    (mean, rstd, coef): (&[f32], &[f32], &[(f32, f32, f32)]),
+    (mean, rstd, coef): DxParams,
 ) -> Vec<(f64, f64)> {
     dx_planes::<A, false>((dx, xs, ys, gs), first, planes, (mean, rstd, coef));
     let size = planes.size.max(1);
@@ -170,7 +173,7 @@ fn dx_planes<const A: u8, const TRAIN: bool>(
     (dx, xs, ys, gs): (&mut [f32], &[f32], &[f32], &[f32]),
     first: usize,
     planes: &Planes,
-    (mean, rstd, coef): (&[f32], &[f32], &[(f32, f32, f32)]),
+    (mean, rstd, coef): DxParams,
 ) {
     let size = planes.size.max(1);
     for (i, (((dx, x), y), g)) in dx
@@ -429,7 +432,7 @@ mod rows {
     pub(super) fn dx<const A: u8, const TRAIN: bool>(
         dx: &mut [f32],
         (xs, ys, gs): (&[f32], &[f32], &[f32]),
-        (mean, rstd, coef): (&[f32], &[f32], &[(f32, f32, f32)]),
+        (mean, rstd, coef): DxParams,
     ) {
         let c = mean.len();
         let block = blocks(c).max(1);
