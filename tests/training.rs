@@ -199,17 +199,20 @@ fn an_interrupted_run_resumes_to_the_same_result() {
 fn a_fixed_seed_lowers_the_metric_loss_and_a_second_run_repeats_it_exactly() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    // Batches of 8 classes and a learning rate of 1e-3 (the demo's is 1e-4) so that 3 epochs
-    // of 8 steps visibly learn: the mean J_m falls from about 2.00 in the first epoch (the
-    // warm-up) to about 1.72 in the last; with seeds 1 to 4 it falls too (by 0.03 to 0.25).
+    // Batches of 8 classes and a learning rate of 1e-3 (the demo's is 1e-4), 3 epochs of 16
+    // steps: the mean J_m falls from about 2.03 in the first epoch (the warm-up) to 1.70-1.93
+    // in the last, whichever CPU kernels run (GCA_CONV=burn|lowered or our depthwise kernel,
+    // our fused BatchNorm or burn's). With 8 steps per epoch the last epoch's mean moved by
+    // +-0.05 with the rounding of those kernels alone, as much as it fell.
     let mut config = tiny_config();
     config.data.classes_per_batch = 8;
     config.optim.lr = 1e-3;
     config.train.epochs = 3;
     config.train.eval_every = 3;
+    let steps = 16;
     let opts = |name: &str| {
         let mut o = tiny_options(&dir.path().join(name));
-        o.max_steps_per_epoch = Some(8);
+        o.max_steps_per_epoch = Some(steps);
         o
     };
     for name in ["a", "b"] {
@@ -218,24 +221,25 @@ fn a_fixed_seed_lowers_the_metric_loss_and_a_second_run_repeats_it_exactly() {
     }
     let a = metrics_records(&dir.path().join("a"));
     let b = metrics_records(&dir.path().join("b"));
-    assert_eq!(a.len(), 3);
+    assert_eq!(a.len(), config.train.epochs);
     let j_m: Vec<f64> = a
         .iter()
         .map(|r| r["losses"]["J_m"].as_f64().unwrap())
         .collect();
     assert!(
-        j_m[2] < j_m[0],
+        j_m[j_m.len() - 1] < j_m[0],
         "mean J_m of the last epoch is not below the first: {j_m:?}"
     );
     for r in &a {
-        assert_eq!(r["steps"], 8);
+        assert_eq!(r["steps"], steps);
         for (name, v) in r["losses"].as_object().unwrap() {
             assert!(v.as_f64().unwrap().is_finite(), "{name} = {v}");
         }
         assert!(r["losses"]["J_gen"].as_f64().unwrap() > 0.0, "{r}");
     }
-    assert!(a[0]["test"].is_null() && a[1]["test"].is_null());
-    assert_metrics_valid("final test", &a[2]["test"]);
+    let last = a.len() - 1;
+    assert!(a[..last].iter().all(|r| r["test"].is_null()));
+    assert_metrics_valid("final test", &a[last]["test"]);
     // Same seed, same everything but the clock.
     let (a, b): (Vec<_>, Vec<_>) = (
         a.into_iter().map(without_timings).collect(),

@@ -444,6 +444,25 @@ mod tests {
     }
 
     #[test]
+    fn depthwise_at_efficientnet_widths_matches_burn() {
+        // EfficientNet-Lite0's depthwise layers at 32 px: wide channel vectors, maps down to
+        // one pixel.
+        for (ch, k, stride, size) in [
+            (32, 3, 1, [16, 16]),
+            (96, 3, 2, [16, 16]),
+            (144, 5, 2, [8, 8]),
+            (240, 3, 2, [4, 4]),
+            (672, 5, 2, [2, 2]),
+            (1152, 5, 1, [1, 1]),
+        ] {
+            let mut c = case(ch, ch, k, stride, PaddingConfig2d::Same);
+            c.groups = ch;
+            c.size = size;
+            check(c);
+        }
+    }
+
+    #[test]
     fn depthwise_3x3_same_matches_burn() {
         let mut c = case(6, 6, 3, 1, PaddingConfig2d::Same);
         c.groups = 6;
