@@ -3,11 +3,11 @@
 //!
 //! burn composes BatchNorm from broadcast subtractions, divisions, products and sums, and an
 //! activation from more passes (ReLU6 is two ReLUs and a difference); each is a separate pass
-//! over the tensor that allocates its result, and most run on one thread. In the CNN backbones
-//! those passes were a fifth of the demo's training step (BENCHMARKS.md, "CPU speed, fourth
-//! round"). Here the forward pass is one sweep (two more for batch statistics) and the
-//! backward pass two. Per-channel sums are f64, summed in a fixed order, so the result does
-//! not depend on the thread count.
+//! over the tensor that allocates its result, and most run on one thread. In the demo's
+//! training step those element-wise passes were about a fifth of the time (BENCHMARKS.md,
+//! "CPU speed, fourth round"). Here the forward pass is one sweep (two more for batch
+//! statistics) and the backward pass one (two in training). Per-channel sums are f64, summed
+//! in a fixed order, so the result does not depend on the thread count.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -21,7 +21,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{
-    CHUNK, LANES, contiguous, from_vec, from_vec_shaped, is_flex, rows_per_task, sum_f64,
+    CHUNK, contiguous, from_vec, from_vec_shaped, is_flex, rows_per_task, sum_f64, sum_pairs_f64,
     sum_sq_dev_f64,
 };
 
@@ -93,35 +93,10 @@ macro_rules! by_activation {
 /// and `xhat = (x - mean) * rstd`.
 #[inline(always)]
 fn grad_sums<const A: u8>(x: &[f32], y: &[f32], g: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
-    let one = |x: f32, y: f32, g: f32| {
-        let g = if act_passes::<A>(y) { g } else { 0.0 };
-        (g, g * ((x - mean) * rstd))
-    };
-    let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let (xc, yc, gc) = (
-        x.chunks_exact(LANES),
-        y.chunks_exact(LANES),
-        g.chunks_exact(LANES),
-    );
-    let (mut ra, mut rb) = (0.0f64, 0.0f64);
-    for ((&x, &y), &g) in xc
-        .remainder()
-        .iter()
-        .zip(yc.remainder())
-        .zip(gc.remainder())
-    {
-        let (a, b) = one(x, y, g);
-        ra += f64::from(a);
-        rb += f64::from(b);
-    }
-    for ((x, y), g) in xc.zip(yc).zip(gc) {
-        for k in 0..LANES {
-            let (a, b) = one(x[k], y[k], g[k]);
-            la[k] += f64::from(a);
-            lb[k] += f64::from(b);
-        }
-    }
-    (la.iter().sum::<f64>() + ra, lb.iter().sum::<f64>() + rb)
+    sum_pairs_f64(x.len(), |i| {
+        let g = if act_passes::<A>(y[i]) { g[i] } else { 0.0 };
+        (g, g * ((x[i] - mean) * rstd))
+    })
 }
 
 /// Per channel: the mean, `1 / sqrt(var + eps)` and the input gradient's `(k, a, b)`.
@@ -776,7 +751,9 @@ mod tests {
             ([3, 1000, 1, 1], Activation::Identity, true),
             ([300, 64, 1, 1], Activation::Relu, false),
             ([300, 64, 1, 1], Activation::Relu6, true),
+            // Planes of 899 elements: two rayon tasks, the second starting mid-batch.
             ([5, 6, 31, 29], Activation::Identity, false),
+            ([5, 6, 31, 29], Activation::Relu6, true),
         ] {
             let c = shape[1];
             let w = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.5), &dev);

@@ -22,7 +22,6 @@ use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extensi
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gelu::{has_avx2, has_avx512};
 use super::{contiguous, from_vec_shaped};
 
 /// Where the kernel runs over the input: `[stride_h, stride_w, pad_top, pad_left, out_h,
@@ -171,21 +170,23 @@ fn mul_acc(acc: &mut [f32], a: &[f32], b: &[f32]) {
     }
 }
 
-/// One output row `oy` of one image, channels last: `out[ox, :] += w[tap, :] * x[iy, ix, :]`
-/// over the taps that land inside the image.
+/// One image's forward pass, channels last: `y[oy, ox, :] += w[tap, :] * x[iy, ix, :]` over
+/// the taps that land inside the image.
 #[inline(always)]
-fn forward_row(d: &Dims, xt: &[f32], wt: &[f32], oy: usize, out: &mut [f32]) {
+fn forward_image(d: &Dims, xt: &[f32], wt: &[f32], yt: &mut [f32]) {
     let c = d.channels;
-    for i in 0..d.kh {
-        if !d.row_ranges[i].contains(&oy) {
-            continue;
-        }
-        let xrow = &xt[(oy * d.sh + i - d.top) * d.w * c..][..d.w * c];
-        for j in 0..d.kw {
-            let w = &wt[(i * d.kw + j) * c..][..c];
-            for ox in d.col_ranges[j].clone() {
-                let ix = ox * d.sw + j - d.left;
-                axpy(&mut out[ox * c..][..c], w, &xrow[ix * c..][..c]);
+    for (oy, out) in yt.chunks_mut((d.wo * c).max(1)).enumerate() {
+        for i in 0..d.kh {
+            if !d.row_ranges[i].contains(&oy) {
+                continue;
+            }
+            let xrow = &xt[(oy * d.sh + i - d.top) * d.w * c..][..d.w * c];
+            for j in 0..d.kw {
+                let w = &wt[(i * d.kw + j) * c..][..c];
+                for ox in d.col_ranges[j].clone() {
+                    let ix = ox * d.sw + j - d.left;
+                    axpy(&mut out[ox * c..][..c], w, &xrow[ix * c..][..c]);
+                }
             }
         }
     }
@@ -228,58 +229,11 @@ fn backward_image(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) 
     dw
 }
 
-// Copies of the row loops for AVX-512 and AVX2 + FMA, chosen at run time (see gelu.rs).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-fn forward_row_avx512(d: &Dims, xt: &[f32], wt: &[f32], oy: usize, out: &mut [f32]) {
-    forward_row(d, xt, wt, oy, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn forward_row_avx2(d: &Dims, xt: &[f32], wt: &[f32], oy: usize, out: &mut [f32]) {
-    forward_row(d, xt, wt, oy, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-fn backward_image_avx512(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) -> Vec<f64> {
-    backward_image(d, xt, gt, wt, dx)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn backward_image_avx2(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) -> Vec<f64> {
-    backward_image(d, xt, gt, wt, dx)
-}
-
-fn forward_row_best(d: &Dims, xt: &[f32], wt: &[f32], oy: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
-        return unsafe { forward_row_avx512(d, xt, wt, oy, out) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { forward_row_avx2(d, xt, wt, oy, out) };
-    }
-    forward_row(d, xt, wt, oy, out)
-}
-
-fn backward_image_best(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) -> Vec<f64> {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
-        return unsafe { backward_image_avx512(d, xt, gt, wt, dx) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { backward_image_avx2(d, xt, gt, wt, dx) };
-    }
-    backward_image(d, xt, gt, wt, dx)
-}
+simd_dispatch!(fn forward_image_simd(d: &Dims, xt: &[f32], wt: &[f32], yt: &mut [f32]) => forward_image);
+simd_dispatch!(
+    fn backward_image_simd(d: &Dims, xt: &[f32], gt: &[f32], wt: &[f32], dx: &mut [f32]) -> Vec<f64>
+        => backward_image
+);
 
 impl DepthwiseBackend for Flex {
     fn depthwise_conv2d(x: FlexTensor, weight: FlexTensor, geometry: Geometry) -> FlexTensor {
@@ -292,8 +246,7 @@ impl DepthwiseBackend for Flex {
             d.channels,
             d.kh * d.kw,
         );
-        let (img_in, row_out) = (d.h * d.w * d.channels, d.wo * d.channels);
-        let img_out = d.ho * row_out;
+        let (img_in, img_out) = (d.h * d.w * d.channels, d.ho * d.wo * d.channels);
         let mut out = vec![0.0f32; batch * img_out];
         // One task per image: its input and output go channels-last in task-local buffers.
         out.par_chunks_mut(img_out.max(1))
@@ -302,9 +255,7 @@ impl DepthwiseBackend for Flex {
                 let mut xt = vec![0.0f32; img_in];
                 to_channels_last(x, d.channels, &mut xt);
                 let mut yt = vec![0.0f32; img_out];
-                for (oy, row) in yt.chunks_mut(row_out.max(1)).enumerate() {
-                    forward_row_best(&d, &xt, &wt, oy, row);
-                }
+                forward_image_simd(&d, &xt, &wt, &mut yt);
                 to_channels_first(&yt, d.channels, y);
             });
         from_vec_shaped(out, Shape::new([batch, d.channels, d.ho, d.wo]))
@@ -339,7 +290,7 @@ impl DepthwiseBackend for Flex {
                 to_channels_last(x, d.channels, &mut xt);
                 to_channels_last(g, d.channels, &mut gt);
                 let mut dxt = vec![0.0f32; img_in];
-                let dw = backward_image_best(&d, &xt, &gt, &wt, &mut dxt);
+                let dw = backward_image_simd(&d, &xt, &gt, &wt, &mut dxt);
                 to_channels_first(&dxt, d.channels, dx);
                 dw
             })

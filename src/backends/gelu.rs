@@ -179,85 +179,13 @@ fn gelu_backward_slice_generic(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f3
     }
 }
 
-// The binary targets baseline x86-64 (SSE2); these copies of the loops are compiled for
-// AVX2 + FMA (4 f64 lanes instead of 2) and chosen at run time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gelu_slice_avx2(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    gelu_slice_generic(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gelu_backward_slice_avx2(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    gelu_backward_slice_generic(xs, gs, dst)
-}
-
-// The same loops for AVX-512 (8 f64 lanes), where the CPU has it.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-fn gelu_slice_avx512(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    gelu_slice_generic(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-fn gelu_backward_slice_avx512(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    gelu_backward_slice_generic(xs, gs, dst)
-}
-
-pub(super) fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && has_avx2()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-pub(super) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-fn gelu_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
-        return unsafe { gelu_slice_avx512(src, dst) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { gelu_slice_avx2(src, dst) };
-    }
-    gelu_slice_generic(src, dst)
-}
-
-fn gelu_backward_slice(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
-        return unsafe { gelu_backward_slice_avx512(xs, gs, dst) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { gelu_backward_slice_avx2(xs, gs, dst) };
-    }
-    gelu_backward_slice_generic(xs, gs, dst)
-}
+// The loops compiled for AVX2 + FMA (4 f64 lanes instead of SSE2's 2) and AVX-512 (8 lanes),
+// chosen at run time.
+simd_dispatch!(fn gelu_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) => gelu_slice_generic);
+simd_dispatch!(
+    fn gelu_backward_slice(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>])
+        => gelu_backward_slice_generic
+);
 
 /// A new vector of `n` elements, filled in parallel chunks by `fill(range, chunk)`, without
 /// first zeroing it.
@@ -280,6 +208,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use crate::backends::{has_avx2, has_avx512};
     use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
 
     use super::*;
@@ -354,14 +283,14 @@ mod tests {
         {
             if has_avx2() {
                 // SAFETY: checked just above.
-                assert_eq!(run(&|d| unsafe { gelu_slice_avx2(&xs, d) }), reference);
-                let grad = run(&|d| unsafe { gelu_backward_slice_avx2(&xs, &gs, d) });
+                assert_eq!(run(&|d| unsafe { gelu_slice::avx2(&xs, d) }), reference);
+                let grad = run(&|d| unsafe { gelu_backward_slice::avx2(&xs, &gs, d) });
                 assert_eq!(grad, reference_grad);
             }
             if has_avx512() {
                 // SAFETY: checked just above.
-                assert_eq!(run(&|d| unsafe { gelu_slice_avx512(&xs, d) }), reference);
-                let grad = run(&|d| unsafe { gelu_backward_slice_avx512(&xs, &gs, d) });
+                assert_eq!(run(&|d| unsafe { gelu_slice::avx512(&xs, d) }), reference);
+                let grad = run(&|d| unsafe { gelu_backward_slice::avx512(&xs, &gs, d) });
                 assert_eq!(grad, reference_grad);
             }
         }

@@ -21,7 +21,7 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use super::gelu::{gelu, gelu_derivative_f32, gelu_f32, has_avx2, has_avx512};
+use super::gelu::{gelu, gelu_derivative_f32, gelu_f32};
 use super::{contiguous, from_vec, is_flex, rows_per_task};
 
 /// `gelu(linear.forward(x))` (exact GELU): the fused kernel on the CPU for f32 with a bias,
@@ -194,76 +194,16 @@ fn backward_rows_generic(
     }
 }
 
-// Copies of the loops for AVX2 + FMA and for AVX-512, chosen at run time (see gelu.rs).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-fn forward_rows_avx512(xs: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    forward_rows_generic(xs, b, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn forward_rows_avx2(xs: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    forward_rows_generic(xs, b, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-fn backward_rows_avx512(
-    xs: &[f32],
-    b: &[f32],
-    gs: &[f32],
-    dst: &mut [MaybeUninit<f32>],
-    dbias: &mut [f64],
-) {
-    backward_rows_generic(xs, b, gs, dst, dbias)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn backward_rows_avx2(
-    xs: &[f32],
-    b: &[f32],
-    gs: &[f32],
-    dst: &mut [MaybeUninit<f32>],
-    dbias: &mut [f64],
-) {
-    backward_rows_generic(xs, b, gs, dst, dbias)
-}
-
-fn forward_rows(xs: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
-        return unsafe { forward_rows_avx512(xs, b, dst) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { forward_rows_avx2(xs, b, dst) };
-    }
-    forward_rows_generic(xs, b, dst)
-}
-
-fn backward_rows(
-    xs: &[f32],
-    b: &[f32],
-    gs: &[f32],
-    dst: &mut [MaybeUninit<f32>],
-    dbias: &mut [f64],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
-        return unsafe { backward_rows_avx512(xs, b, gs, dst, dbias) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { backward_rows_avx2(xs, b, gs, dst, dbias) };
-    }
-    backward_rows_generic(xs, b, gs, dst, dbias)
-}
+simd_dispatch!(fn forward_rows(xs: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) => forward_rows_generic);
+simd_dispatch!(
+    fn backward_rows(
+        xs: &[f32],
+        b: &[f32],
+        gs: &[f32],
+        dst: &mut [MaybeUninit<f32>],
+        dbias: &mut [f64],
+    ) => backward_rows_generic
+);
 
 #[cfg(test)]
 mod tests {

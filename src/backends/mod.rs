@@ -3,6 +3,45 @@
 //! special functions, which left a core idle for much of a training step. Other devices keep
 //! burn's own operations.
 
+// Declared before the kernel modules so that they can use it.
+/// `fn $name(args) -> ret` that runs `$generic` compiled for AVX-512 (F/DQ/VL, with AVX2 and
+/// FMA) or for AVX2 + FMA when the CPU has them, and as built otherwise (the binary targets
+/// baseline x86-64, SSE2). The compiled copies are `$name::avx512` and `$name::avx2`, for
+/// tests that compare them.
+macro_rules! simd_dispatch {
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $generic:path) => {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if $crate::backends::has_avx512() {
+                // SAFETY: the CPU has AVX-512 F/DQ/VL, AVX2 and FMA (checked just above).
+                return unsafe { $name::avx512($($arg),*) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if $crate::backends::has_avx2() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { $name::avx2($($arg),*) };
+            }
+            $generic($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+            pub(super) fn avx512($($arg: $ty),*) $(-> $ret)? {
+                $generic($($arg),*)
+            }
+
+            #[target_feature(enable = "avx2,fma")]
+            pub(super) fn avx2($($arg: $ty),*) $(-> $ret)? {
+                $generic($($arg),*)
+            }
+        }
+    };
+}
+
 pub mod batch_norm;
 pub mod depthwise;
 pub mod gelu;
@@ -27,6 +66,33 @@ pub fn is_flex(device: &Device) -> bool {
         device.as_dispatch().clone().inner(),
         DispatchDevice::Flex(_)
     )
+}
+
+/// Whether the CPU has AVX-512 F/DQ/VL, AVX2 and FMA.
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU has AVX2 and FMA.
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Element count of one rayon task: large enough that scheduling costs little, small enough

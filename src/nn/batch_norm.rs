@@ -94,13 +94,15 @@ impl BatchNorm1d {
         }
         let train = input.device().is_autodiff() && self.training.is_enabled();
         let device = input.device();
+        let running_mean = || self.running_mean.value().to_device(&device);
+        let running_var = || self.running_var.value().to_device(&device);
         if batch_norm::applies(&input) {
             let (output, mean, var) = batch_norm::batch_norm_act(
                 input,
                 self.weight.val(),
                 self.bias.val(),
-                self.running_mean.value().to_device(&device),
-                self.running_var.value().to_device(&device),
+                running_mean(),
+                running_var(),
                 self.epsilon,
                 act,
                 train,
@@ -125,8 +127,8 @@ impl BatchNorm1d {
                 input,
                 self.weight.val(),
                 self.bias.val(),
-                self.running_mean.value().to_device(&device),
-                self.running_var.value().to_device(&device),
+                running_mean(),
+                running_var(),
                 self.epsilon,
             ))
         }
@@ -193,7 +195,6 @@ impl TorchNamed for BatchNorm1d {
     }
 }
 
-/// burn keeps a running state's id private; a visitor sees it.
 /// Values per channel of a `[batch, channels, ...]` shape.
 fn count_per_channel(dims: &[usize]) -> usize {
     dims.iter()
@@ -203,6 +204,7 @@ fn count_per_channel(dims: &[usize]) -> usize {
         .product()
 }
 
+/// burn keeps a running state's id private; a visitor sees it.
 fn running_state_id(state: &RunningState<Tensor<1>>) -> burn::module::ParamId {
     struct Grab(Option<burn::module::ParamId>);
     impl burn::module::ModuleVisitor for Grab {
