@@ -1,4 +1,6 @@
-//! 2-D convolutions lowered to plain tensor ops (pad, strided slices, matmul), for the CPU.
+//! 2-D convolutions for the CPU: our kernels (`crate::backends::conv2d` for dense ones,
+//! `crate::backends::depthwise` for depthwise ones), and a lowering to plain tensor ops (pad,
+//! strided slices, matmul) that runs on any backend and is kept for comparisons.
 //!
 //! burn-flex's own convolution is slow on this workload: its forward runs many small GEMMs
 //! (512 output pixels at a time), its input gradient goes through `conv_transpose`, and the
@@ -14,11 +16,13 @@
 //!   tap's per-channel weight.
 //!
 //! Autodiff differentiates these ops like any others, and they run on every backend. The
-//! weights keep burn's [`Conv2d`] module and its `[out, in / groups, kh, kw]` layout, so
-//! loading and naming are unchanged. [`conv2d`] picks the lowering on the Flex (CPU) device
-//! for dense convolutions, and burn's native convolution for depthwise ones and on other
-//! devices (the GPU backends have their own convolution kernels); `GCA_CONV=burn` or
-//! `GCA_CONV=lowered` forces one or the other everywhere, for comparisons.
+//! lowering still copies much (padding, stacked slices, transposes, the zeroed scatter of each
+//! slice's backward), which the dense kernel does not (BENCHMARKS.md, "CPU speed, fifth
+//! round"). The weights keep burn's [`Conv2d`] module and its `[out, in / groups, kh, kw]`
+//! layout, so loading and naming are unchanged. [`conv2d`] picks our kernels on the Flex (CPU)
+//! device in f32, and burn's native convolution on other devices (the GPU backends have their
+//! own convolution kernels); `GCA_CONV=burn` or `GCA_CONV=lowered` forces burn's convolution
+//! or the lowering everywhere, for comparisons.
 
 use std::sync::OnceLock;
 
@@ -34,6 +38,8 @@ pub enum ConvImpl {
     Burn,
     /// [`lowered_conv2d`]: pad, slices, matmul.
     Lowered,
+    /// Our dense im2col + GEMM kernel ([`crate::backends::conv2d`]), Flex only.
+    Dense,
     /// Our multi-threaded depthwise kernel ([`crate::backends::depthwise`]), Flex only.
     Depthwise,
 }
@@ -51,15 +57,15 @@ fn forced() -> Option<ConvImpl> {
     })
 }
 
-/// The implementation [`conv2d`] uses for `conv` on `device`: on the Flex device the lowering
-/// for dense convolutions and our kernel for depthwise ones (both measured faster than
-/// burn-flex's own: see BENCHMARKS.md), burn's own everywhere else.
+/// The implementation [`conv2d`] uses for `conv` on `device`: on the Flex device our kernels
+/// for dense and depthwise convolutions (both measured faster than burn-flex's own and than
+/// the lowering: see BENCHMARKS.md), burn's own everywhere else.
 pub fn conv_impl_for(conv: &Conv2d, device: &Device) -> ConvImpl {
     forced().unwrap_or_else(|| {
         if device.clone().inner() != Device::flex() {
             ConvImpl::Burn
-        } else if conv.groups == 1 {
-            ConvImpl::Lowered
+        } else if conv.groups == 1 && conv.dilation == [1, 1] {
+            ConvImpl::Dense
         } else if is_depthwise(conv) && conv.dilation == [1, 1] {
             ConvImpl::Depthwise
         } else {
@@ -83,7 +89,36 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     match conv_impl_for(conv, &x.device()) {
         ConvImpl::Burn => conv.forward(x),
         ConvImpl::Lowered => lowered_conv2d(conv, x),
+        ConvImpl::Dense => kernel_dense_conv2d(conv, x),
         ConvImpl::Depthwise => kernel_depthwise_conv2d(conv, x),
+    }
+}
+
+/// `conv.forward(x)` for a dense convolution through our kernel on the Flex device in f32;
+/// burn's own convolution for anything else.
+pub fn kernel_dense_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, c, h, w] = x.dims();
+    let weight = conv.weight.val();
+    let [co, ci, kh, kw] = weight.dims();
+    let stride = conv.stride;
+    let (top, bottom) = padding_pair(&conv.padding, 0, h, kh, stride[0]);
+    let (left, right) = padding_pair(&conv.padding, 1, w, kw, stride[1]);
+    let (hp, wp) = (h + top + bottom, w + left + right);
+    if conv.groups != 1
+        || ci != c
+        || conv.dilation != [1, 1]
+        || hp < kh
+        || wp < kw
+        || x.dtype() != burn::tensor::DType::F32
+        || !crate::backends::is_flex(&x.device())
+    {
+        return conv.forward(x);
+    }
+    let (ho, wo) = ((hp - kh) / stride[0] + 1, (wp - kw) / stride[1] + 1);
+    let y = crate::backends::conv2d::conv2d(x, weight, [stride[0], stride[1], top, left, ho, wo]);
+    match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, co, 1, 1]),
+        None => y,
     }
 }
 
@@ -260,6 +295,7 @@ mod tests {
     use burn::tensor::{Distribution, TensorData, Tolerance};
 
     struct Case {
+        batch: usize,
         cin: usize,
         cout: usize,
         k: usize,
@@ -272,6 +308,7 @@ mod tests {
 
     fn case(cin: usize, cout: usize, k: usize, stride: usize, padding: PaddingConfig2d) -> Case {
         Case {
+            batch: 2,
             cin,
             cout,
             k,
@@ -307,7 +344,7 @@ mod tests {
             )));
         }
         let x = Tensor::<4>::random(
-            [2, c.cin, c.size[0], c.size[1]],
+            [c.batch, c.cin, c.size[0], c.size[1]],
             Distribution::Normal(0.0, 1.0),
             &device,
         );
@@ -316,6 +353,7 @@ mod tests {
             let y = match how {
                 ConvImpl::Burn => conv.forward(x.clone()),
                 ConvImpl::Lowered => lowered_conv2d(&conv, x.clone()),
+                ConvImpl::Dense => kernel_dense_conv2d(&conv, x.clone()),
                 ConvImpl::Depthwise => kernel_depthwise_conv2d(&conv, x.clone()),
             };
             // A fixed, non-uniform output gradient: sum(y * g).
@@ -342,6 +380,9 @@ mod tests {
         if is_depthwise(&conv) {
             ours.push(ConvImpl::Depthwise);
         }
+        if c.groups == 1 {
+            ours.push(ConvImpl::Dense);
+        }
         for how in ours {
             let (y1, gx1, gw1, gb1) = run(how);
             assert_eq!(y0.shape(), y1.shape(), "{how:?}: output shape");
@@ -356,17 +397,17 @@ mod tests {
     }
 
     #[test]
-    fn flex_lowers_dense_and_runs_depthwise_through_the_kernel() {
+    fn flex_runs_dense_and_depthwise_convolutions_through_the_kernels() {
         if forced().is_some() {
             return; // GCA_CONV overrides the policy.
         }
         let d = Device::flex();
         let dense = Conv2dConfig::new([4, 4], [3, 3]).init(&d);
         let depthwise = Conv2dConfig::new([4, 4], [3, 3]).with_groups(4).init(&d);
-        assert_eq!(conv_impl_for(&dense, &d), ConvImpl::Lowered);
+        assert_eq!(conv_impl_for(&dense, &d), ConvImpl::Dense);
         assert_eq!(
             conv_impl_for(&dense, &d.clone().autodiff()),
-            ConvImpl::Lowered
+            ConvImpl::Dense
         );
         assert_eq!(conv_impl_for(&depthwise, &d), ConvImpl::Depthwise);
         let grouped = Conv2dConfig::new([4, 4], [3, 3]).with_groups(2).init(&d);
@@ -402,6 +443,74 @@ mod tests {
         c.size = [28, 26];
         c.bias = true;
         check(c);
+    }
+
+    #[test]
+    fn dense_kernel_image_groups_match_burn() {
+        // 20 x 20 = 400 output pixels: two images per GEMM, the last group holding one.
+        let mut c = case(3, 5, 3, 1, PaddingConfig2d::Explicit(1, 1, 1, 1));
+        c.size = [20, 20];
+        c.batch = 3;
+        check(c);
+        // 28 x 28 = 784: one image per GEMM, the 1x1 input multiplied in place.
+        let mut c = case(6, 4, 1, 1, PaddingConfig2d::Valid);
+        c.size = [28, 28];
+        check(c);
+        // Stride 2 and a map smaller than the kernel's reach: columns of padding only.
+        let mut c = case(3, 4, 5, 2, PaddingConfig2d::Explicit(2, 2, 2, 2));
+        c.size = [3, 2];
+        c.batch = 3;
+        check(c);
+    }
+
+    #[test]
+    fn dense_kernel_results_do_not_depend_on_the_thread_count() {
+        let device = Device::flex().autodiff();
+        let conv = Conv2dConfig::new([16, 24], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device);
+        let x = Tensor::<4>::random([3, 16, 30, 30], Distribution::Normal(0.0, 1.0), &device);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
+            pool.install(|| {
+                let x = x.clone().detach().require_grad();
+                let y = kernel_dense_conv2d(&conv, x.clone());
+                let grads = (y.clone() * y.clone()).sum().backward();
+                let gx = x.grad(&grads).expect("input gradient").into_data();
+                let gw = conv.weight.val().grad(&grads).expect("weight gradient");
+                (y.into_data(), gx, gw.into_data())
+            })
+        };
+        let (y1, gx1, gw1) = run(1);
+        let (y3, gx3, gw3) = run(3);
+        assert_eq!(y1, y3);
+        assert_eq!(gx1, gx3);
+        assert_eq!(gw1, gw3);
+    }
+
+    #[test]
+    fn dense_kernel_weight_gradient_without_an_input_gradient_matches_burn() {
+        // An image batch needs no gradient: the kernel skips the input gradient.
+        let device = Device::flex().autodiff();
+        let conv = Conv2dConfig::new([3, 8], [7, 7])
+            .with_stride([2, 2])
+            .with_padding(PaddingConfig2d::Explicit(3, 3, 3, 3))
+            .init(&device);
+        let x = Tensor::<4>::random([2, 3, 33, 31], Distribution::Normal(0.0, 1.0), &device);
+        let gw = |y: Tensor<4>| {
+            let grads = (y.clone() * y).sum().backward();
+            conv.weight
+                .val()
+                .grad(&grads)
+                .expect("weight gradient")
+                .into_data()
+        };
+        let ours = gw(kernel_dense_conv2d(&conv, x.clone()));
+        let burns = gw(conv.forward(x));
+        ours.assert_approx_eq::<f32>(&burns, Tolerance::<f32>::absolute(1e-3).set_relative(1e-4));
     }
 
     #[test]

@@ -22,12 +22,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extensi
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, from_vec_shaped};
-
-/// Where the kernel runs over the input: `[stride_h, stride_w, pad_top, pad_left, out_h,
-/// out_w]`. Padding is implicit zeros; the bottom and right padding follow from the output
-/// size.
-pub type Geometry = [usize; 6];
+pub use super::Geometry;
+use super::{contiguous, from_vec_shaped, valid};
 
 /// `y[b, c] = sum_{i, j} w[c, i, j] * x[b, c, oy * sh + i - top, ox * sw + j - left]`, input
 /// positions outside the image counting as zero.
@@ -106,19 +102,6 @@ impl Dims {
             wo,
         }
     }
-}
-
-/// `o` in `0..out` with `0 <= o * stride + k - pad < size`.
-fn valid(size: usize, stride: usize, pad: usize, k: usize, out: usize) -> std::ops::Range<usize> {
-    // o * stride >= pad - k
-    let lo = pad.saturating_sub(k).div_ceil(stride);
-    // o * stride + k - pad <= size - 1  <=>  o * stride <= size - 1 + pad - k
-    let hi = if size + pad > k {
-        ((size - 1 + pad - k) / stride + 1).min(out)
-    } else {
-        0
-    };
-    lo.min(hi)..hi
 }
 
 /// One image `[C, P]` (channel planes of `P` pixels) as channels-last `[P, C]` in `dst`.
@@ -374,27 +357,5 @@ impl<B: DepthwiseBackend, C: CheckpointStrategy> DepthwiseBackend for Autodiff<B
             geometry,
         );
         (FloatTensor::<Self>::new(dx), FloatTensor::<Self>::new(dw))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn valid_output_ranges_keep_inputs_inside() {
-        // size 5, stride 2, pad 1, kernel 3 -> out 3; tap 0 reads o*2 - 1: o in 1..3.
-        assert_eq!(valid(5, 2, 1, 0, 3), 1..3);
-        assert_eq!(valid(5, 2, 1, 1, 3), 0..3);
-        assert_eq!(valid(5, 2, 1, 2, 3), 0..2);
-        // A tap that never lands inside.
-        assert!(valid(1, 1, 3, 0, 1).is_empty());
-        for (size, stride, pad, k, out) in [(7, 1, 2, 4, 7), (8, 2, 2, 4, 4), (3, 3, 0, 2, 1)] {
-            let r = valid(size, stride, pad, k, out);
-            for o in 0..out {
-                let pos = (o * stride + k) as isize - pad as isize;
-                assert_eq!(r.contains(&o), pos >= 0 && pos < size as isize, "{o}");
-            }
-        }
     }
 }

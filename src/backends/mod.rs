@@ -43,6 +43,7 @@ macro_rules! simd_dispatch {
 }
 
 pub mod batch_norm;
+pub mod conv2d;
 pub mod depthwise;
 pub mod gelu;
 pub mod layer_norm;
@@ -181,4 +182,50 @@ pub(crate) fn from_vec_shaped(values: Vec<f32>, shape: Shape) -> FlexTensor {
         Layout::contiguous(shape),
         DType::F32,
     )
+}
+
+/// Where a convolution kernel runs over its input: `[stride_h, stride_w, pad_top, pad_left,
+/// out_h, out_w]`. Padding is implicit zeros; the bottom and right padding follow from the
+/// output size.
+pub type Geometry = [usize; 6];
+
+/// `o` in `0..out` with `0 <= o * stride + k - pad < size`.
+pub(crate) fn valid(
+    size: usize,
+    stride: usize,
+    pad: usize,
+    k: usize,
+    out: usize,
+) -> std::ops::Range<usize> {
+    // o * stride >= pad - k
+    let lo = pad.saturating_sub(k).div_ceil(stride);
+    // o * stride + k - pad <= size - 1  <=>  o * stride <= size - 1 + pad - k
+    let hi = if size + pad > k {
+        ((size - 1 + pad - k) / stride + 1).min(out)
+    } else {
+        0
+    };
+    lo.min(hi)..hi
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_output_ranges_keep_inputs_inside() {
+        // size 5, stride 2, pad 1, kernel 3 -> out 3; tap 0 reads o*2 - 1: o in 1..3.
+        assert_eq!(valid(5, 2, 1, 0, 3), 1..3);
+        assert_eq!(valid(5, 2, 1, 1, 3), 0..3);
+        assert_eq!(valid(5, 2, 1, 2, 3), 0..2);
+        // A tap that never lands inside.
+        assert!(valid(1, 1, 3, 0, 1).is_empty());
+        for (size, stride, pad, k, out) in [(7, 1, 2, 4, 7), (8, 2, 2, 4, 4), (3, 3, 0, 2, 1)] {
+            let r = valid(size, stride, pad, k, out);
+            for o in 0..out {
+                let pos = (o * stride + k) as isize - pad as isize;
+                assert_eq!(r.contains(&o), pos >= 0 && pos < size as isize, "{o}");
+            }
+        }
+    }
 }
