@@ -472,7 +472,7 @@ impl BatchNormBackend for Flex {
         let scale: Vec<f32> = (0..planes.channels)
             .map(|c| inv_std(v[c], eps) * w[c])
             .collect();
-        let mut out = vec![0.0f32; xs.len()];
+        let mut out = super::zeroed(xs.len());
         if planes.size == 1 {
             by_activation!(act, rows_forward(&mut out, xs, (m, &scale[..], b)));
             return (from_vec(out, &x), mean, var);
@@ -510,7 +510,7 @@ impl BatchNormBackend for Flex {
         let (w, m, v) = (slice(&weight), slice(&mean), slice(&var));
         let planes = Planes::of(&x);
         let rstd: Vec<f32> = v.iter().map(|&v| inv_std(v, eps)).collect();
-        let mut dx = vec![0.0f32; xs.len()];
+        let mut dx = super::zeroed(xs.len());
         if planes.size == 1 {
             let sums = by_activation!(act, rows_grad_sums((xs, ys, gs), (m, &rstd[..])));
             let n = planes.batch as f64;

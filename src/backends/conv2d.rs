@@ -422,7 +422,7 @@ impl Conv2dBackend for Flex {
         let xs = x.as_slice::<f32>().expect("contiguous f32");
         let ws = weight.as_slice::<f32>().expect("contiguous f32");
         let (k, co) = (d.k(), d.cout);
-        let mut out = vec![0.0f32; d.batch * d.image_out()];
+        let mut out = super::zeroed(d.batch * d.image_out());
         map_groups(&d, &mut out, d.image_out(), |(b0, n), y, par| {
             let x = &xs[b0 * d.image_in()..][..n * d.image_in()];
             let width = n * d.pixels;
@@ -460,7 +460,7 @@ impl Conv2dBackend for Flex {
         let ws = weight.as_slice::<f32>().expect("contiguous f32");
         let gs = grad.as_slice::<f32>().expect("contiguous f32");
         let (k, co) = (d.k(), d.cout);
-        let mut dx = vec![0.0f32; if need_x { xs.len() } else { 0 }];
+        let mut dx = super::zeroed(if need_x { xs.len() } else { 0 });
         // The weight gradient of each group, summed over the groups in order below, so that
         // the sum does not depend on how the groups were spread over the threads.
         let partials = map_groups(&d, &mut dx, d.image_in(), |(b0, n), dx, par| {

@@ -230,7 +230,7 @@ impl DepthwiseBackend for Flex {
             d.kh * d.kw,
         );
         let (img_in, img_out) = (d.h * d.w * d.channels, d.ho * d.wo * d.channels);
-        let mut out = vec![0.0f32; batch * img_out];
+        let mut out = super::zeroed(batch * img_out);
         // One task per image: its input and output go channels-last in task-local buffers.
         out.par_chunks_mut(img_out.max(1))
             .zip(xs.par_chunks(img_in.max(1)))
@@ -261,7 +261,7 @@ impl DepthwiseBackend for Flex {
             taps,
         );
         let (img_in, img_out) = (d.h * d.w * d.channels, d.ho * d.wo * d.channels);
-        let mut dx = vec![0.0f32; xs.len()];
+        let mut dx = super::zeroed(xs.len());
         // One task per image (rows of one image write overlapping input rows); the weight
         // gradient is summed over the images in order, so it does not depend on the threads.
         let parts: Vec<Vec<f64>> = dx

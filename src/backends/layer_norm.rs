@@ -68,7 +68,7 @@ impl LayerNormBackend for Flex {
         let g = gamma.as_slice::<f32>().expect("contiguous f32");
         let b = beta.as_slice::<f32>().expect("contiguous f32");
         let n = g.len();
-        let mut out = vec![0.0f32; xs.len()];
+        let mut out = super::zeroed(xs.len());
         let block = rows_per_task(n) * n;
         out.par_chunks_mut(block)
             .zip(xs.par_chunks(block))
@@ -94,7 +94,7 @@ impl LayerNormBackend for Flex {
         let g = gamma.as_slice::<f32>().expect("contiguous f32");
         let gs = grad.as_slice::<f32>().expect("contiguous f32");
         let n = g.len();
-        let mut dx = vec![0.0f32; xs.len()];
+        let mut dx = super::zeroed(xs.len());
         let block = rows_per_task(n) * n;
         let zeros = || (vec![0.0f64; n], vec![0.0f64; n]);
         let (dgamma, dbeta) = dx

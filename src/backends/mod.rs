@@ -42,6 +42,7 @@ macro_rules! simd_dispatch {
     };
 }
 
+pub mod adamw;
 pub mod batch_norm;
 pub mod conv2d;
 pub mod depthwise;
@@ -103,6 +104,24 @@ pub(crate) const CHUNK: usize = 1 << 14;
 /// Rows per rayon task: about `CHUNK` elements, at least one row.
 pub(crate) fn rows_per_task(row: usize) -> usize {
     (CHUNK / row.max(1)).max(1)
+}
+
+/// `len` zeros, written on every core. A zero-filled buffer from the allocator is a memset on
+/// the calling thread alone; for the activations of a training step those memsets added up to
+/// a quarter of the calling thread's time while the other cores waited (BENCHMARKS.md, "CPU
+/// speed, fifth round").
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    if len < 4 * CHUNK {
+        return vec![0.0; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(4 * CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the first `len` elements were written just above.
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// Lanes of the f64 sums: independent running sums that the compiler keeps in vector
@@ -211,6 +230,15 @@ pub(crate) fn valid(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroed_buffers_are_zero_at_every_length() {
+        for len in [0, 1, 4 * CHUNK - 1, 4 * CHUNK, 9 * CHUNK + 3] {
+            let v = zeroed(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x == 0.0));
+        }
+    }
 
     #[test]
     fn valid_output_ranges_keep_inputs_inside() {

@@ -58,6 +58,7 @@ impl AdamWSettings {
 #[derive(Clone)]
 pub struct TorchAdamW {
     inner: AdamW,
+    settings: AdamWSettings,
     /// Flattened state of every parameter that has had a gradient.
     states: HashMap<ParamId, AdamWState<1>>,
     /// Clip every gradient element to [-c, c] before the step.
@@ -86,6 +87,7 @@ impl TorchAdamW {
             .build();
         Self {
             inner,
+            settings,
             states: HashMap::new(),
             clip_value,
             trace: None,
@@ -218,6 +220,13 @@ impl ModuleMapper for StepMapper<'_> {
         let grad = self.grads.remove::<D>(id);
         let state = self.optim.states.remove(&id);
         let value = tensor.clone().inner();
+        if grad.is_none() && state.is_none() {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        if crate::backends::adamw::applies(&value) {
+            let updated = self.fused_step(id, value, grad, state);
+            return Param::from_mapped_value(id, Self::as_param_value(&tensor, updated), mapper);
+        }
         let grad = match (grad, &state) {
             (Some(g), _) if self.factor != 1.0 => g.mul_scalar(self.factor),
             (Some(g), _) => g,
@@ -246,16 +255,81 @@ impl ModuleMapper for StepMapper<'_> {
         if let Some(state) = state {
             self.optim.states.insert(id, state);
         }
-        let updated = updated.reshape(shape);
-        let mut updated: Tensor<D> = if tensor.is_autodiff() {
+        let updated = Self::as_param_value(&tensor, updated.reshape(shape));
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+impl StepMapper<'_> {
+    /// The step through our fused kernel ([`crate::backends::adamw`]), bit for bit the same
+    /// arithmetic as the composed path of `map_float`, in one multi-threaded pass.
+    fn fused_step<const D: usize>(
+        &mut self,
+        id: ParamId,
+        value: Tensor<D>,
+        grad: Option<Tensor<D>>,
+        state: Option<AdamWState<1>>,
+    ) -> Tensor<D> {
+        let shape = value.shape();
+        let numel = shape.num_elements();
+        let grad = grad.map(|g| g.reshape([numel]));
+        if let Some(trace) = self.optim.trace.as_mut() {
+            // The record of the applied gradient, composed as the other path applies it.
+            let g = grad
+                .clone()
+                .unwrap_or_else(|| Tensor::zeros([numel], &value.device()));
+            let g = if self.factor != 1.0 {
+                g.mul_scalar(self.factor)
+            } else {
+                g
+            };
+            let g = match self.optim.clip_value {
+                Some(c) => g.clamp(-c, c),
+                None => g,
+            };
+            trace.push(AppliedGradient {
+                id,
+                lr: self.lr,
+                grad: HostTensor::from_tensor::<D>(g.reshape(shape.clone())),
+            });
+        }
+        let (time, moments) = match state {
+            Some(s) => (
+                s.momentum.time + 1,
+                Some((s.momentum.moment_1, s.momentum.moment_2)),
+            ),
+            None => (1, None),
+        };
+        let settings = self.optim.settings;
+        let scalars = crate::backends::adamw::AdamWScalars {
+            beta_1: settings.beta_1,
+            beta_2: settings.beta_2,
+            epsilon: settings.epsilon,
+            weight_decay: settings.weight_decay,
+            lr: self.lr,
+            time: time as i32,
+            factor: self.factor,
+            clip: self.optim.clip_value,
+        };
+        let (p, m, v) =
+            crate::backends::adamw::adamw_step(value.reshape([numel]), grad, moments, scalars);
+        let momentum = AdaptiveMomentumState::new(time, m, v);
+        self.optim.states.insert(id, AdamWState { momentum });
+        p.reshape(shape)
+    }
+
+    /// `updated` as the new value of the parameter `old`: on the autodiff device and requiring
+    /// gradients when `old` did.
+    fn as_param_value<const D: usize>(old: &Tensor<D>, updated: Tensor<D>) -> Tensor<D> {
+        let mut updated: Tensor<D> = if old.is_autodiff() {
             Tensor::from_inner(updated)
         } else {
             updated
         };
-        if tensor.is_require_grad() {
+        if old.is_require_grad() {
             updated = updated.require_grad();
         }
-        Param::from_mapped_value(id, updated, mapper)
+        updated
     }
 }
 
