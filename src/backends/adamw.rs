@@ -231,7 +231,7 @@ impl AdamWBackend for Flex {
         let gs = present.grad.then(|| slice(&grad));
         let moments = present.moments.then(|| (slice(&m), slice(&v)));
         let n = ps.len();
-        let (mut po, mut mo, mut vo) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+        let (mut po, mut mo, mut vo) = (super::zeroed(n), super::zeroed(n), super::zeroed(n));
         let run = |start: usize, (po, mo, vo): (&mut [f32], &mut [f32], &mut [f32])| {
             let range = start..start + po.len();
             let ins = Inputs {
