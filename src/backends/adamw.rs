@@ -362,7 +362,8 @@ mod tests {
             m: Some(&m),
             v: Some(&v),
         };
-        let run = |f: &dyn Fn(&mut [f32], &mut [f32], &mut [f32])| {
+        type Fill<'a> = &'a dyn Fn(&mut [f32], &mut [f32], &mut [f32]);
+        let run = |f: Fill| {
             let (mut po, mut mo, mut vo) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
             f(&mut po, &mut mo, &mut vo);
             (po, mo, vo)
