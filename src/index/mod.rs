@@ -745,14 +745,18 @@ mod tests {
             let index = IndexFile::open(&path).unwrap();
             assert_eq!(index.quantisation(), q);
             for row in [0, 17, 299] {
-                let hits = index
-                    .search(
-                        &values[row * dim..(row + 1) * dim],
-                        1,
-                        SearchMode::Approximate,
-                    )
-                    .unwrap();
-                assert_eq!(hits[0].row, row, "{q}");
+                let query = &values[row * dim..(row + 1) * dim];
+                // Scored exactly on the quantised rows, the row itself stays first.
+                let hits = index.search(query, 1, SearchMode::Exact).unwrap();
+                assert_eq!(hits[0].row, row, "{q}, exact");
+                // Through the graph, it is among the first few: the graph is built on
+                // several threads, so which near neighbour it ranks first may vary from build
+                // to build (once, local CI saw row 107 of the same cluster ahead of row 299).
+                let hits = index.search(query, 5, SearchMode::Approximate).unwrap();
+                assert!(
+                    hits.iter().any(|h| h.row == row),
+                    "{q}, approximate: {hits:?}"
+                );
             }
         }
     }
