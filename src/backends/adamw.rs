@@ -2,9 +2,9 @@
 //!
 //! burn's `AdamW` composes about a dozen tensor operations per parameter (moment updates, bias
 //! corrections, square root, decay, update), each a pass over memory on the calling thread with
-//! a fresh allocation; with our gradient scaling and clipping in front, the optimisers of a
-//! demo training step were a quarter of the calling thread's time while the other core waited
-//! (BENCHMARKS.md, "CPU speed, fifth round"). Here every element goes through the same f32
+//! a fresh allocation; with our gradient scaling and clipping in front, the optimisers took a
+//! large share of the calling thread's time while the other cores waited (BENCHMARKS.md, "CPU
+//! speed, fifth round"). Here every element goes through the same f32
 //! operations in the same order as burn's composition (Rust does not contract them into fused
 //! multiply-adds), so the results are bit for bit burn's: the unit test compares them, and
 //! `verify reference` checks the parameters after AdamW steps against the release.

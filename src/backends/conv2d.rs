@@ -2,8 +2,8 @@
 //! and GEMM on every core.
 //!
 //! The convolutions of ResNet-50 and GoogLeNet were lowered to burn tensor operations (pad,
-//! strided slices, `stack`, matmul; `crate::backbones::conv`). That spent a quarter of a
-//! ResNet-50 step copying on one thread: the padding, the stacked slices, transposes of whole
+//! strided slices, `stack`, matmul; `crate::backbones::conv`). That spent much of a ResNet-50
+//! step copying on one thread: the padding, the stacked slices, transposes of whole
 //! activations, zero-filled buffers, and the scatter of each slice's backward pass into a
 //! zeroed padded tensor (BENCHMARKS.md, "CPU speed, fifth round"). Here the column matrix of a
 //! group of images is written once, straight from the unpadded input, on every core, and

@@ -279,8 +279,8 @@ impl DepthwiseBackend for Flex {
             })
             .collect();
         // The images' weight gradients summed in image order, and `[taps, C]` turned back into
-        // the weight's `[C, kh, kw]`, both on every core (on one thread they were a tenth of
-        // the calling thread's time in the demo step).
+        // the weight's `[C, kh, kw]`, both on every core: on the calling thread alone they
+        // kept the other cores waiting (BENCHMARKS.md, "CPU speed, fifth round").
         let mut dw = vec![0.0f64; taps * d.channels];
         dw.par_chunks_mut(super::CHUNK)
             .enumerate()

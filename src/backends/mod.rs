@@ -107,9 +107,9 @@ pub(crate) fn rows_per_task(row: usize) -> usize {
 }
 
 /// `len` zeros, written on every core. A zero-filled buffer from the allocator is a memset on
-/// the calling thread alone; for the activations of a training step those memsets added up to
-/// a quarter of the calling thread's time while the other cores waited (BENCHMARKS.md, "CPU
-/// speed, fifth round").
+/// the calling thread alone; for the activations of a training step those memsets were a large
+/// share of the calling thread's time while the other cores waited (BENCHMARKS.md, "CPU speed,
+/// fifth round").
 pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     use rayon::prelude::*;
     if len < 4 * CHUNK {
