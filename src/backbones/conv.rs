@@ -97,59 +97,62 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 /// `conv.forward(x)` for a dense convolution through our kernel on the Flex device in f32;
 /// burn's own convolution for anything else.
 pub fn kernel_dense_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let [_, c, h, w] = x.dims();
     let weight = conv.weight.val();
-    let [co, ci, kh, kw] = weight.dims();
-    let stride = conv.stride;
-    let (top, bottom) = padding_pair(&conv.padding, 0, h, kh, stride[0]);
-    let (left, right) = padding_pair(&conv.padding, 1, w, kw, stride[1]);
-    let (hp, wp) = (h + top + bottom, w + left + right);
-    if conv.groups != 1
-        || ci != c
-        || conv.dilation != [1, 1]
-        || hp < kh
-        || wp < kw
-        || x.dtype() != burn::tensor::DType::F32
-        || !crate::backends::is_flex(&x.device())
-    {
-        return conv.forward(x);
-    }
-    let (ho, wo) = ((hp - kh) / stride[0] + 1, (wp - kw) / stride[1] + 1);
-    let y = crate::backends::conv2d::conv2d(x, weight, [stride[0], stride[1], top, left, ho, wo]);
-    match &conv.bias {
-        Some(bias) => y + bias.val().reshape([1, co, 1, 1]),
-        None => y,
+    let [_, ci, _, _] = weight.dims();
+    match kernel_geometry(conv, &x) {
+        Some(geometry) if conv.groups == 1 && ci == x.dims()[1] => {
+            with_bias(conv, crate::backends::conv2d::conv2d(x, weight, geometry))
+        }
+        _ => conv.forward(x),
     }
 }
 
 /// `conv.forward(x)` for a depthwise convolution through our kernel on the Flex device in f32;
 /// burn's own convolution for anything else.
 pub fn kernel_depthwise_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let [_, c, h, w] = x.dims();
     let weight = conv.weight.val();
     let [co, _, kh, kw] = weight.dims();
+    match kernel_geometry(conv, &x) {
+        Some(geometry) if is_depthwise(conv) && co == x.dims()[1] => {
+            let weight = weight.reshape([co, kh, kw]);
+            with_bias(
+                conv,
+                crate::backends::depthwise::depthwise_conv2d(x, weight, geometry),
+            )
+        }
+        _ => conv.forward(x),
+    }
+}
+
+/// Where our kernels run `conv` over `x`: strides, top and left padding, output size; `None`
+/// where they do not apply (dilation, a padded map smaller than the kernel, a dtype other
+/// than f32, a device other than Flex).
+fn kernel_geometry(conv: &Conv2d, x: &Tensor<4>) -> Option<crate::backends::Geometry> {
+    let [_, _, h, w] = x.dims();
+    let [_, _, kh, kw] = conv.weight.val().dims();
     let stride = conv.stride;
     let (top, bottom) = padding_pair(&conv.padding, 0, h, kh, stride[0]);
     let (left, right) = padding_pair(&conv.padding, 1, w, kw, stride[1]);
     let (hp, wp) = (h + top + bottom, w + left + right);
-    if !is_depthwise(conv)
-        || co != c
-        || conv.dilation != [1, 1]
+    if conv.dilation != [1, 1]
         || hp < kh
         || wp < kw
         || x.dtype() != burn::tensor::DType::F32
         || !crate::backends::is_flex(&x.device())
     {
-        return conv.forward(x);
+        return None;
     }
     let (ho, wo) = ((hp - kh) / stride[0] + 1, (wp - kw) / stride[1] + 1);
-    let y = crate::backends::depthwise::depthwise_conv2d(
-        x,
-        weight.reshape([c, kh, kw]),
-        [stride[0], stride[1], top, left, ho, wo],
-    );
+    Some([stride[0], stride[1], top, left, ho, wo])
+}
+
+/// `y` plus `conv`'s bias, when it has one.
+fn with_bias(conv: &Conv2d, y: Tensor<4>) -> Tensor<4> {
     match &conv.bias {
-        Some(bias) => y + bias.val().reshape([1, co, 1, 1]),
+        Some(bias) => {
+            let [co] = bias.val().dims();
+            y + bias.val().reshape([1, co, 1, 1])
+        }
         None => y,
     }
 }

@@ -230,8 +230,8 @@ impl ModuleMapper for StepMapper<'_> {
         let grad = match (grad, &state) {
             (Some(g), _) if self.factor != 1.0 => g.mul_scalar(self.factor),
             (Some(g), _) => g,
-            (None, Some(_)) => value.zeros_like(),
-            (None, None) => return Param::from_mapped_value(id, tensor, mapper),
+            // A parameter with neither was returned unchanged above.
+            (None, _) => value.zeros_like(),
         };
         let grad = match self.optim.clip_value {
             Some(c) => grad.clamp(-c, c),
