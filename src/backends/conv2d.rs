@@ -35,15 +35,12 @@ use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 pub use super::Geometry;
+use super::gemm::{Mat, matmul};
 use super::{contiguous, from_vec_shaped, valid};
 
 /// Each GEMM multiplies at least this many output columns (pixels of the images of a group),
 /// or every image of the batch when there are fewer.
 pub const MIN_COLUMNS: usize = 768;
-
-/// Below this many multiply-adds a GEMM runs on the calling thread: splitting it costs more
-/// than it saves.
-const PARALLEL_MIN_FLOPS: usize = 1 << 18;
 
 /// `y[b, o] = sum_{c, i, j} w[o, c, i, j] * x[b, c, oy * sh + i - top, ox * sw + j - left]`,
 /// input positions outside the image counting as zero.
@@ -294,93 +291,6 @@ fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
         v.resize(len, 0.0);
     }
     &mut v[..len]
-}
-
-/// A row-major matrix operand: `rows x cols` at `data`, element `(r, c)` at
-/// `r * row_stride + c * col_stride`.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// `data` as a contiguous `rows x cols` matrix.
-    fn rows(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose of `data` viewed as a contiguous `cols x rows` matrix.
-    fn transposed(data: &'a [f32], rows: usize) -> Self {
-        Self {
-            data,
-            row_stride: 1,
-            col_stride: rows,
-        }
-    }
-}
-
-/// `dst [m, n] (+)= a [m, k] x b [k, n]`, `dst` contiguous; added to `dst` when `accumulate`;
-/// on every core when `parallel` and the product is large enough.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-    parallel: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // Every index the GEMM reads or writes lies inside the slices.
-    assert!(dst.len() >= m * n);
-    assert!(a.data.len() > (m - 1) * a.row_stride + (k - 1) * a.col_stride);
-    assert!(b.data.len() > (k - 1) * b.row_stride + (n - 1) * b.col_stride);
-    let parallelism = if parallel && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_FLOPS {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every access of the GEMM inside `dst`, `a.data` and
-    // `b.data`; `dst` is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 /// Runs `f((first image, images), part, parallel_inside)` for every group of images, `part`

@@ -35,7 +35,7 @@ pub fn linear_gelu<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
         Some(bias) if D == 2 && is_flex(&x.device()) && x.dtype() == DType::F32 => bias.val(),
         _ => return gelu(linear.forward(x)),
     };
-    let product = x.matmul(linear.weight.val().unsqueeze());
+    let product = super::matmul_weight(x, linear.weight.val());
     Tensor::from_dispatch(<Dispatch as BiasGeluBackend>::bias_gelu(
         product.into_dispatch(),
         bias.into_dispatch(),

@@ -47,12 +47,15 @@ pub mod batch_norm;
 pub mod conv2d;
 pub mod depthwise;
 pub mod gelu;
+mod gemm;
 pub mod layer_norm;
+pub mod linear;
 pub mod linear_gelu;
 pub mod subnormals;
 
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
+pub use linear::{linear, matmul_weight};
 pub use linear_gelu::linear_gelu;
 pub use subnormals::flush_subnormals_on_cpu_threads;
 

@@ -37,7 +37,7 @@ impl EmbeddingHeadConfig {
 
 impl EmbeddingHead {
     pub fn forward(&self, features: Tensor<2>) -> Tensor<2> {
-        self.linear.forward(self.norm.forward(features))
+        crate::backends::linear(&self.linear, self.norm.forward(features))
     }
 }
 

@@ -7,7 +7,7 @@ use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, Linea
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Tensor};
 
-use crate::backends::{layer_norm, linear_gelu};
+use crate::backends::{layer_norm, linear, linear_gelu};
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 use crate::method::graph::CorrelationGraph;
 use crate::nn::batch_norm::{BatchNorm1d, BatchNorm1dConfig, gelu_norm};
@@ -116,9 +116,9 @@ impl NodeUpdate {
         let heads = self.num_heads;
         let hd = d / heads;
         let split = |t: Tensor<2>| t.reshape([n, heads, hd]).swap_dims(0, 1);
-        let q = split(self.query.forward(h.clone()));
-        let k = split(self.key.forward(h.clone()));
-        let v = split(self.value.forward(h.clone()));
+        let q = split(linear(&self.query, h.clone()));
+        let k = split(linear(&self.key, h.clone()));
+        let v = split(linear(&self.value, h.clone()));
 
         // scores[h, c, r] = q_c · k_r: target c attends to source r.
         let scores = q.matmul(k.swap_dims(1, 2)).div_scalar((hd as f64).sqrt());
@@ -127,7 +127,7 @@ impl NodeUpdate {
             .matmul(v)
             .swap_dims(0, 1)
             .reshape([n, d]);
-        let h1 = gelu_norm(&self.norm, self.layer_norm_eps, h + self.out.forward(att));
+        let h1 = gelu_norm(&self.norm, self.layer_norm_eps, h + linear(&self.out, att));
 
         // Messages summed over the edges whose source is the node.
         let msg = linear_gelu(&self.edge_to_node, edges)
@@ -135,7 +135,7 @@ impl NodeUpdate {
             .sum_dim(1)
             .reshape([n, d]);
         let h2 = gelu_norm(&self.norm, self.layer_norm_eps, h1 + msg);
-        let ff = self.ff_out.forward(linear_gelu(&self.ff_in, h2.clone()));
+        let ff = linear(&self.ff_out, linear_gelu(&self.ff_in, h2.clone()));
         gelu_norm(&self.norm, self.layer_norm_eps, h2 + ff)
     }
 }
@@ -197,8 +197,8 @@ impl EdgeUpdate {
     pub fn forward(&self, h: Tensor<2>, edges: Tensor<2>) -> Tensor<2> {
         let [n, d] = h.dims();
         let tokens = linear_gelu(&self.node_to_edge, h);
-        let keys = self.key.forward(tokens.clone());
-        let values = self.value.forward(tokens);
+        let keys = linear(&self.key, tokens.clone());
+        let values = linear(&self.value, tokens);
 
         // Q_rc · K_t = e_rc · (W_q K_t) + b_q · K_t: folding the query projection into the
         // per-node keys avoids an E x d x d product for Q (Linear commutes with the gather).
@@ -242,11 +242,14 @@ impl EdgeUpdate {
             self.layer_norm_eps,
             u.reshape([n * n, d]) + edges,
         );
-        let mlp = self.mlp_out.forward(layer_norm(
-            &self.mlp_norm,
-            self.layer_norm_eps,
-            linear_gelu(&self.mlp_in, e1.clone()),
-        ));
+        let mlp = linear(
+            &self.mlp_out,
+            layer_norm(
+                &self.mlp_norm,
+                self.layer_norm_eps,
+                linear_gelu(&self.mlp_in, e1.clone()),
+            ),
+        );
         gelu_norm(&self.norm, self.layer_norm_eps, mlp + e1)
     }
 }
@@ -323,7 +326,7 @@ impl GnnConfig {
 
 impl Gnn {
     pub fn forward(&self, graph: &CorrelationGraph) -> GnnOutput {
-        let mut h = self.reduce.forward(graph.nodes.clone());
+        let mut h = linear(&self.reduce, graph.nodes.clone());
         let mut edges = graph.edges.clone();
         for layer in &self.layers {
             h = layer
@@ -332,8 +335,8 @@ impl Gnn {
             edges = layer.edge.forward(h.clone(), edges);
         }
         GnnOutput {
-            node_logits: self.classifier.forward(self.node_norm.forward(h)),
-            edge_coeff: sigmoid(self.coeff.forward(self.edge_norm.forward(edges))),
+            node_logits: linear(&self.classifier, self.node_norm.forward(h)),
+            edge_coeff: sigmoid(linear(&self.coeff, self.edge_norm.forward(edges))),
         }
     }
 }

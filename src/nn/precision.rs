@@ -92,10 +92,11 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     burn::tensor::module::conv2d(x, weight, bias, options)
 }
 
-/// `linear.forward(x)` with the layer's parameters cast to `x`'s dtype.
+/// `linear.forward(x)` with the layer's parameters cast to `x`'s dtype ([`crate::backends::linear`]
+/// in f32).
 pub fn linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
     if !is_reduced(&x) {
-        return linear.forward(x);
+        return crate::backends::linear(linear, x);
     }
     let weight = weight_for(linear.weight.val(), &x);
     let bias = linear.bias.as_ref().map(|b| weight_for(b.val(), &x));

@@ -548,8 +548,11 @@ fn train_step<X: FeatureExchange>(
 
     // 5: the classifier learns the training classes on detached embeddings.
     let z = z.detach();
-    let j_softce = cross_entropy(model.classifier.forward(z.clone()), labels)
-        .mul_scalar(CLASSIFIER_LOSS_SCALE);
+    let j_softce = cross_entropy(
+        crate::backends::linear(&model.classifier, z.clone()),
+        labels,
+    )
+    .mul_scalar(CLASSIFIER_LOSS_SCALE);
     metrics.record(Loss::Softce, &j_softce);
     let mut grads = j_softce.backward();
     let g_cls = GradientsParams::from_module(&mut grads, &model.classifier);
@@ -569,8 +572,11 @@ fn train_step<X: FeatureExchange>(
     let mix_labels: Vec<usize> = (0..layout.per_class * c * c)
         .map(|k| labels[k % c])
         .collect();
-    let j_cls = cross_entropy(model.classifier.forward(syn.negatives.clone()), &mix_labels)
-        .mul_scalar(config.classification_weight);
+    let j_cls = cross_entropy(
+        crate::backends::linear(&model.classifier, syn.negatives.clone()),
+        &mix_labels,
+    )
+    .mul_scalar(config.classification_weight);
     let j_hard = hardness_loss(z, syn.negatives, layout, config.masking);
     let j_gen = (j_cls.clone()
         + j_hard.mul_scalar(config.hardness_weight)
