@@ -51,6 +51,7 @@ mod gemm;
 pub mod layer_norm;
 pub mod linear;
 pub mod linear_gelu;
+pub mod pairs;
 pub mod subnormals;
 
 pub use gelu::gelu;

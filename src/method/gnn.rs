@@ -7,6 +7,7 @@ use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, Linea
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Tensor};
 
+use crate::backends::pairs::{pair_dots, pair_mix};
 use crate::backends::{layer_norm, linear, linear_gelu};
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 use crate::method::graph::CorrelationGraph;
@@ -208,35 +209,21 @@ impl EdgeUpdate {
             Some(b) => (keys * b.val().unsqueeze_dim::<2>(0)).sum_dim(1), // [N, 1]
             None => Tensor::zeros([n, 1], &folded.device()),
         };
-        let e3 = edges.clone().reshape([n, n, d]);
-        let scale = 1.0 / (d as f64).sqrt();
-        // Source token r: batched over r, e[r] [N, d] x folded[r] [d, 1].
-        let s_src = e3
-            .clone()
-            .matmul(folded.clone().unsqueeze_dim::<3>(2))
-            .reshape([n, n])
-            + shift.clone();
-        // Target token c.
-        let s_dst = (e3.clone() * folded.unsqueeze_dim::<3>(0))
-            .sum_dim(2)
-            .reshape([n, n])
-            + shift.reshape([1, n]);
+        // Both tokens' scores of every edge, `e_rc · (W_q K_r)` and `e_rc · (W_q K_c)`.
+        let dots = pair_dots(edges.clone().reshape([n, n, d]), folded);
+        let s_src = dots.clone().narrow(2, 0, 1).reshape([n, n]) + shift.clone();
+        let s_dst = dots.narrow(2, 1, 1).reshape([n, n]) + shift.reshape([1, n]);
         // A softmax over two logits is a sigmoid of their difference.
+        let scale = 1.0 / (d as f64).sqrt();
         let w_src = sigmoid((s_src - s_dst).mul_scalar(scale));
         let w_dst = w_src.clone().neg().add_scalar(1.0);
-        let (w_src, w_dst) = if self.dropout.prob > 0.0 {
-            let w = self
-                .dropout
-                .forward(Tensor::stack::<3>(vec![w_src, w_dst], 2));
-            (
-                w.clone().narrow(2, 0, 1).reshape([n, n]),
-                w.narrow(2, 1, 1).reshape([n, n]),
-            )
+        let weights = Tensor::stack::<3>(vec![w_src, w_dst], 2);
+        let weights = if self.dropout.prob > 0.0 {
+            self.dropout.forward(weights)
         } else {
-            (w_src, w_dst)
+            weights
         };
-        let u = w_src.unsqueeze_dim::<3>(2) * values.clone().unsqueeze_dim::<3>(1)
-            + w_dst.unsqueeze_dim::<3>(2) * values.unsqueeze_dim::<3>(0);
+        let u = pair_mix(weights, values);
         let e1 = gelu_norm(
             &self.norm,
             self.layer_norm_eps,
