@@ -16,10 +16,9 @@ use burn::backend::ops::ActivationOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{DType, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use super::{CHUNK, contiguous, from_vec, is_flex};
+use super::{contiguous, from_vec, is_flex, par_map};
 
 /// GELU with the exact (erf) formulation, as PyTorch's `nn.GELU()`: our multi-threaded kernel
 /// on the CPU, burn's `gelu` on other devices.
@@ -200,25 +199,6 @@ simd_dispatch!(
     fn gelu_backward_slice(xs: &[f32], gs: &[f32], dst: &mut [MaybeUninit<f32>])
         => gelu_backward_slice_generic
 );
-
-/// A new vector of `n` elements, filled in parallel chunks by `fill(range, chunk)`, without
-/// first zeroing it.
-fn par_map<F>(n: usize, fill: F) -> Vec<f32>
-where
-    F: Fn(std::ops::Range<usize>, &mut [MaybeUninit<f32>]) + Sync,
-{
-    let mut out = Vec::<f32>::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let start = i * CHUNK;
-            fill(start..start + dst.len(), dst)
-        });
-    // SAFETY: every chunk of the first `n` elements was written above.
-    unsafe { out.set_len(n) };
-    out
-}
 
 #[cfg(test)]
 mod tests {

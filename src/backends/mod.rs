@@ -52,12 +52,14 @@ pub mod layer_norm;
 pub mod linear;
 pub mod linear_gelu;
 pub mod pairs;
+pub mod sigmoid;
 pub mod subnormals;
 
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, matmul_weight};
 pub use linear_gelu::linear_gelu;
+pub use sigmoid::sigmoid;
 pub use subnormals::flush_subnormals_on_cpu_threads;
 
 use burn::backend::DispatchDevice;
@@ -126,6 +128,26 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     // SAFETY: the first `len` elements were written just above.
     unsafe { v.set_len(len) };
     v
+}
+
+/// A new vector of `n` elements, filled in parallel chunks by `fill(range, chunk)`, without
+/// first zeroing it.
+pub(crate) fn par_map<F>(n: usize, fill: F) -> Vec<f32>
+where
+    F: Fn(std::ops::Range<usize>, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+{
+    use rayon::prelude::*;
+    let mut out = Vec::<f32>::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let start = i * CHUNK;
+            fill(start..start + dst.len(), dst)
+        });
+    // SAFETY: every chunk of the first `n` elements was written above.
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// Lanes of the f64 sums: independent running sums that the compiler keeps in vector

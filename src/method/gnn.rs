@@ -4,11 +4,10 @@
 use burn::config::Config;
 use burn::module::{Initializer, Module};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Tensor};
 
 use crate::backends::pairs::{pair_dots, pair_mix};
-use crate::backends::{layer_norm, linear, linear_gelu};
+use crate::backends::{layer_norm, linear, linear_gelu, sigmoid};
 use crate::io::state_dict::{TorchNamed, TorchParam, join};
 use crate::method::graph::CorrelationGraph;
 use crate::nn::batch_norm::{BatchNorm1d, BatchNorm1dConfig, gelu_norm};
