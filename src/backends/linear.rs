@@ -98,6 +98,7 @@ pub trait LinearBackend: Backend {
     ) -> FloatTensor<Self>;
     /// The gradients of `x`, `weight` and the bias from the output's, each only when asked
     /// for (`needs = [x, weight, bias]`); not differentiable.
+    #[allow(clippy::type_complexity)]
     fn dense_linear_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -296,6 +297,7 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
         }
     }
 
+    #[allow(clippy::type_complexity)]
     fn dense_linear_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
