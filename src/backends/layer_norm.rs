@@ -68,18 +68,22 @@ impl LayerNormBackend for Flex {
         let g = gamma.as_slice::<f32>().expect("contiguous f32");
         let b = beta.as_slice::<f32>().expect("contiguous f32");
         let n = g.len();
-        let mut out = super::zeroed(xs.len());
         let block = rows_per_task(n) * n;
-        out.par_chunks_mut(block)
+        // Every element is written below: no zero-fill first.
+        let mut out = Vec::with_capacity(xs.len());
+        out.spare_capacity_mut()[..xs.len()]
+            .par_chunks_mut(block)
             .zip(xs.par_chunks(block))
             .for_each(|(out, xs)| {
                 for (o, x) in out.chunks_mut(n).zip(xs.chunks(n)) {
                     let (mean, rstd) = row_stats(x, eps);
                     for j in 0..n {
-                        o[j] = (x[j] - mean) * rstd * g[j] + b[j];
+                        o[j].write((x[j] - mean) * rstd * g[j] + b[j]);
                     }
                 }
             });
+        // SAFETY: the chunks cover the first `xs.len()` elements, each row written in full.
+        unsafe { out.set_len(xs.len()) };
         from_vec(out, &x)
     }
 
@@ -94,10 +98,11 @@ impl LayerNormBackend for Flex {
         let g = gamma.as_slice::<f32>().expect("contiguous f32");
         let gs = grad.as_slice::<f32>().expect("contiguous f32");
         let n = g.len();
-        let mut dx = super::zeroed(xs.len());
         let block = rows_per_task(n) * n;
         let zeros = || (vec![0.0f64; n], vec![0.0f64; n]);
-        let (dgamma, dbeta) = dx
+        // Every element is written below: no zero-fill first.
+        let mut dx = Vec::with_capacity(xs.len());
+        let (dgamma, dbeta) = dx.spare_capacity_mut()[..xs.len()]
             .par_chunks_mut(block)
             .zip(xs.par_chunks(block))
             .zip(gs.par_chunks(block))
@@ -118,7 +123,7 @@ impl LayerNormBackend for Flex {
                     let (a, c) = ((a / n as f64) as f32, (c / n as f64) as f32);
                     for j in 0..n {
                         let xhat = (x[j] - mean) * rstd;
-                        dx[j] = rstd * (go[j] * g[j] - a - xhat * c);
+                        dx[j].write(rstd * (go[j] * g[j] - a - xhat * c));
                     }
                 }
                 (dgamma, dbeta)
@@ -134,6 +139,8 @@ impl LayerNormBackend for Flex {
                 }
                 (g1, b1)
             });
+        // SAFETY: the chunks cover the first `xs.len()` elements, each row written in full.
+        unsafe { dx.set_len(xs.len()) };
         let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
         (
             from_vec(dx, &x),
