@@ -19,7 +19,10 @@ use burn::nn::LayerNorm;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, from_vec, is_flex, rows_per_task, sum_f64, sum_pairs_f64, sum_sq_dev_f64};
+use super::{
+    contiguous, from_vec, is_flex, par_blocks, rows_per_task, sum_f64, sum_in_order, sum_pairs_f64,
+    sum_sq_dev_f64,
+};
 
 /// `norm` applied to `x` with epsilon `eps` (burn's `LayerNorm` keeps its epsilon private, so
 /// the caller passes the one it configured): our kernel on the CPU for f32 with a bias, burn's
@@ -69,21 +72,15 @@ impl LayerNormBackend for Flex {
         let b = beta.as_slice::<f32>().expect("contiguous f32");
         let n = g.len();
         let block = rows_per_task(n) * n;
-        // Every element is written below: no zero-fill first.
-        let mut out = Vec::with_capacity(xs.len());
-        out.spare_capacity_mut()[..xs.len()]
-            .par_chunks_mut(block)
-            .zip(xs.par_chunks(block))
-            .for_each(|(out, xs)| {
-                for (o, x) in out.chunks_mut(n).zip(xs.chunks(n)) {
-                    let (mean, rstd) = row_stats(x, eps);
-                    for j in 0..n {
-                        o[j].write((x[j] - mean) * rstd * g[j] + b[j]);
-                    }
+        let out = par_blocks(xs.len(), block, |i, out| {
+            let xs = &xs[i * block..i * block + out.len()];
+            for (o, x) in out.chunks_mut(n).zip(xs.chunks(n)) {
+                let (mean, rstd) = row_stats(x, eps);
+                for j in 0..n {
+                    o[j].write((x[j] - mean) * rstd * g[j] + b[j]);
                 }
-            });
-        // SAFETY: the chunks cover the first `xs.len()` elements, each row written in full.
-        unsafe { out.set_len(xs.len()) };
+            }
+        });
         from_vec(out, &x)
     }
 
@@ -128,17 +125,8 @@ impl LayerNormBackend for Flex {
                 }
                 (dgamma, dbeta)
             })
-            .collect::<Vec<_>>()
-            .into_iter()
-            // Summed in block order, so that the result does not depend on how rayon split
-            // the work (or on the number of threads: data-parallel ranks run fewer).
-            .fold(zeros(), |(mut g1, mut b1), (g2, b2)| {
-                for j in 0..n {
-                    g1[j] += g2[j];
-                    b1[j] += b2[j];
-                }
-                (g1, b1)
-            });
+            .unzip::<_, _, Vec<_>, Vec<_>>();
+        let (dgamma, dbeta) = (sum_in_order(dgamma, n), sum_in_order(dbeta, n));
         // SAFETY: the chunks cover the first `xs.len()` elements, each row written in full.
         unsafe { dx.set_len(xs.len()) };
         let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();

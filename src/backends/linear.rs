@@ -25,7 +25,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{Mat, product};
-use super::{contiguous, from_vec_shaped, is_flex, rows_per_task};
+use super::{contiguous, from_vec_shaped, is_flex, rows_per_task, sum_in_order};
 
 /// `linear.forward(x)`: our kernel on the CPU in f32, burn's Linear elsewhere.
 ///
@@ -141,7 +141,8 @@ fn forward(x: &FlexTensor, weight: &FlexTensor) -> Vec<f32> {
 /// block of rows, added in block order (so the result does not depend on the threads).
 fn column_sums(gs: &[f32], n: usize) -> Vec<f32> {
     let width = n.max(1);
-    gs.par_chunks(rows_per_task(width) * width)
+    let parts = gs
+        .par_chunks(rows_per_task(width) * width)
         .map(|rows| {
             let mut sums = vec![0.0f64; n];
             for row in rows.chunks_exact(width) {
@@ -151,12 +152,8 @@ fn column_sums(gs: &[f32], n: usize) -> Vec<f32> {
             }
             sums
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .fold(vec![0.0f64; n], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
+        .collect::<Vec<_>>();
+    sum_in_order(parts, n)
         .into_iter()
         .map(|s| s as f32)
         .collect()

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::gelu::{gelu, gelu_derivative_f32, gelu_f32};
-use super::{contiguous, from_vec, is_flex, rows_per_task};
+use super::{contiguous, from_vec, is_flex, rows_per_task, sum_in_order};
 
 /// `gelu(linear.forward(x))` (exact GELU): the fused kernel on the CPU for f32 with a bias,
 /// burn's Linear and our [`gelu`] otherwise.
@@ -93,14 +93,8 @@ impl BiasGeluBackend for Flex {
                 backward_rows(xs, b, gs, dst, &mut dbias);
                 dbias
             })
-            .collect::<Vec<_>>()
-            .into_iter()
-            // Summed in block order, so that the result does not depend on how rayon split
-            // the work (or on the number of threads: data-parallel ranks run fewer).
-            .fold(vec![0.0f64; n], |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            });
+            .collect::<Vec<_>>();
+        let dbias = sum_in_order(dbias, n);
         // SAFETY: every element was written by `backward_rows`.
         unsafe { dx.set_len(xs.len()) };
         let dbias = dbias.into_iter().map(|v| v as f32).collect();

@@ -130,24 +130,44 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     v
 }
 
+/// A new vector of `len` elements, each block of `block` elements written by
+/// `fill(block index, block)` on every core, without first zeroing it. `fill` must write every
+/// element of its block.
+pub(crate) fn par_blocks<F>(len: usize, block: usize, fill: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let mut out = Vec::<f32>::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(block.max(1))
+        .enumerate()
+        .for_each(|(i, dst)| fill(i, dst));
+    // SAFETY: every block of the first `len` elements was written by `fill`.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// A new vector of `n` elements, filled in parallel chunks by `fill(range, chunk)`, without
 /// first zeroing it.
 pub(crate) fn par_map<F>(n: usize, fill: F) -> Vec<f32>
 where
-    F: Fn(std::ops::Range<usize>, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+    F: Fn(std::ops::Range<usize>, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
 {
-    use rayon::prelude::*;
-    let mut out = Vec::<f32>::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let start = i * CHUNK;
-            fill(start..start + dst.len(), dst)
-        });
-    // SAFETY: every chunk of the first `n` elements was written above.
-    unsafe { out.set_len(n) };
-    out
+    par_blocks(n, CHUNK, |i, dst| {
+        let start = i * CHUNK;
+        fill(start..start + dst.len(), dst)
+    })
+}
+
+/// The per-task partial sums `parts` (each of length `n`) added in task order, so that a
+/// gradient does not depend on how rayon split the work (or on the number of threads:
+/// data-parallel ranks run fewer).
+pub(crate) fn sum_in_order(parts: Vec<Vec<f64>>, n: usize) -> Vec<f64> {
+    parts.into_iter().fold(vec![0.0; n], |mut total, part| {
+        total.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+        total
+    })
 }
 
 /// Lanes of the f64 sums: independent running sums that the compiler keeps in vector

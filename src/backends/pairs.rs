@@ -27,7 +27,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use super::{contiguous, from_vec_shaped, is_flex};
+use super::{contiguous, from_vec_shaped, is_flex, par_blocks};
 
 /// Per edge `(r, c)`, its features' dot products with the per-node vectors of its source and
 /// of its target: `out[r, c] = (x[r, c] · f[r], x[r, c] · f[c])`.
@@ -90,23 +90,6 @@ fn nd(t: &FlexTensor) -> (usize, usize) {
 
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
-}
-
-/// A `Vec` of `len` values, each block of `block` written by `fill(block index, block)`
-/// on every core.
-fn par_blocks(
-    len: usize,
-    block: usize,
-    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
-) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(block.max(1))
-        .enumerate()
-        .for_each(|(i, dst)| fill(i, dst));
-    // SAFETY: every block of the first `len` elements was written by `fill`.
-    unsafe { out.set_len(len) };
-    out
 }
 
 impl PairBackend for Flex {
