@@ -112,6 +112,20 @@ pub(crate) fn rows_per_task(row: usize) -> usize {
     (CHUNK / row.max(1)).max(1)
 }
 
+/// Runs `work` on a thread of rayon's pool (the current one, else the global one) and returns
+/// its result. Every parallel region that a thread outside the pool starts (burn-flex's, gemm's
+/// and ours alike) is injected into the pool's queue: the calling thread wakes the workers with
+/// a system call, sleeps until they finish, and is woken again. A training step starts
+/// thousands of such regions; in the demo step that round trip was 40% of the calling thread's
+/// time (BENCHMARKS.md, "CPU speed, seventh round"). On a worker, a region is pushed to the
+/// worker's own deque, the worker takes part in it, and only an idle peer is woken.
+pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    // `scope` runs its closure on a worker of the current pool (`in_worker`), which no public
+    // entry point of the global pool offers otherwise (`ThreadPool::install` needs a pool of
+    // our own, which burn-flex and gemm would not share).
+    rayon::scope(|_| work())
+}
+
 /// `len` zeros, written on every core. A zero-filled buffer from the allocator is a memset on
 /// the calling thread alone; for the activations of a training step those memsets were a large
 /// share of the calling thread's time while the other cores waited (BENCHMARKS.md, "CPU speed,
@@ -276,6 +290,34 @@ pub(crate) fn valid(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_pool_runs_on_a_worker_and_returns_its_result() {
+        use rayon::prelude::*;
+        // From a thread outside any pool: the work moves onto a worker of the global pool.
+        let outside = std::thread::spawn(|| {
+            let before = rayon::current_thread_index();
+            let (inside, sum) = on_pool(|| {
+                let sum: u64 = (0..1000u64).into_par_iter().sum();
+                (rayon::current_thread_index(), sum)
+            });
+            (before, inside, sum)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(outside, (None, outside.1, 499_500));
+        assert!(outside.1.is_some(), "ran outside the pool");
+        // From a worker: it stays on that worker.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (here, there) = pool.install(|| {
+            let here = rayon::current_thread_index();
+            (here, on_pool(rayon::current_thread_index))
+        });
+        assert_eq!(here, there);
+    }
 
     #[test]
     fn zeroed_buffers_are_zero_at_every_length() {

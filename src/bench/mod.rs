@@ -149,11 +149,14 @@ pub fn bench_backbone(
             &device,
         );
         let start = Instant::now();
-        let features = model.forward_in(images, precision);
-        let grads = features.sum().backward();
-        // GPU backends queue the work; wait for it before stopping the clock.
-        let _ = device.sync();
-        drop(grads);
+        // On a worker of the pool, as a training step runs (`Trainer::step`).
+        crate::backends::on_pool(|| {
+            let features = model.forward_in(images, precision);
+            let grads = features.sum().backward();
+            // GPU backends queue the work; wait for it before stopping the clock.
+            let _ = device.sync();
+            drop(grads);
+        });
         let elapsed = start.elapsed().as_secs_f64();
         if i >= warmup {
             times.push(elapsed);

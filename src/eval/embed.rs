@@ -133,12 +133,12 @@ pub fn embed_samples(
         out.skipped.extend(batch.skipped.iter().cloned());
         if batch.rows() > 0 {
             let images = images_tensor(&batch, &device);
-            let z = match output {
+            let z = crate::backends::on_pool(|| match output {
                 EmbedOutput::Embedding => embedder.forward_in(images, settings.precision),
                 EmbedOutput::BackboneFeatures => {
                     embedder.backbone.forward_in(images, settings.precision)
                 }
-            };
+            });
             let [_, dim] = z.dims();
             out.dim = dim;
             out.values.extend(crate::io::host::host_values(z));

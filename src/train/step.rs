@@ -309,17 +309,20 @@ impl Trainer {
 
     /// Runs one training step on `batch` and returns the updated model with the step's losses.
     /// The base loss is Proxy-Anchor when the model carries proxies, N-pair otherwise.
+    /// It runs on a thread of rayon's pool ([`on_pool`](crate::backends::on_pool)).
     pub fn step(
         &mut self,
         model: GcaHng,
         batch: &Batch,
         inputs: StepInputs,
-        mix: &mut dyn MixSource,
+        mix: &mut (dyn MixSource + Send),
     ) -> (GcaHng, StepMetrics) {
-        match self.step_exchanged(model, batch, inputs, mix, &mut SingleProcess) {
-            Ok(done) => done,
-            Err(never) => match never {},
-        }
+        crate::backends::on_pool(|| {
+            match self.step_exchanged(model, batch, inputs, mix, &mut SingleProcess) {
+                Ok(done) => done,
+                Err(never) => match never {},
+            }
+        })
     }
 
     /// [`step`](Self::step) with the backbone's features and gradients passed through
