@@ -21,7 +21,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{
-    CHUNK, contiguous, from_vec, from_vec_shaped, is_flex, rows_per_task, sum_f64, sum_pairs_f64,
+    CHUNK, LANES, contiguous, from_vec, from_vec_shaped, is_flex, rows_per_task, sum_f64,
     sum_sq_dev_f64,
 };
 
@@ -93,10 +93,34 @@ macro_rules! by_activation {
 /// and `xhat = (x - mean) * rstd`.
 #[inline(always)]
 fn grad_sums<const A: u8>(x: &[f32], y: &[f32], g: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
-    sum_pairs_f64(x.len(), |i| {
-        let g = if act_passes::<A>(y[i]) { g[i] } else { 0.0 };
-        (g, g * ((x[i] - mean) * rstd))
-    })
+    // The same lanes and order as `sum_pairs_f64` (element i into lane i % LANES, the tail
+    // after), over zipped chunks: indexing three slices from a closure kept their bounds
+    // checks and the loop scalar.
+    let term = |x: f32, y: f32, g: f32| {
+        let g = if act_passes::<A>(y) { g } else { 0.0 };
+        (g, g * ((x - mean) * rstd))
+    };
+    let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (xc, yc, gc) = (
+        x.chunks_exact(LANES),
+        y.chunks_exact(LANES),
+        g.chunks_exact(LANES),
+    );
+    let (xr, yr, gr) = (xc.remainder(), yc.remainder(), gc.remainder());
+    for ((x, y), g) in xc.zip(yc).zip(gc) {
+        for k in 0..LANES {
+            let (a, b) = term(x[k], y[k], g[k]);
+            la[k] += f64::from(a);
+            lb[k] += f64::from(b);
+        }
+    }
+    let (mut ra, mut rb) = (0.0f64, 0.0f64);
+    for ((&x, &y), &g) in xr.iter().zip(yr).zip(gr) {
+        let (a, b) = term(x, y, g);
+        ra += f64::from(a);
+        rb += f64::from(b);
+    }
+    (la.iter().sum::<f64>() + ra, lb.iter().sum::<f64>() + rb)
 }
 
 /// Per channel: the mean, `1 / sqrt(var + eps)` and the input gradient's `(k, a, b)`.
@@ -104,6 +128,7 @@ type DxParams<'a> = (&'a [f32], &'a [f32], &'a [(f32, f32, f32)]);
 
 /// Outside training: the input gradient over the planes of one task, and each plane's
 /// `(sum(g'), sum(g' * xhat))`, from one read of the inputs.
+#[inline(always)]
 fn eval_planes<const A: u8>(
     (dx, xs, ys, gs): (&mut [f32], &[f32], &[f32], &[f32]),
     first: usize,
@@ -112,19 +137,25 @@ fn eval_planes<const A: u8>(
 ) -> Vec<(f64, f64)> {
     dx_planes::<A, false>((dx, xs, ys, gs), first, planes, (mean, rstd, coef));
     let size = planes.size.max(1);
-    xs.chunks(size)
+    // Plain loops here and below: an iterator adapter's `fold` or `collect` is a function of
+    // its own, compiled for the baseline instruction set even when called from a
+    // `simd_dispatch!` copy, and the summing loop inlined into it ran on SSE2.
+    let mut sums = Vec::with_capacity(xs.len().div_ceil(size));
+    for (i, ((x, y), g)) in xs
+        .chunks(size)
         .zip(ys.chunks(size))
         .zip(gs.chunks(size))
         .enumerate()
-        .map(|(i, ((x, y), g))| {
-            let c = (first + i) % planes.channels;
-            grad_sums::<A>(x, y, g, mean[c], rstd[c])
-        })
-        .collect()
+    {
+        let c = (first + i) % planes.channels;
+        sums.push(grad_sums::<A>(x, y, g, mean[c], rstd[c]));
+    }
+    sums
 }
 
 /// `out = act((x - mean[c]) * scale[c] + bias[c])` over the planes of one task, the first
 /// being plane `first`.
+#[inline(always)]
 fn forward_planes<const A: u8>(
     out: &mut [f32],
     xs: &[f32],
@@ -144,6 +175,7 @@ fn forward_planes<const A: u8>(
 
 /// The input gradient over the planes of one task: `k * (g' - a - xhat * b)` with
 /// `(k, a, b)` per channel in training, `k * g'` otherwise.
+#[inline(always)]
 fn dx_planes<const A: u8, const TRAIN: bool>(
     (dx, xs, ys, gs): (&mut [f32], &[f32], &[f32], &[f32]),
     first: usize,
@@ -171,6 +203,139 @@ fn dx_planes<const A: u8, const TRAIN: bool>(
         }
     }
 }
+
+// The per-task loops again, each compiled for AVX-512 and for AVX2 too (`simd_dispatch!`, chosen
+// at run time; the binary itself targets SSE2). The dispatched copies are plain functions, so
+// each takes the activation as an argument and picks the specialised loop.
+
+/// One channel's `(sum(g'), sum(g' * xhat))` over its planes in batch order.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn channel_sums(
+    act: Activation,
+    xs: &[f32],
+    ys: &[f32],
+    gs: &[f32],
+    planes: &Planes,
+    c: usize,
+    mean: f32,
+    rstd: f32,
+) -> (f64, f64) {
+    #[inline(always)]
+    fn of<const A: u8>(
+        (xs, ys, gs): (&[f32], &[f32], &[f32]),
+        planes: &Planes,
+        c: usize,
+        (mean, rstd): (f32, f32),
+    ) -> (f64, f64) {
+        let (mut a, mut b) = (0.0, 0.0);
+        for ((x, y), g) in planes
+            .channel(xs, c)
+            .zip(planes.channel(ys, c))
+            .zip(planes.channel(gs, c))
+        {
+            let (pa, pb) = grad_sums::<A>(x, y, g, mean, rstd);
+            a += pa;
+            b += pb;
+        }
+        (a, b)
+    }
+    by_activation!(act, of((xs, ys, gs), planes, c, (mean, rstd)))
+}
+simd_dispatch!(
+    fn channel_sums_simd(
+        act: Activation,
+        xs: &[f32],
+        ys: &[f32],
+        gs: &[f32],
+        planes: &Planes,
+        c: usize,
+        mean: f32,
+        rstd: f32,
+    ) -> (f64, f64) => channel_sums
+);
+
+/// One channel's batch mean and biased variance (two passes, f64).
+#[inline(always)]
+fn channel_stats(xs: &[f32], planes: &Planes, c: usize) -> (f32, f32) {
+    let n = (planes.batch * planes.size) as f64;
+    let mut sum = 0.0;
+    for p in planes.channel(xs, c) {
+        sum += sum_f64(p);
+    }
+    let mean = sum / n;
+    let mut sq = 0.0;
+    for p in planes.channel(xs, c) {
+        sq += sum_sq_dev_f64(p, mean);
+    }
+    (mean as f32, (sq / n) as f32)
+}
+simd_dispatch!(fn channel_stats_simd(xs: &[f32], planes: &Planes, c: usize) -> (f32, f32) => channel_stats);
+
+/// [`forward_planes`] for the activation `act`.
+#[inline(always)]
+fn forward_task(
+    act: Activation,
+    out: &mut [f32],
+    xs: &[f32],
+    first: usize,
+    planes: &Planes,
+    params: (&[f32], &[f32], &[f32]),
+) {
+    by_activation!(act, forward_planes(out, xs, first, planes, params))
+}
+simd_dispatch!(
+    fn forward_task_simd(
+        act: Activation,
+        out: &mut [f32],
+        xs: &[f32],
+        first: usize,
+        planes: &Planes,
+        params: (&[f32], &[f32], &[f32]),
+    ) => forward_task
+);
+
+/// [`dx_planes`] in training mode for the activation `act`.
+#[inline(always)]
+fn dx_task(
+    act: Activation,
+    args: (&mut [f32], &[f32], &[f32], &[f32]),
+    first: usize,
+    planes: &Planes,
+    params: DxParams,
+) {
+    by_activation!(act, dx_planes::<true>(args, first, planes, params))
+}
+simd_dispatch!(
+    fn dx_task_simd(
+        act: Activation,
+        args: (&mut [f32], &[f32], &[f32], &[f32]),
+        first: usize,
+        planes: &Planes,
+        params: DxParams,
+    ) => dx_task
+);
+
+/// [`eval_planes`] for the activation `act`.
+#[inline(always)]
+fn eval_task(
+    act: Activation,
+    args: (&mut [f32], &[f32], &[f32], &[f32]),
+    first: usize,
+    planes: &Planes,
+    params: DxParams,
+) -> Vec<(f64, f64)> {
+    by_activation!(act, eval_planes(args, first, planes, params))
+}
+simd_dispatch!(
+    fn eval_task_simd(
+        act: Activation,
+        args: (&mut [f32], &[f32], &[f32], &[f32]),
+        first: usize,
+        planes: &Planes,
+        params: DxParams,
+    ) -> Vec<(f64, f64)> => eval_task
+);
 
 /// Whether [`batch_norm_act`] runs our kernel for `x` (f32 on the Flex backend); elsewhere the
 /// caller composes burn's BatchNorm and [`Activation::apply`].
@@ -271,6 +436,7 @@ impl Planes {
     }
 
     /// The planes of channel `c`, in batch order.
+    #[inline(always)]
     fn channel<'a>(&self, data: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> {
         let (s, ch) = (self.size, self.channels);
         (0..self.batch).map(move |b| &data[(b * ch + c) * s..][..s])
@@ -456,12 +622,7 @@ impl BatchNormBackend for Flex {
             let shape = Shape::new([planes.channels]);
             (from_vec_shaped(m, shape.clone()), from_vec_shaped(v, shape))
         } else if train {
-            let n = (planes.batch * planes.size) as f64;
-            let stats = planes.per_channel(|c| {
-                let mean = planes.channel(xs, c).map(sum_f64).sum::<f64>() / n;
-                let sq: f64 = planes.channel(xs, c).map(|p| sum_sq_dev_f64(p, mean)).sum();
-                (mean as f32, (sq / n) as f32)
-            });
+            let stats = planes.per_channel(|c| channel_stats_simd(xs, &planes, c));
             let (m, v): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
             let shape = Shape::new([planes.channels]);
             (from_vec_shaped(m, shape.clone()), from_vec_shaped(v, shape))
@@ -484,10 +645,7 @@ impl BatchNormBackend for Flex {
             .enumerate()
             .for_each(|(task, (out, xs))| {
                 let params = (m, &scale[..], b);
-                by_activation!(
-                    act,
-                    forward_planes(out, xs, task * per_task, &planes, params)
-                );
+                forward_task_simd(act, out, xs, task * per_task, &planes, params);
             });
         (from_vec(out, &x), mean, var)
     }
@@ -534,14 +692,8 @@ impl BatchNormBackend for Flex {
         // its product with the normalised input (weight gradient).
         let sums: Vec<(f64, f64)> = if train {
             // dx = w * rstd * (g' - mean(g') - xhat * mean(g' * xhat)): the sums first.
-            let sums = planes.per_channel(|c| {
-                planes
-                    .channel(xs, c)
-                    .zip(planes.channel(ys, c))
-                    .zip(planes.channel(gs, c))
-                    .map(|((x, y), g)| by_activation!(act, grad_sums(x, y, g, m[c], rstd[c])))
-                    .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d))
-            });
+            let sums = planes
+                .per_channel(|c| channel_sums_simd(act, xs, ys, gs, &planes, c, m[c], rstd[c]));
             let n = (planes.batch * planes.size) as f64;
             let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
                 .map(|c| {
@@ -556,7 +708,7 @@ impl BatchNormBackend for Flex {
                 .for_each(|(task, ((dx, xs), (ys, gs)))| {
                     let params = (m, &rstd[..], &coef[..]);
                     let (args, first) = ((dx, xs, ys, gs), task * per_task);
-                    by_activation!(act, dx_planes::<true>(args, first, &planes, params));
+                    dx_task_simd(act, args, first, &planes, params);
                 });
             sums
         } else {
@@ -573,7 +725,7 @@ impl BatchNormBackend for Flex {
                 .map(|(task, ((dx, xs), (ys, gs)))| {
                     let params = (m, &rstd[..], &coef[..]);
                     let (args, first) = ((dx, xs, ys, gs), task * per_task);
-                    by_activation!(act, eval_planes(args, first, &planes, params))
+                    eval_task_simd(act, args, first, &planes, params)
                 })
                 .collect();
             let mut sums = vec![(0.0f64, 0.0f64); planes.channels];
@@ -716,6 +868,115 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        // 37-element planes: whole 8-lane chunks and a tail; values around ReLU6's bounds.
+        let planes = Planes {
+            batch: 3,
+            channels: 5,
+            size: 37,
+        };
+        let len = planes.batch * planes.channels * planes.size;
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut draw = || -> Vec<f32> { (0..len).map(|_| rng.random_range(-2.0..8.0)).collect() };
+        let (xs, ys, gs) = (draw(), draw(), draw());
+        let mean: Vec<f32> = (0..planes.channels).map(|c| 0.3 * c as f32 - 0.5).collect();
+        let rstd: Vec<f32> = (0..planes.channels).map(|c| 0.7 + 0.1 * c as f32).collect();
+        let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
+            .map(|c| (0.9 - 0.05 * c as f32, 0.01 * c as f32, -0.02 * c as f32))
+            .collect();
+        let params = (&mean[..], &rstd[..], &coef[..]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let run = |act: Activation, isa: u8| -> (Vec<u64>, Vec<u32>) {
+            // SAFETY (isa 1, 2): only called where the CPU has the instruction set.
+            let mut sums = Vec::new();
+            for c in 0..planes.channels {
+                let (m, r) = (mean[c], rstd[c]);
+                let (a, b) = match isa {
+                    0 => channel_sums(act, &xs, &ys, &gs, &planes, c, m, r),
+                    #[cfg(target_arch = "x86_64")]
+                    1 => unsafe { channel_sums_simd::avx2(act, &xs, &ys, &gs, &planes, c, m, r) },
+                    #[cfg(target_arch = "x86_64")]
+                    _ => unsafe { channel_sums_simd::avx512(act, &xs, &ys, &gs, &planes, c, m, r) },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!(),
+                };
+                let (sm, sv) = match isa {
+                    0 => channel_stats(&xs, &planes, c),
+                    #[cfg(target_arch = "x86_64")]
+                    1 => unsafe { channel_stats_simd::avx2(&xs, &planes, c) },
+                    #[cfg(target_arch = "x86_64")]
+                    _ => unsafe { channel_stats_simd::avx512(&xs, &planes, c) },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!(),
+                };
+                sums.extend([
+                    a.to_bits(),
+                    b.to_bits(),
+                    sm.to_bits() as u64,
+                    sv.to_bits() as u64,
+                ]);
+            }
+            let (mut fwd, mut dx, mut ev) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+            let fparams = (&mean[..], &rstd[..], &xs[..planes.channels]);
+            let eval = match isa {
+                0 => {
+                    forward_task(act, &mut fwd, &xs, 0, &planes, fparams);
+                    dx_task(act, (&mut dx, &xs, &ys, &gs), 0, &planes, params);
+                    eval_task(act, (&mut ev, &xs, &ys, &gs), 0, &planes, params)
+                }
+                #[cfg(target_arch = "x86_64")]
+                1 => unsafe {
+                    forward_task_simd::avx2(act, &mut fwd, &xs, 0, &planes, fparams);
+                    dx_task_simd::avx2(act, (&mut dx, &xs, &ys, &gs), 0, &planes, params);
+                    eval_task_simd::avx2(act, (&mut ev, &xs, &ys, &gs), 0, &planes, params)
+                },
+                #[cfg(target_arch = "x86_64")]
+                _ => unsafe {
+                    forward_task_simd::avx512(act, &mut fwd, &xs, 0, &planes, fparams);
+                    dx_task_simd::avx512(act, (&mut dx, &xs, &ys, &gs), 0, &planes, params);
+                    eval_task_simd::avx512(act, (&mut ev, &xs, &ys, &gs), 0, &planes, params)
+                },
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!(),
+            };
+            sums.extend(eval.iter().flat_map(|&(a, b)| [a.to_bits(), b.to_bits()]));
+            (sums, [bits(&fwd), bits(&dx), bits(&ev)].concat())
+        };
+        for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+            let reference = run(act, 0);
+            // The per-plane sums are those of the f64 lanes (`sum_pairs_f64`).
+            for (p, chunk) in xs.chunks(planes.size).enumerate() {
+                let c = p % planes.channels;
+                let (y, g) = (
+                    &ys[p * planes.size..][..planes.size],
+                    &gs[p * planes.size..][..planes.size],
+                );
+                let want = by_activation!(act, grad_sums(chunk, y, g, mean[c], rstd[c]));
+                let passes = |i: usize| match act {
+                    Activation::Identity => true,
+                    Activation::Relu => y[i] > 0.0,
+                    Activation::Relu6 => y[i] > 0.0 && y[i] < 6.0,
+                };
+                let lanes = super::super::sum_pairs_f64(chunk.len(), |i| {
+                    let gi = if passes(i) { g[i] } else { 0.0 };
+                    (gi, gi * ((chunk[i] - mean[c]) * rstd[c]))
+                });
+                assert_eq!(want, lanes, "plane {p}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                use crate::backends::{has_avx2, has_avx512};
+                if has_avx2() {
+                    assert_eq!(run(act, 1), reference, "{act:?}, AVX2");
+                }
+                if has_avx512() {
+                    assert_eq!(run(act, 2), reference, "{act:?}, AVX-512");
+                }
+            }
+        }
+    }
 
     /// burn's BatchNorm (training or running statistics), then the activation.
     fn composed(

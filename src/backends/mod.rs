@@ -189,6 +189,7 @@ pub(crate) fn sum_in_order(parts: Vec<Vec<f64>>, n: usize) -> Vec<f64> {
 pub(crate) const LANES: usize = 8;
 
 /// `sum(x)` in f64.
+#[inline(always)]
 pub(crate) fn sum_f64(x: &[f32]) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -202,6 +203,7 @@ pub(crate) fn sum_f64(x: &[f32]) -> f64 {
 }
 
 /// `sum((x - mean)^2)` in f64.
+#[inline(always)]
 pub(crate) fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 {
     let mut lanes = [0.0f64; LANES];
     let chunks = x.chunks_exact(LANES);
