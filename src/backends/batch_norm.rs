@@ -208,18 +208,15 @@ fn dx_planes<const A: u8, const TRAIN: bool>(
 // at run time; the binary itself targets SSE2). The dispatched copies are plain functions, so
 // each takes the activation as an argument and picks the specialised loop.
 
-/// One channel's `(sum(g'), sum(g' * xhat))` over its planes in batch order.
-#[allow(clippy::too_many_arguments)]
+/// One channel's `(sum(g'), sum(g' * xhat))` over its planes in batch order, from the inputs,
+/// outputs and output gradients `(xs, ys, gs)` and the channel's `(mean, rstd)`.
 #[inline(always)]
 fn channel_sums(
     act: Activation,
-    xs: &[f32],
-    ys: &[f32],
-    gs: &[f32],
+    data: (&[f32], &[f32], &[f32]),
     planes: &Planes,
     c: usize,
-    mean: f32,
-    rstd: f32,
+    stats: (f32, f32),
 ) -> (f64, f64) {
     #[inline(always)]
     fn of<const A: u8>(
@@ -240,18 +237,15 @@ fn channel_sums(
         }
         (a, b)
     }
-    by_activation!(act, of((xs, ys, gs), planes, c, (mean, rstd)))
+    by_activation!(act, of(data, planes, c, stats))
 }
 simd_dispatch!(
     fn channel_sums_simd(
         act: Activation,
-        xs: &[f32],
-        ys: &[f32],
-        gs: &[f32],
+        data: (&[f32], &[f32], &[f32]),
         planes: &Planes,
         c: usize,
-        mean: f32,
-        rstd: f32,
+        stats: (f32, f32),
     ) -> (f64, f64) => channel_sums
 );
 
@@ -693,7 +687,7 @@ impl BatchNormBackend for Flex {
         let sums: Vec<(f64, f64)> = if train {
             // dx = w * rstd * (g' - mean(g') - xhat * mean(g' * xhat)): the sums first.
             let sums = planes
-                .per_channel(|c| channel_sums_simd(act, xs, ys, gs, &planes, c, m[c], rstd[c]));
+                .per_channel(|c| channel_sums_simd(act, (xs, ys, gs), &planes, c, (m[c], rstd[c])));
             let n = (planes.batch * planes.size) as f64;
             let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
                 .map(|c| {
@@ -894,11 +888,15 @@ mod tests {
             for c in 0..planes.channels {
                 let (m, r) = (mean[c], rstd[c]);
                 let (a, b) = match isa {
-                    0 => channel_sums(act, &xs, &ys, &gs, &planes, c, m, r),
+                    0 => channel_sums(act, (&xs, &ys, &gs), &planes, c, (m, r)),
                     #[cfg(target_arch = "x86_64")]
-                    1 => unsafe { channel_sums_simd::avx2(act, &xs, &ys, &gs, &planes, c, m, r) },
+                    1 => unsafe {
+                        channel_sums_simd::avx2(act, (&xs, &ys, &gs), &planes, c, (m, r))
+                    },
                     #[cfg(target_arch = "x86_64")]
-                    _ => unsafe { channel_sums_simd::avx512(act, &xs, &ys, &gs, &planes, c, m, r) },
+                    _ => unsafe {
+                        channel_sums_simd::avx512(act, (&xs, &ys, &gs), &planes, c, (m, r))
+                    },
                     #[cfg(not(target_arch = "x86_64"))]
                     _ => unreachable!(),
                 };
