@@ -73,9 +73,18 @@ fn act_value<const A: u8>(v: f32) -> f32 {
 fn act_passes<const A: u8>(y: f32) -> bool {
     match A {
         RELU => y > 0.0,
-        RELU6 => y > 0.0 && y < 6.0,
+        RELU6 => (y > 0.0) & (y < 6.0),
         _ => true,
     }
+}
+
+/// `g` where the activation passes the gradient ([`act_passes`]), else `+0.0`: a select by bit
+/// mask, which the compiler turns into vector compares and ANDs (written as a branch, it kept
+/// the summing loops scalar, one compare and jump per element).
+#[inline(always)]
+fn gate<const A: u8>(y: f32, g: f32) -> f32 {
+    let keep = 0u32.wrapping_sub(u32::from(act_passes::<A>(y)));
+    f32::from_bits(g.to_bits() & keep)
 }
 
 /// Calls `$f::<A>($args)` with the activation's code as `A`.
@@ -97,7 +106,7 @@ fn grad_sums<const A: u8>(x: &[f32], y: &[f32], g: &[f32], mean: f32, rstd: f32)
     // after), over zipped chunks: indexing three slices from a closure kept their bounds
     // checks and the loop scalar.
     let term = |x: f32, y: f32, g: f32| {
-        let g = if act_passes::<A>(y) { g } else { 0.0 };
+        let g = gate::<A>(y, g);
         (g, g * ((x - mean) * rstd))
     };
     let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
@@ -194,7 +203,7 @@ fn dx_planes<const A: u8, const TRAIN: bool>(
         let (k, a, b) = coef[c];
         let (mc, rc) = (mean[c], rstd[c]);
         for (((d, &x), &y), &g) in dx.iter_mut().zip(x).zip(y).zip(g) {
-            let g = if act_passes::<A>(y) { g } else { 0.0 };
+            let g = gate::<A>(y, g);
             *d = if TRAIN {
                 k * (g - a - (x - mc) * rc * b)
             } else {
@@ -554,7 +563,7 @@ mod rows {
                 .zip(gs[r].chunks_exact(c));
             for ((x, y), g) in rows {
                 for (k, ((&x, &y), &g)) in x.iter().zip(y).zip(g).enumerate() {
-                    let g = if act_passes::<A>(y) { g } else { 0.0 };
+                    let g = gate::<A>(y, g);
                     a[k] += f64::from(g);
                     b[k] += f64::from(g * ((x - mean[k]) * rstd[k]));
                 }
@@ -581,7 +590,7 @@ mod rows {
                     .zip(ys.chunks_exact(c).zip(gs.chunks_exact(c)));
                 for ((d, x), (y, g)) in rows {
                     for (k, (((d, &x), &y), &g)) in d.iter_mut().zip(x).zip(y).zip(g).enumerate() {
-                        let g = if act_passes::<A>(y) { g } else { 0.0 };
+                        let g = gate::<A>(y, g);
                         let (kk, a, b) = coef[k];
                         *d = if TRAIN {
                             kk * (g - a - (x - mean[k]) * rstd[k] * b)
@@ -862,6 +871,29 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    #[test]
+    fn the_gradient_gate_is_the_branch_bit_for_bit() {
+        let special = [
+            0.0,
+            -0.0,
+            6.0,
+            5.999_999_5,
+            1e-45,
+            -1e-45,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        let values: Vec<f32> = special.iter().copied().chain([-3.5, 0.25, 7.0]).collect();
+        for &y in &values {
+            for &g in &values {
+                let want = |pass: bool| (if pass { g } else { 0.0 }).to_bits();
+                assert_eq!(gate::<IDENTITY>(y, g).to_bits(), want(true));
+                assert_eq!(gate::<RELU>(y, g).to_bits(), want(y > 0.0));
+                assert_eq!(gate::<RELU6>(y, g).to_bits(), want(y > 0.0 && y < 6.0));
+            }
+        }
+    }
 
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
