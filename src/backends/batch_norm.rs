@@ -21,7 +21,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{
-    CHUNK, LANES, contiguous, from_vec, from_vec_shaped, is_flex, rows_per_task, sum_f64,
+    CHUNK, contiguous, from_vec, from_vec_shaped, is_flex, rows_per_task, sum_f64, sum_pairs_f64,
     sum_sq_dev_f64,
 };
 
@@ -102,34 +102,10 @@ macro_rules! by_activation {
 /// and `xhat = (x - mean) * rstd`.
 #[inline(always)]
 fn grad_sums<const A: u8>(x: &[f32], y: &[f32], g: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
-    // The same lanes and order as `sum_pairs_f64` (element i into lane i % LANES, the tail
-    // after), over zipped chunks: indexing three slices from a closure kept their bounds
-    // checks and the loop scalar.
-    let term = |x: f32, y: f32, g: f32| {
+    sum_pairs_f64((x, y, g), |x, y, g| {
         let g = gate::<A>(y, g);
         (g, g * ((x - mean) * rstd))
-    };
-    let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let (xc, yc, gc) = (
-        x.chunks_exact(LANES),
-        y.chunks_exact(LANES),
-        g.chunks_exact(LANES),
-    );
-    let (xr, yr, gr) = (xc.remainder(), yc.remainder(), gc.remainder());
-    for ((x, y), g) in xc.zip(yc).zip(gc) {
-        for k in 0..LANES {
-            let (a, b) = term(x[k], y[k], g[k]);
-            la[k] += f64::from(a);
-            lb[k] += f64::from(b);
-        }
-    }
-    let (mut ra, mut rb) = (0.0f64, 0.0f64);
-    for ((&x, &y), &g) in xr.iter().zip(yr).zip(gr) {
-        let (a, b) = term(x, y, g);
-        ra += f64::from(a);
-        rb += f64::from(b);
-    }
-    (la.iter().sum::<f64>() + ra, lb.iter().sum::<f64>() + rb)
+    })
 }
 
 /// Per channel: the mean, `1 / sqrt(var + eps)` and the input gradient's `(k, a, b)`.
@@ -976,7 +952,7 @@ mod tests {
         };
         for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
             let reference = run(act, 0);
-            // The per-plane sums are those of the f64 lanes (`sum_pairs_f64`).
+            // The per-plane sums are those of `sum_pairs_f64`'s lanes.
             for (p, chunk) in xs.chunks(planes.size).enumerate() {
                 let c = p % planes.channels;
                 let (y, g) = (
@@ -984,14 +960,15 @@ mod tests {
                     &gs[p * planes.size..][..planes.size],
                 );
                 let want = by_activation!(act, grad_sums(chunk, y, g, mean[c], rstd[c]));
-                let passes = |i: usize| match act {
-                    Activation::Identity => true,
-                    Activation::Relu => y[i] > 0.0,
-                    Activation::Relu6 => y[i] > 0.0 && y[i] < 6.0,
-                };
-                let lanes = super::super::sum_pairs_f64(chunk.len(), |i| {
-                    let gi = if passes(i) { g[i] } else { 0.0 };
-                    (gi, gi * ((chunk[i] - mean[c]) * rstd[c]))
+                // The gate written as the branch it replaces.
+                let lanes = sum_pairs_f64((chunk, y, g), |x, y, g| {
+                    let passes = match act {
+                        Activation::Identity => true,
+                        Activation::Relu => y > 0.0,
+                        Activation::Relu6 => y > 0.0 && y < 6.0,
+                    };
+                    let g = if passes { g } else { 0.0 };
+                    (g, g * ((x - mean[c]) * rstd[c]))
                 });
                 assert_eq!(want, lanes, "plane {p}");
             }

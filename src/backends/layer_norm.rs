@@ -108,9 +108,9 @@ impl LayerNormBackend for Flex {
                 for ((dx, x), go) in dx.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
                     let (mean, rstd) = row_stats(x, eps);
                     // dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
-                    let (a, c) = sum_pairs_f64(n, |j| {
-                        let gg = go[j] * g[j];
-                        (gg, gg * ((x[j] - mean) * rstd))
+                    let (a, c) = sum_pairs_f64((x, go, g), |x, go, g| {
+                        let gg = go * g;
+                        (gg, gg * ((x - mean) * rstd))
                     });
                     for j in 0..n {
                         let xhat = (x[j] - mean) * rstd;

@@ -116,7 +116,7 @@ pub(crate) fn rows_per_task(row: usize) -> usize {
 /// its result. Every parallel region that a thread outside the pool starts (burn-flex's, gemm's
 /// and ours alike) is injected into the pool's queue: the calling thread wakes the workers with
 /// a system call, sleeps until they finish, and is woken again. A training step starts
-/// thousands of such regions; in the demo step that round trip was 40% of the calling thread's
+/// thousands of such regions, and that round trip was a large share of the calling thread's
 /// time (BENCHMARKS.md, "CPU speed, seventh round"). On a worker, a region is pushed to the
 /// worker's own deque, the worker takes part in it, and only an idle peer is woken.
 pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
@@ -221,21 +221,32 @@ pub(crate) fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 {
     lanes.iter().sum::<f64>() + rest
 }
 
-/// `(sum(a), sum(b))` in f64 over the pairs `f(i)`, `i` in `0..n`.
+/// `(sum(a), sum(b))` in f64 over the pairs `f(x[i], y[i], z[i])` of three equally long
+/// slices: element `i` goes into lane `i % LANES` while whole chunks of `LANES` last, the tail
+/// after, in order. The slices are walked as zipped chunks, not indexed from a closure, so no
+/// bounds check keeps the loop from vectorising.
 #[inline(always)]
-pub(crate) fn sum_pairs_f64(n: usize, f: impl Fn(usize) -> (f32, f32)) -> (f64, f64) {
+pub(crate) fn sum_pairs_f64(
+    (x, y, z): (&[f32], &[f32], &[f32]),
+    f: impl Fn(f32, f32, f32) -> (f32, f32),
+) -> (f64, f64) {
     let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let full = n / LANES * LANES;
-    for i in (0..full).step_by(LANES) {
+    let (xc, yc, zc) = (
+        x.chunks_exact(LANES),
+        y.chunks_exact(LANES),
+        z.chunks_exact(LANES),
+    );
+    let (xr, yr, zr) = (xc.remainder(), yc.remainder(), zc.remainder());
+    for ((x, y), z) in xc.zip(yc).zip(zc) {
         for k in 0..LANES {
-            let (a, b) = f(i + k);
+            let (a, b) = f(x[k], y[k], z[k]);
             la[k] += f64::from(a);
             lb[k] += f64::from(b);
         }
     }
     let (mut ra, mut rb) = (0.0f64, 0.0f64);
-    for i in full..n {
-        let (a, b) = f(i);
+    for ((&x, &y), &z) in xr.iter().zip(yr).zip(zr) {
+        let (a, b) = f(x, y, z);
         ra += f64::from(a);
         rb += f64::from(b);
     }
@@ -319,6 +330,34 @@ mod tests {
             (here, on_pool(rayon::current_thread_index))
         });
         assert_eq!(here, there);
+    }
+
+    #[test]
+    fn pair_sums_use_fixed_lanes_then_the_tail() {
+        for n in [0, 1, 7, 8, 9, 37] {
+            let x: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 1e-3).collect();
+            let y: Vec<f32> = (0..n).map(|i| 1e8 - i as f32).collect();
+            let z: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
+            // The order written out by index: lane i % LANES over whole chunks, then the tail.
+            let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
+            let full = n / LANES * LANES;
+            for i in 0..full {
+                la[i % LANES] += f64::from(x[i] * z[i]);
+                lb[i % LANES] += f64::from(y[i]);
+            }
+            let (mut ra, mut rb) = (0.0f64, 0.0f64);
+            for i in full..n {
+                ra += f64::from(x[i] * z[i]);
+                rb += f64::from(y[i]);
+            }
+            let want = (la.iter().sum::<f64>() + ra, lb.iter().sum::<f64>() + rb);
+            let got = sum_pairs_f64((&x, &y, &z), |x, y, z| (x * z, y));
+            assert_eq!(
+                (got.0.to_bits(), got.1.to_bits()),
+                (want.0.to_bits(), want.1.to_bits()),
+                "n = {n}"
+            );
+        }
     }
 
     #[test]
