@@ -1032,3 +1032,25 @@ fn embeddings_in_fortran_order_or_with_nan_and_flags_that_do_nothing() {
         "{err}"
     );
 }
+
+#[test]
+fn bench_train_reports_its_steps_and_the_cores_they_kept_busy() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = env!("CARGO_BIN_EXE_gca-hng");
+    let out = succeed(Command::new(bin).args([
+        "bench", "train", "--preset", "demo", "--steps", "2", "--warmup", "1", "--json",
+    ]));
+    let r: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(r["steps"], 2, "{r}");
+    assert_eq!(r["images_per_step"], 32, "{r}");
+    let median = r["median_s"].as_f64().unwrap();
+    assert!(
+        median > 0.0 && r["min_s"].as_f64().unwrap() <= median,
+        "{r}"
+    );
+    // Every step trains a backbone, so the process works on at least one core for most of
+    // it, and never on more cores than it has threads to run.
+    let cores = r["cores"].as_f64().unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    assert!(cores > 0.3 && cores < threads + 0.5, "{r}");
+}

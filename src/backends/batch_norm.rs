@@ -111,31 +111,43 @@ fn grad_sums<const A: u8>(x: &[f32], y: &[f32], g: &[f32], mean: f32, rstd: f32)
 /// Per channel: the mean, `1 / sqrt(var + eps)` and the input gradient's `(k, a, b)`.
 type DxParams<'a> = (&'a [f32], &'a [f32], &'a [(f32, f32, f32)]);
 
-/// Outside training: the input gradient over the planes of one task, and each plane's
-/// `(sum(g'), sum(g' * xhat))`, from one read of the inputs.
+/// Outside training, over a run of whole planes of one image, the first in channel `first`:
+/// the input gradient `k * g'`, and each plane's `(sum(g'), sum(g' * xhat))` added to its
+/// channel's running sums in `acc` (`acc[0]` is channel `first`'s).
 #[inline(always)]
-fn eval_planes<const A: u8>(
+fn eval_segment<const A: u8>(
     (dx, xs, ys, gs): (&mut [f32], &[f32], &[f32], &[f32]),
     first: usize,
-    planes: &Planes,
+    size: usize,
     (mean, rstd, coef): DxParams,
-) -> Vec<(f64, f64)> {
-    dx_planes::<A, false>((dx, xs, ys, gs), first, planes, (mean, rstd, coef));
-    let size = planes.size.max(1);
+    acc: &mut [(f64, f64)],
+) {
+    let size = size.max(1);
+    for (i, ((dx, y), g)) in dx
+        .chunks_mut(size)
+        .zip(ys.chunks(size))
+        .zip(gs.chunks(size))
+        .enumerate()
+    {
+        let k = coef[first + i].0;
+        for ((d, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+            *d = k * gate::<A>(y, g);
+        }
+    }
     // Plain loops here and below: an iterator adapter's `fold` or `collect` is a function of
     // its own, compiled for the baseline instruction set even when called from a
     // `simd_dispatch!` copy, and the summing loop inlined into it ran on SSE2.
-    let mut sums = Vec::with_capacity(xs.len().div_ceil(size));
     for (i, ((x, y), g)) in xs
         .chunks(size)
         .zip(ys.chunks(size))
         .zip(gs.chunks(size))
         .enumerate()
     {
-        let c = (first + i) % planes.channels;
-        sums.push(grad_sums::<A>(x, y, g, mean[c], rstd[c]));
+        let c = first + i;
+        let (a, b) = grad_sums::<A>(x, y, g, mean[c], rstd[c]);
+        acc[i].0 += a;
+        acc[i].1 += b;
     }
-    sums
 }
 
 /// `out = act((x - mean[c]) * scale[c] + bias[c])` over the planes of one task, the first
@@ -158,10 +170,10 @@ fn forward_planes<const A: u8>(
     }
 }
 
-/// The input gradient over the planes of one task: `k * (g' - a - xhat * b)` with
-/// `(k, a, b)` per channel in training, `k * g'` otherwise.
+/// In training, the input gradient over the planes of one task: `k * (g' - a - xhat * b)`
+/// with `(k, a, b)` per channel.
 #[inline(always)]
-fn dx_planes<const A: u8, const TRAIN: bool>(
+fn dx_planes<const A: u8>(
     (dx, xs, ys, gs): (&mut [f32], &[f32], &[f32], &[f32]),
     first: usize,
     planes: &Planes,
@@ -180,11 +192,7 @@ fn dx_planes<const A: u8, const TRAIN: bool>(
         let (mc, rc) = (mean[c], rstd[c]);
         for (((d, &x), &y), &g) in dx.iter_mut().zip(x).zip(y).zip(g) {
             let g = gate::<A>(y, g);
-            *d = if TRAIN {
-                k * (g - a - (x - mc) * rc * b)
-            } else {
-                k * g
-            };
+            *d = k * (g - a - (x - mc) * rc * b);
         }
     }
 }
@@ -274,7 +282,7 @@ simd_dispatch!(
     ) => forward_task
 );
 
-/// [`dx_planes`] in training mode for the activation `act`.
+/// [`dx_planes`] for the activation `act`.
 #[inline(always)]
 fn dx_task(
     act: Activation,
@@ -283,7 +291,7 @@ fn dx_task(
     planes: &Planes,
     params: DxParams,
 ) {
-    by_activation!(act, dx_planes::<true>(args, first, planes, params))
+    by_activation!(act, dx_planes(args, first, planes, params))
 }
 simd_dispatch!(
     fn dx_task_simd(
@@ -295,26 +303,64 @@ simd_dispatch!(
     ) => dx_task
 );
 
-/// [`eval_planes`] for the activation `act`.
+/// [`eval_segment`] for the activation `act`.
 #[inline(always)]
 fn eval_task(
     act: Activation,
     args: (&mut [f32], &[f32], &[f32], &[f32]),
     first: usize,
-    planes: &Planes,
+    size: usize,
     params: DxParams,
-) -> Vec<(f64, f64)> {
-    by_activation!(act, eval_planes(args, first, planes, params))
+    acc: &mut [(f64, f64)],
+) {
+    by_activation!(act, eval_segment(args, first, size, params, acc))
 }
 simd_dispatch!(
     fn eval_task_simd(
         act: Activation,
         args: (&mut [f32], &[f32], &[f32], &[f32]),
         first: usize,
-        planes: &Planes,
+        size: usize,
         params: DxParams,
-    ) -> Vec<(f64, f64)> => eval_task
+        acc: &mut [(f64, f64)],
+    ) => eval_task
 );
+
+/// Outside training: the input gradient and the per-channel `(sum(g'), sum(g' * xhat))`. Each
+/// task takes a block of channels through the whole batch, so that it adds a channel's plane
+/// sums in batch order itself: no per-plane results to keep and add up afterwards on one
+/// thread, which for the 2 x 2 planes late in a small network had cost more than the planes.
+fn eval_backward(
+    act: Activation,
+    (xs, ys, gs): (&[f32], &[f32], &[f32]),
+    planes: &Planes,
+    params: DxParams,
+) -> (Vec<f32>, Vec<(f64, f64)>) {
+    let (channels, size) = (planes.channels, planes.size.max(1));
+    let per_task = (CHUNK / (planes.batch * size).max(1)).max(1);
+    let mut dx = Vec::with_capacity(xs.len());
+    let out = super::SharedOut::of(&mut dx);
+    let sums: Vec<Vec<(f64, f64)>> = (0..channels.div_ceil(per_task))
+        .into_par_iter()
+        .map(|task| {
+            let (c0, c1) = (task * per_task, ((task + 1) * per_task).min(channels));
+            let mut acc = vec![(0.0, 0.0); c1 - c0];
+            for b in 0..planes.batch {
+                let r = (b * channels + c0) * size..(b * channels + c1) * size;
+                // SAFETY: `r` is channels `c0..c1` of image `b`: inside `xs.len()`, the
+                // capacity, and disjoint from every other task's and image's range.
+                let dx = unsafe { out.range(r.clone()) };
+                let args = (dx, &xs[r.clone()], &ys[r.clone()], &gs[r]);
+                eval_task_simd(act, args, c0, size, params, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    // SAFETY: the tasks wrote every element: their channel blocks cover `0..channels` for
+    // every image, and `xs.len() = batch * channels * size`.
+    unsafe { dx.set_len(xs.len()) };
+    (dx, sums.concat())
+}
 
 /// Whether [`batch_norm_act`] runs our kernel for `x` (f32 on the Flex backend); elsewhere the
 /// caller composes burn's BatchNorm and [`Activation::apply`].
@@ -612,20 +658,18 @@ impl BatchNormBackend for Flex {
         let scale: Vec<f32> = (0..planes.channels)
             .map(|c| inv_std(v[c], eps) * w[c])
             .collect();
-        let mut out = super::zeroed(xs.len());
         if planes.size == 1 {
+            let mut out = super::zeroed(xs.len());
             by_activation!(act, rows_forward(&mut out, xs, (m, &scale[..], b)));
             return (from_vec(out, &x), mean, var);
         }
         let block = planes.block();
         let per_task = block / planes.size.max(1);
-        out.par_chunks_mut(block)
-            .zip(xs.par_chunks(block))
-            .enumerate()
-            .for_each(|(task, (out, xs))| {
-                let params = (m, &scale[..], b);
-                forward_task_simd(act, out, xs, task * per_task, &planes, params);
-            });
+        let out = super::par_blocks_zeroed(xs.len(), block, |task, out| {
+            let xs = &xs[task * block..][..out.len()];
+            let params = (m, &scale[..], b);
+            forward_task_simd(act, out, xs, task * per_task, &planes, params);
+        });
         (from_vec(out, &x), mean, var)
     }
 
@@ -647,8 +691,8 @@ impl BatchNormBackend for Flex {
         let (w, m, v) = (slice(&weight), slice(&mean), slice(&var));
         let planes = Planes::of(&x);
         let rstd: Vec<f32> = v.iter().map(|&v| inv_std(v, eps)).collect();
-        let mut dx = super::zeroed(xs.len());
         if planes.size == 1 {
+            let mut dx = super::zeroed(xs.len());
             let sums = by_activation!(act, rows_grad_sums((xs, ys, gs), (m, &rstd[..])));
             let n = planes.batch as f64;
             let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
@@ -665,56 +709,35 @@ impl BatchNormBackend for Flex {
             }
             return grads(dx, &x, &sums);
         }
-        let block = planes.block();
-        let per_task = block / planes.size.max(1);
-        // Per channel: the sum of the gradient past the activation (bias gradient) and of
-        // its product with the normalised input (weight gradient).
-        let sums: Vec<(f64, f64)> = if train {
-            // dx = w * rstd * (g' - mean(g') - xhat * mean(g' * xhat)): the sums first.
-            let sums = planes
-                .per_channel(|c| channel_sums_simd(act, (xs, ys, gs), &planes, c, (m[c], rstd[c])));
-            let n = (planes.batch * planes.size) as f64;
-            let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
-                .map(|c| {
-                    let (sg, sgx) = sums[c];
-                    (w[c] * rstd[c], (sg / n) as f32, (sgx / n) as f32)
-                })
-                .collect();
-            dx.par_chunks_mut(block)
-                .zip(xs.par_chunks(block))
-                .zip(ys.par_chunks(block).zip(gs.par_chunks(block)))
-                .enumerate()
-                .for_each(|(task, ((dx, xs), (ys, gs)))| {
-                    let params = (m, &rstd[..], &coef[..]);
-                    let (args, first) = ((dx, xs, ys, gs), task * per_task);
-                    dx_task_simd(act, args, first, &planes, params);
-                });
-            sums
-        } else {
-            // dx = w * rstd * g' needs no sums: one pass, each plane's sums kept apart and
-            // added per channel in batch order (independent of the threads).
+        if !train {
+            // dx = w * rstd * g' needs no sums first: one pass.
             let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
                 .map(|c| (w[c] * rstd[c], 0.0, 0.0))
                 .collect();
-            let per_plane: Vec<Vec<(f64, f64)>> = dx
-                .par_chunks_mut(block)
-                .zip(xs.par_chunks(block))
-                .zip(ys.par_chunks(block).zip(gs.par_chunks(block)))
-                .enumerate()
-                .map(|(task, ((dx, xs), (ys, gs)))| {
-                    let params = (m, &rstd[..], &coef[..]);
-                    let (args, first) = ((dx, xs, ys, gs), task * per_task);
-                    eval_task_simd(act, args, first, &planes, params)
-                })
-                .collect();
-            let mut sums = vec![(0.0f64, 0.0f64); planes.channels];
-            for (p, (a, b)) in per_plane.into_iter().flatten().enumerate() {
-                let s = &mut sums[p % planes.channels];
-                s.0 += a;
-                s.1 += b;
-            }
-            sums
-        };
+            let params = (m, &rstd[..], &coef[..]);
+            let (dx, sums) = eval_backward(act, (xs, ys, gs), &planes, params);
+            return grads(dx, &x, &sums);
+        }
+        // Per channel: the sum of the gradient past the activation (bias gradient) and of its
+        // product with the normalised input (weight gradient); then
+        // dx = w * rstd * (g' - mean(g') - xhat * mean(g' * xhat)).
+        let sums = planes
+            .per_channel(|c| channel_sums_simd(act, (xs, ys, gs), &planes, c, (m[c], rstd[c])));
+        let n = (planes.batch * planes.size) as f64;
+        let coef: Vec<(f32, f32, f32)> = (0..planes.channels)
+            .map(|c| {
+                let (sg, sgx) = sums[c];
+                (w[c] * rstd[c], (sg / n) as f32, (sgx / n) as f32)
+            })
+            .collect();
+        let block = planes.block();
+        let per_task = block / planes.size.max(1);
+        let dx = super::par_blocks_zeroed(xs.len(), block, |task, dx| {
+            let r = task * block..task * block + dx.len();
+            let params = (m, &rstd[..], &coef[..]);
+            let args = (dx, &xs[r.clone()], &ys[r.clone()], &gs[r]);
+            dx_task_simd(act, args, task * per_task, &planes, params);
+        });
         grads(dx, &x, &sums)
     }
 }
@@ -926,27 +949,40 @@ mod tests {
             }
             let (mut fwd, mut dx, mut ev) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
             let fparams = (&mean[..], &rstd[..], &xs[..planes.channels]);
-            let eval = match isa {
+            let mut eval = vec![(0.0, 0.0); planes.channels];
+            let image = planes.channels * planes.size;
+            match isa {
                 0 => {
                     forward_task(act, &mut fwd, &xs, 0, &planes, fparams);
                     dx_task(act, (&mut dx, &xs, &ys, &gs), 0, &planes, params);
-                    eval_task(act, (&mut ev, &xs, &ys, &gs), 0, &planes, params)
                 }
                 #[cfg(target_arch = "x86_64")]
                 1 => unsafe {
                     forward_task_simd::avx2(act, &mut fwd, &xs, 0, &planes, fparams);
                     dx_task_simd::avx2(act, (&mut dx, &xs, &ys, &gs), 0, &planes, params);
-                    eval_task_simd::avx2(act, (&mut ev, &xs, &ys, &gs), 0, &planes, params)
                 },
                 #[cfg(target_arch = "x86_64")]
                 _ => unsafe {
                     forward_task_simd::avx512(act, &mut fwd, &xs, 0, &planes, fparams);
                     dx_task_simd::avx512(act, (&mut dx, &xs, &ys, &gs), 0, &planes, params);
-                    eval_task_simd::avx512(act, (&mut ev, &xs, &ys, &gs), 0, &planes, params)
                 },
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!(),
-            };
+            }
+            for b in 0..planes.batch {
+                let r = b * image..(b + 1) * image;
+                let args = (&mut ev[r.clone()], &xs[r.clone()], &ys[r.clone()], &gs[r]);
+                let (size, acc) = (planes.size, &mut eval[..]);
+                match isa {
+                    0 => eval_task(act, args, 0, size, params, acc),
+                    #[cfg(target_arch = "x86_64")]
+                    1 => unsafe { eval_task_simd::avx2(act, args, 0, size, params, acc) },
+                    #[cfg(target_arch = "x86_64")]
+                    _ => unsafe { eval_task_simd::avx512(act, args, 0, size, params, acc) },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!(),
+                }
+            }
             sums.extend(eval.iter().flat_map(|&(a, b)| [a.to_bits(), b.to_bits()]));
             (sums, [bits(&fwd), bits(&dx), bits(&ev)].concat())
         };
@@ -1229,6 +1265,50 @@ mod tests {
         let grad = x.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
         // hardtanh_backward: 1 strictly inside (0, 6), 0 at both ends and outside.
         assert_eq!(grad, vec![0.0, 0.0, 1.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn the_frozen_backward_adds_each_channels_planes_in_batch_order() {
+        // 2 x 2 planes and enough channels for several tasks with a short last one, then one
+        // task of planes larger than a task's share.
+        for (batch, channels, size) in [(3, 5001, 4), (2, 3, 40_000)] {
+            let planes = Planes {
+                batch,
+                channels,
+                size,
+            };
+            let len = batch * channels * size;
+            let mut rng = StdRng::seed_from_u64(11);
+            let mut draw =
+                || -> Vec<f32> { (0..len).map(|_| rng.random_range(-2.0..8.0)).collect() };
+            let (xs, ys, gs) = (draw(), draw(), draw());
+            let mean: Vec<f32> = (0..channels).map(|c| (c % 7) as f32 * 0.3 - 0.5).collect();
+            let rstd: Vec<f32> = (0..channels).map(|c| 0.7 + (c % 5) as f32 * 0.1).collect();
+            let coef: Vec<(f32, f32, f32)> = (0..channels)
+                .map(|c| (0.9 - (c % 3) as f32 * 0.05, 0.0, 0.0))
+                .collect();
+            for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+                let params = (&mean[..], &rstd[..], &coef[..]);
+                let (dx, sums) = eval_backward(act, (&xs, &ys, &gs), &planes, params);
+                // One plane at a time, in memory order (images outer), on one thread.
+                let mut want_dx = vec![0.0f32; len];
+                let mut want = vec![(0.0f64, 0.0f64); channels];
+                for p in 0..batch * channels {
+                    let (c, r) = (p % channels, p * size..(p + 1) * size);
+                    for i in r.clone() {
+                        let g = by_activation!(act, gate(ys[i], gs[i]));
+                        want_dx[i] = coef[c].0 * g;
+                    }
+                    let (x, y, g) = (&xs[r.clone()], &ys[r.clone()], &gs[r]);
+                    let (a, b) = by_activation!(act, grad_sums(x, y, g, mean[c], rstd[c]));
+                    want[c].0 += a;
+                    want[c].1 += b;
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&dx), bits(&want_dx), "{act:?} {size}");
+                assert_eq!(sums, want, "{act:?} {size}");
+            }
+        }
     }
 
     #[test]

@@ -162,6 +162,56 @@ where
     out
 }
 
+/// A new vector of `len` elements, each block of `block` elements zeroed and then handed to
+/// `fill(block index, block)` by one task, on every core. The block is in cache when `fill`
+/// writes it; [`zeroed`] followed by a parallel pass writes the whole buffer to memory twice.
+pub(crate) fn par_blocks_zeroed<F>(len: usize, block: usize, fill: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    par_blocks(len, block, |i, dst| fill(i, zero_init(dst)))
+}
+
+/// `dst` zeroed, as the initialised slice it now is.
+fn zero_init(dst: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    dst.fill(std::mem::MaybeUninit::new(0.0));
+    // SAFETY: every element was initialised just above, and `MaybeUninit<f32>` has the layout
+    // of `f32`.
+    unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// An output buffer that tasks write in disjoint ranges that are not its blocks in order (a
+/// block of channels through every image of a batch, say), which `par_chunks_mut` cannot hand
+/// out. Made with a vector's capacity; the vector's length is set once every element has been
+/// written.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(*mut f32);
+
+// SAFETY: the tasks that share it write disjoint ranges (`range`'s contract).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn of(v: &mut Vec<f32>) -> Self {
+        Self(v.as_mut_ptr())
+    }
+
+    /// The elements `r`, zeroed.
+    ///
+    /// # Safety
+    /// `r` lies within the vector's capacity, and no other live slice from this buffer
+    /// overlaps it.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn range(&self, r: std::ops::Range<usize>) -> &mut [f32] {
+        // SAFETY: in bounds and unaliased by the contract; zeroed before the slice is made.
+        unsafe {
+            let p = self.0.add(r.start);
+            p.write_bytes(0, r.len());
+            std::slice::from_raw_parts_mut(p, r.len())
+        }
+    }
+}
+
 /// A new vector of `n` elements, filled in parallel chunks by `fill(range, chunk)`, without
 /// first zeroing it.
 pub(crate) fn par_map<F>(n: usize, fill: F) -> Vec<f32>
@@ -230,6 +280,18 @@ pub(crate) fn sum_pairs_f64(
     (x, y, z): (&[f32], &[f32], &[f32]),
     f: impl Fn(f32, f32, f32) -> (f32, f32),
 ) -> (f64, f64) {
+    if x.len() < LANES {
+        // The tail alone: the lanes would add `+0.0`, which changes no sum here (a sum that
+        // starts at `+0.0` is never `-0.0`). Small planes (2 x 2 late in a network) come by
+        // the ten thousand, and setting up and adding the lanes cost more than their pairs.
+        let (mut ra, mut rb) = (0.0f64, 0.0f64);
+        for ((&x, &y), &z) in x.iter().zip(y).zip(z) {
+            let (a, b) = f(x, y, z);
+            ra += f64::from(a);
+            rb += f64::from(b);
+        }
+        return (ra, rb);
+    }
     let (mut la, mut lb) = ([0.0f64; LANES], [0.0f64; LANES]);
     let (xc, yc, zc) = (
         x.chunks_exact(LANES),
@@ -334,7 +396,7 @@ mod tests {
 
     #[test]
     fn pair_sums_use_fixed_lanes_then_the_tail() {
-        for n in [0, 1, 7, 8, 9, 37] {
+        for n in [0, 1, 4, 7, 8, 9, 37] {
             let x: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 1e-3).collect();
             let y: Vec<f32> = (0..n).map(|i| 1e8 - i as f32).collect();
             let z: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
@@ -357,6 +419,12 @@ mod tests {
                 (want.0.to_bits(), want.1.to_bits()),
                 "n = {n}"
             );
+        }
+        // Negative zeros: the sums are `+0.0` on both paths, short and long.
+        for n in [3, 11] {
+            let zeros = vec![-0.0f32; n];
+            let got = sum_pairs_f64((&zeros, &zeros, &zeros), |x, y, _| (x, y));
+            assert_eq!((got.0.to_bits(), got.1.to_bits()), (0, 0), "n = {n}");
         }
     }
 

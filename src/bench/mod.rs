@@ -115,6 +115,26 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
 }
 
 /// The median of a non-empty list.
+/// CPU seconds this process has used so far, on all its threads (user and system), or `None`
+/// where the clock is not available. Divided by wall seconds it gives the cores a run kept
+/// busy, which a wall time alone cannot show.
+pub fn process_cpu_seconds() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `t` is a valid, writable timespec for the call's duration.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        (rc == 0).then(|| t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -163,4 +183,34 @@ pub fn bench_backbone(
         }
     }
     times
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_process_clock_counts_work_on_any_thread() {
+        let Some(before) = process_cpu_seconds() else {
+            return;
+        };
+        // Busy on another thread until its own work shows in the process clock (capped in
+        // wall time, so that a clock that never moves fails instead of hanging).
+        let worker = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut x = 0u64;
+            while start.elapsed() < Duration::from_secs(20) {
+                for i in 0..100_000u64 {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+                }
+                if process_cpu_seconds().is_some_and(|now| now - before >= 0.05) {
+                    return true;
+                }
+            }
+            false
+        });
+        assert!(worker.join().unwrap(), "the process clock did not advance");
+        assert!(process_cpu_seconds().unwrap() >= before + 0.05);
+    }
 }

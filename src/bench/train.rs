@@ -1,6 +1,7 @@
 //! Timing whole training steps of a configuration: the loader, the backbone's forward and
 //! backward passes, the GCA-HNG step and its three optimisers, as `train` runs them.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,9 +41,20 @@ pub struct TrainBench {
 pub struct TrainTimes {
     pub seconds: Vec<f64>,
     pub images_per_step: usize,
+    /// CPU seconds of the whole process (every thread: the step, the pool, the loader) over
+    /// the timed steps; `None` where the process clock is not available.
+    pub cpu_seconds: Option<f64>,
 }
 
 impl TrainTimes {
+    /// Cores kept busy on average over the timed steps: CPU seconds over wall seconds.
+    pub fn cores(&self) -> Option<f64> {
+        let wall: f64 = self.seconds.iter().sum();
+        self.cpu_seconds
+            .filter(|_| wall > 0.0)
+            .map(|cpu| cpu / wall)
+    }
+
     pub fn images_per_second(&self) -> f64 {
         self.images_per_step as f64 / super::median(&self.seconds)
     }
@@ -93,11 +105,18 @@ pub fn bench_train(
     };
     let total = bench.warmup + bench.steps;
     let mut seconds = Vec::with_capacity(bench.steps);
+    // The process clock is read where the wall clock restarts, so both span the same steps.
+    let cpu_start = Cell::new(None);
+    let cpu_end = Cell::new(None);
     let mut record = |i: usize, since: &mut Instant| {
         if i >= bench.warmup {
             seconds.push(since.elapsed().as_secs_f64());
+            cpu_end.set(super::process_cpu_seconds());
         }
         *since = Instant::now();
+        if i + 1 == bench.warmup {
+            cpu_start.set(super::process_cpu_seconds());
+        }
     };
     let mut step = |model: GcaHng, batch: &Batch, i: usize| {
         ad.seed(sample_seed(seed, 0, i as u64));
@@ -117,6 +136,9 @@ pub fn bench_train(
         let size = config.data.image_size;
         let labels: Vec<usize> = (0..n).map(|i| i % layout.classes).collect();
         let mut since = Instant::now();
+        if bench.warmup == 0 {
+            cpu_start.set(super::process_cpu_seconds());
+        }
         for i in 0..total {
             let batch = Batch {
                 images: Tensor::<4>::random(
@@ -186,6 +208,9 @@ pub fn bench_train(
             },
         )?;
         let mut since = Instant::now();
+        if bench.warmup == 0 {
+            cpu_start.set(super::process_cpu_seconds());
+        }
         for (i, host) in loader.enumerate() {
             let host = host.map_err(|e| Error::Context {
                 what: format!("batch {i}"),
@@ -202,5 +227,27 @@ pub fn bench_train(
     Ok(TrainTimes {
         seconds,
         images_per_step: n,
+        cpu_seconds: cpu_start.get().zip(cpu_end.get()).map(|(a, b)| b - a),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_are_cpu_seconds_over_the_timed_wall_seconds() {
+        let times = |cpu| TrainTimes {
+            seconds: vec![0.5, 1.5],
+            images_per_step: 32,
+            cpu_seconds: cpu,
+        };
+        assert_eq!(times(Some(3.0)).cores(), Some(1.5));
+        assert_eq!(times(None).cores(), None);
+        let none_timed = TrainTimes {
+            seconds: vec![0.0],
+            ..times(Some(1.0))
+        };
+        assert_eq!(none_timed.cores(), None);
+    }
 }

@@ -347,16 +347,20 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                         "min_s": min,
                         "max_s": max,
                         "images_per_s": r.images_per_second(),
+                        "cores": r.cores(),
                     })
                 );
             } else {
                 println!(
-                    "bench train {preset}{} {} on {spec}: median {m:.3} s per step of {} images over {} steps (min {min:.3}, max {max:.3}), {:.1} images/s",
+                    "bench train {preset}{} {} on {spec}: median {m:.3} s per step of {} images over {} steps (min {min:.3}, max {max:.3}), {:.1} images/s{}",
                     if synthetic { " (synthetic)" } else { "" },
                     config.train.precision,
                     r.images_per_step,
                     r.seconds.len(),
-                    r.images_per_second()
+                    r.images_per_second(),
+                    r.cores()
+                        .map(|c| format!(", {c:.2} cores busy"))
+                        .unwrap_or_default()
                 );
             }
         }
