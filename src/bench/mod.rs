@@ -114,7 +114,6 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
     times
 }
 
-/// The median of a non-empty list.
 /// CPU seconds this process has used so far, on all its threads (user and system), or `None`
 /// where the clock is not available. Divided by wall seconds it gives the cores a run kept
 /// busy, which a wall time alone cannot show.
@@ -135,6 +134,7 @@ pub fn process_cpu_seconds() -> Option<f64> {
     }
 }
 
+/// The median of a non-empty list.
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));

@@ -1,7 +1,6 @@
 //! Timing whole training steps of a configuration: the loader, the backbone's forward and
 //! backward passes, the GCA-HNG step and its three optimisers, as `train` runs them.
 
-use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,6 +59,22 @@ impl TrainTimes {
     }
 }
 
+/// The wall clock and the process's CPU clock, read together so that both span the same steps.
+#[derive(Clone, Copy)]
+struct Clock {
+    wall: Instant,
+    cpu: Option<f64>,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: super::process_cpu_seconds(),
+        }
+    }
+}
+
 /// Training classes of the release's datasets, which size the classifier and the proxies
 /// of a synthetic run as the real run would be sized.
 fn train_classes(kind: DatasetKind) -> Option<usize> {
@@ -105,18 +120,16 @@ pub fn bench_train(
     };
     let total = bench.warmup + bench.steps;
     let mut seconds = Vec::with_capacity(bench.steps);
-    // The process clock is read where the wall clock restarts, so both span the same steps.
-    let cpu_start = Cell::new(None);
-    let cpu_end = Cell::new(None);
-    let mut record = |i: usize, since: &mut Instant| {
+    let mut cpu_seconds = Some(0.0);
+    let mut record = |i: usize, since: &mut Clock| {
+        let now = Clock::now();
         if i >= bench.warmup {
-            seconds.push(since.elapsed().as_secs_f64());
-            cpu_end.set(super::process_cpu_seconds());
+            seconds.push(now.wall.duration_since(since.wall).as_secs_f64());
+            cpu_seconds = cpu_seconds
+                .zip(now.cpu.zip(since.cpu))
+                .map(|(total, (end, start))| total + end - start);
         }
-        *since = Instant::now();
-        if i + 1 == bench.warmup {
-            cpu_start.set(super::process_cpu_seconds());
-        }
+        *since = now;
     };
     let mut step = |model: GcaHng, batch: &Batch, i: usize| {
         ad.seed(sample_seed(seed, 0, i as u64));
@@ -135,10 +148,7 @@ pub fn bench_train(
         let mut model = setup::init_model(config, num_classes, &ad)?;
         let size = config.data.image_size;
         let labels: Vec<usize> = (0..n).map(|i| i % layout.classes).collect();
-        let mut since = Instant::now();
-        if bench.warmup == 0 {
-            cpu_start.set(super::process_cpu_seconds());
-        }
+        let mut since = Clock::now();
         for i in 0..total {
             let batch = Batch {
                 images: Tensor::<4>::random(
@@ -207,10 +217,7 @@ pub fn bench_train(
                 skip_batches: 0,
             },
         )?;
-        let mut since = Instant::now();
-        if bench.warmup == 0 {
-            cpu_start.set(super::process_cpu_seconds());
-        }
+        let mut since = Clock::now();
         for (i, host) in loader.enumerate() {
             let host = host.map_err(|e| Error::Context {
                 what: format!("batch {i}"),
@@ -227,7 +234,7 @@ pub fn bench_train(
     Ok(TrainTimes {
         seconds,
         images_per_step: n,
-        cpu_seconds: cpu_start.get().zip(cpu_end.get()).map(|(a, b)| b - a),
+        cpu_seconds,
     })
 }
 
