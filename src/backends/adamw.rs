@@ -1,17 +1,24 @@
-//! One AdamW step of one parameter as a single multi-threaded pass, for the Flex backend.
+//! AdamW steps of all of an optimiser's parameters as one multi-threaded pass, for the Flex
+//! backend.
 //!
 //! burn's `AdamW` composes about a dozen tensor operations per parameter (moment updates, bias
 //! corrections, square root, decay, update), each a pass over memory on the calling thread with
 //! a fresh allocation; with our gradient scaling and clipping in front, the optimisers took a
 //! large share of the calling thread's time while the other cores waited (BENCHMARKS.md, "CPU
-//! speed, fifth round"). Here every element goes through the same f32
-//! operations in the same order as burn's composition (Rust does not contract them into fused
-//! multiply-adds), so the results are bit for bit burn's: the unit test compares them, and
-//! `verify reference` checks the parameters after AdamW steps against the release.
+//! speed, fifth round"). A step of one parameter at a time still left a core idle: most of a
+//! backbone's parameters (BatchNorm scales, biases, depthwise filters) are too small to be
+//! worth splitting, so they ran one after another on one thread (BENCHMARKS.md, "CPU speed,
+//! ninth round"). Here the parameters of a step are cut into tasks of at most `CHUNK`
+//! elements, small parameters one task each, and every core takes tasks from the one list.
+//!
+//! Every element goes through the same f32 operations in the same order as burn's
+//! composition (Rust does not contract them into fused multiply-adds), so the results are bit
+//! for bit burn's: the unit test compares them, and `verify reference` checks the parameters
+//! after AdamW steps against the release.
+
+use std::mem::MaybeUninit;
 
 use burn::backend::flex::{Flex, FlexTensor};
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
@@ -35,68 +42,71 @@ pub struct AdamWScalars {
     pub clip: Option<f64>,
 }
 
-/// Whether [`adamw_step`] runs our kernel for `param` (f32 on the Flex backend).
+/// Whether [`adamw_steps`] runs our kernel for `param` (f32 on the Flex backend).
 pub fn applies<const D: usize>(param: &Tensor<D>) -> bool {
     param.dtype() == DType::F32 && is_flex(&param.device())
 }
 
-/// One AdamW step: returns the updated parameter and moments. `grad` `None` is a zero
-/// gradient (PyTorch keeps stepping a parameter that once had one); `moments` `None` is a
-/// parameter's first step. Every tensor is on the Flex device, not tracked by autodiff.
+/// One parameter's part in [`adamw_steps`]. Every tensor is flat, on the Flex device and not
+/// tracked by autodiff.
+pub struct AdamWJob {
+    pub param: Tensor<1>,
+    /// `None`: a zero gradient (PyTorch keeps stepping a parameter that once had one).
+    pub grad: Option<Tensor<1>>,
+    /// The first and second moments; `None` on the parameter's first step.
+    pub moments: Option<(Tensor<1>, Tensor<1>)>,
+    pub scalars: AdamWScalars,
+}
+
+/// One AdamW step of every job's parameter, all in one pass over every core: returns, in the
+/// jobs' order, each updated parameter and its new first and second moments.
 ///
 /// # Shapes
-/// - `param`, `grad`, both moments: `[n]`
-/// - output: `[n]` three times (parameter, first moment, second moment)
-pub fn adamw_step(
-    param: Tensor<1>,
-    grad: Option<Tensor<1>>,
-    moments: Option<(Tensor<1>, Tensor<1>)>,
-    scalars: AdamWScalars,
-) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
-    // The extension takes no optional tensors: an absent one is passed as `param` (shared,
-    // not copied) with a flag saying it is not to be read.
-    let present = Present {
-        grad: grad.is_some(),
-        moments: moments.is_some(),
+/// - each job: `param`, `grad` and both moments `[n]` (`n` may differ between jobs)
+/// - output: `[n]` three times per job (parameter, first moment, second moment)
+///
+/// # Panics
+/// If a tensor is not on the Flex device ([`applies`] tells).
+pub fn adamw_steps(jobs: Vec<AdamWJob>) -> Vec<(Tensor<1>, Tensor<1>, Tensor<1>)> {
+    // burn's `#[backend_extension]` passes no list of tensors to an extension of ours, so the
+    // Flex tensors are taken out of (and put back into) `Tensor` through burn's own downcast.
+    let flex = |t: Tensor<1>| {
+        contiguous(
+            t.try_into_primitive::<Flex>()
+                .expect("adamw_steps takes tensors on the Flex device"),
+        )
     };
-    let grad = grad.unwrap_or_else(|| param.clone());
-    let (m, v) = moments.unwrap_or_else(|| (param.clone(), param.clone()));
-    let (p, m, v) = <Dispatch as AdamWBackend>::adamw_step(
-        param.into_dispatch(),
-        grad.into_dispatch(),
-        m.into_dispatch(),
-        v.into_dispatch(),
-        scalars,
-        present,
-    );
-    (
-        Tensor::from_dispatch(p),
-        Tensor::from_dispatch(m),
-        Tensor::from_dispatch(v),
-    )
+    let jobs: Vec<FlexJob> = jobs
+        .into_iter()
+        .map(|job| FlexJob {
+            consts: Consts::new(job.scalars),
+            param: flex(job.param),
+            grad: job.grad.map(flex),
+            moments: job.moments.map(|(m, v)| (flex(m), flex(v))),
+        })
+        .collect();
+    let outs = step_all(&jobs);
+    let tensor = |values: Vec<f32>, like: &FlexTensor| {
+        Tensor::<1>::from_primitive::<Flex>(from_vec(values, like))
+    };
+    jobs.iter()
+        .zip(outs)
+        .map(|(job, [p, m, v])| {
+            (
+                tensor(p, &job.param),
+                tensor(m, &job.param),
+                tensor(v, &job.param),
+            )
+        })
+        .collect()
 }
 
-/// Which of the optional inputs of [`AdamWBackend::adamw_step`] hold values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Present {
-    /// `false`: the gradient is zero.
-    pub grad: bool,
-    /// `false`: the parameter's first step.
-    pub moments: bool,
-}
-
-/// The step as a backend extension.
-#[backend_extension(Flex)]
-pub trait AdamWBackend: Backend {
-    /// See [`adamw_step`]; `grad`, `m` and `v` are read only where `present` says so.
-    fn adamw_step(
-        param: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        m: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        scalars: AdamWScalars,
-        present: Present,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+/// One parameter's step on the Flex device: contiguous tensors of one length.
+struct FlexJob {
+    consts: Consts,
+    param: FlexTensor,
+    grad: Option<FlexTensor>,
+    moments: Option<(FlexTensor, FlexTensor)>,
 }
 
 /// The per-element arithmetic, each constant already in f32 as burn's scalar operations
@@ -177,92 +187,110 @@ struct Inputs<'a> {
     v: Option<&'a [f32]>,
 }
 
+impl<'a> Inputs<'a> {
+    fn range(self, r: std::ops::Range<usize>) -> Self {
+        Self {
+            p: &self.p[r.clone()],
+            g: self.g.map(|g| &g[r.clone()]),
+            m: self.m.map(|m| &m[r.clone()]),
+            v: self.v.map(|v| &v[r]),
+        }
+    }
+}
+
+/// An output slice that the step writes once, every element (so it needs no zero-fill).
+type Out<'a> = &'a mut [MaybeUninit<f32>];
+
 /// [`Consts::step`] over one task's elements, into `po`, `mo` and `vo`. Which inputs are
 /// present is decided once, outside the loops, so that each loop vectorises.
 #[inline(always)]
-fn step_slices(c: &Consts, ins: Inputs, po: &mut [f32], mo: &mut [f32], vo: &mut [f32]) {
+fn step_slices(c: &Consts, ins: Inputs, po: Out, mo: Out, vo: Out) {
     let n = po.len();
     let (p, mo, vo) = (&ins.p[..n], &mut mo[..n], &mut vo[..n]);
+    let mut put = |i: usize, (pn, mn, vn): (f32, f32, f32)| {
+        po[i].write(pn);
+        mo[i].write(mn);
+        vo[i].write(vn);
+    };
     match (ins.g, ins.m.zip(ins.v)) {
         (Some(g), Some((m, v))) => {
             let (g, m, v) = (&g[..n], &m[..n], &v[..n]);
             for i in 0..n {
-                (po[i], mo[i], vo[i]) = c.step(p[i], g[i], Some((m[i], v[i])));
+                put(i, c.step(p[i], g[i], Some((m[i], v[i]))));
             }
         }
         (Some(g), None) => {
             let g = &g[..n];
             for i in 0..n {
-                (po[i], mo[i], vo[i]) = c.step(p[i], g[i], None);
+                put(i, c.step(p[i], g[i], None));
             }
         }
         (None, Some((m, v))) => {
             let (m, v) = (&m[..n], &v[..n]);
             for i in 0..n {
-                (po[i], mo[i], vo[i]) = c.step(p[i], 0.0, Some((m[i], v[i])));
+                put(i, c.step(p[i], 0.0, Some((m[i], v[i]))));
             }
         }
         (None, None) => {
             for i in 0..n {
-                (po[i], mo[i], vo[i]) = c.step(p[i], 0.0, None);
+                put(i, c.step(p[i], 0.0, None));
             }
         }
     }
 }
 
 simd_dispatch!(
-    fn step_slices_simd(c: &Consts, ins: Inputs, po: &mut [f32], mo: &mut [f32], vo: &mut [f32])
-        => step_slices
+    fn step_slices_simd(c: &Consts, ins: Inputs, po: Out, mo: Out, vo: Out) => step_slices
 );
 
-impl AdamWBackend for Flex {
-    fn adamw_step(
-        param: FlexTensor,
-        grad: FlexTensor,
-        m: FlexTensor,
-        v: FlexTensor,
-        scalars: AdamWScalars,
-        present: Present,
-    ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let c = Consts::new(scalars);
-        let (param, grad) = (contiguous(param), contiguous(grad));
-        let (m, v) = (contiguous(m), contiguous(v));
-        let ps = slice(&param);
-        let gs = present.grad.then(|| slice(&grad));
-        let moments = present.moments.then(|| (slice(&m), slice(&v)));
-        let n = ps.len();
-        let (mut po, mut mo, mut vo) = (super::zeroed(n), super::zeroed(n), super::zeroed(n));
-        let run = |start: usize, (po, mo, vo): (&mut [f32], &mut [f32], &mut [f32])| {
-            let range = start..start + po.len();
-            let ins = Inputs {
-                p: &ps[range.clone()],
-                g: gs.map(|g| &g[range.clone()]),
-                m: moments.map(|(m, _)| &m[range.clone()]),
-                v: moments.map(|(_, v)| &v[range.clone()]),
-            };
-            step_slices_simd(&c, ins, po, mo, vo);
-        };
-        if n < 4 * CHUNK {
-            run(0, (&mut po, &mut mo, &mut vo));
-        } else {
-            po.par_chunks_mut(CHUNK)
-                .zip(mo.par_chunks_mut(CHUNK))
-                .zip(vo.par_chunks_mut(CHUNK))
-                .enumerate()
-                .for_each(|(i, ((p, m), v))| run(i * CHUNK, (p, m, v)));
+/// The new parameter, first and second moment of every job, in one pass over every core.
+fn step_all(jobs: &[FlexJob]) -> Vec<[Vec<f32>; 3]> {
+    let inputs: Vec<Inputs> = jobs
+        .iter()
+        .map(|job| Inputs {
+            p: slice(&job.param),
+            g: job.grad.as_ref().map(slice),
+            m: job.moments.as_ref().map(|(m, _)| slice(m)),
+            v: job.moments.as_ref().map(|(_, v)| slice(v)),
+        })
+        .collect();
+    let mut outs: Vec<[Vec<f32>; 3]> = inputs
+        .iter()
+        .map(|ins| std::array::from_fn(|_| Vec::with_capacity(ins.p.len())))
+        .collect();
+    {
+        // Every parameter cut into tasks of at most CHUNK elements, in one list that every
+        // core takes from.
+        let mut tasks = Vec::new();
+        for ((job, ins), [po, mo, vo]) in jobs.iter().zip(&inputs).zip(outs.iter_mut()) {
+            let n = ins.p.len();
+            let chunks = po.spare_capacity_mut()[..n]
+                .chunks_mut(CHUNK)
+                .zip(mo.spare_capacity_mut()[..n].chunks_mut(CHUNK))
+                .zip(vo.spare_capacity_mut()[..n].chunks_mut(CHUNK));
+            for (i, ((po, mo), vo)) in chunks.enumerate() {
+                let start = i * CHUNK;
+                let part = ins.range(start..start + po.len());
+                tasks.push((&job.consts, part, po, mo, vo));
+            }
         }
-        (
-            from_vec(po, &param),
-            from_vec(mo, &param),
-            from_vec(vo, &param),
-        )
+        tasks
+            .into_par_iter()
+            .for_each(|(c, ins, po, mo, vo)| step_slices_simd(c, ins, po, mo, vo));
     }
+    for (ins, out) in inputs.iter().zip(outs.iter_mut()) {
+        for v in out {
+            // SAFETY: the tasks above wrote each of the `n` elements of every output once.
+            unsafe { v.set_len(ins.p.len()) };
+        }
+    }
+    outs
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::optim::{AdamWConfig, AdamWState, AdaptiveMomentumState, Optimizer};
+    use burn::optim::{AdamW, AdamWConfig, AdamWState, Optimizer};
     use burn::tensor::{Device, TensorData};
 
     fn values(n: usize, seed: usize, scale: f32) -> Vec<f32> {
@@ -271,67 +299,131 @@ mod tests {
             .collect()
     }
 
+    /// One parameter as our batched step and as burn's `AdamW` see it.
+    struct Tracked {
+        n: usize,
+        ours: Tensor<1>,
+        moments: Option<(Tensor<1>, Tensor<1>)>,
+        theirs: Tensor<1>,
+        state: Option<AdamWState<1>>,
+        burn_adamw: AdamW,
+        weight_decay: f32,
+        clip: Option<f64>,
+        factor: f64,
+    }
+
     /// Several steps of our kernel against burn's `AdamW` (with the same scaling and clipping
-    /// in front), bit for bit, on a parameter large enough to split over threads, with zero
-    /// gradients in between and with and without weight decay.
+    /// in front), bit for bit, for parameters stepped together in one batch: one large enough
+    /// to split into several tasks with a short last one, one of exactly one task, and small
+    /// ones, each with its own decay, clipping and scaling; zero gradients in between, and a
+    /// parameter that joins the batch late (its first step while the others take their
+    /// third).
     #[test]
-    fn steps_match_burns_adamw_bit_for_bit() {
+    fn batched_steps_match_burns_adamw_bit_for_bit() {
         let device = Device::flex();
-        let n = 5 * CHUNK + 17;
-        for (weight_decay, clip, factor) in [
-            (0.0, None, 1.0),
-            (1e-4, Some(0.05), 0.5),
-            (5e-4, None, 1.0 / 1024.0),
-        ] {
-            let config = AdamWConfig::new()
-                .with_beta_1(0.9)
-                .with_beta_2(0.999)
-                .with_epsilon(1e-8)
-                .with_weight_decay(weight_decay);
-            let burn_adamw = config.build();
-            let tensor = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [n]), &device);
-            let start = tensor(values(n, 1, 0.5));
-            let (mut ours, mut theirs) = (start.clone(), start);
-            let mut our_moments: Option<(Tensor<1>, Tensor<1>)> = None;
-            let mut state: Option<AdamWState<1>> = None;
-            for step in 1..=4 {
-                let lr = 1e-3 * step as f64;
-                // A zero gradient on the third step (`None` for ours).
-                let grad = (step != 3).then(|| tensor(values(n, step + 1, 0.2)));
-                let scalars = AdamWScalars {
-                    beta_1: 0.9,
-                    beta_2: 0.999,
-                    epsilon: 1e-8,
+        let settings = [
+            (5 * CHUNK + 17, 0.0, None, 1.0),
+            (CHUNK, 1e-4, Some(0.05), 0.5),
+            (3, 5e-4, None, 1.0 / 1024.0),
+            (1000, 1e-4, Some(0.1), 1.0),
+            (1, 0.0, None, 1.0),
+        ];
+        let mut tracked: Vec<Tracked> = settings
+            .iter()
+            .enumerate()
+            .map(|(j, &(n, weight_decay, clip, factor))| {
+                let start =
+                    Tensor::<1>::from_data(TensorData::new(values(n, j + 1, 0.5), [n]), &device);
+                Tracked {
+                    n,
+                    ours: start.clone(),
+                    moments: None,
+                    theirs: start,
+                    state: None,
+                    burn_adamw: AdamWConfig::new()
+                        .with_beta_1(0.9)
+                        .with_beta_2(0.999)
+                        .with_epsilon(1e-8)
+                        .with_weight_decay(weight_decay)
+                        .build(),
                     weight_decay,
-                    lr,
-                    time: step as i32,
-                    factor,
                     clip,
-                };
-                let (p, m, v) = adamw_step(ours, grad.clone(), our_moments, scalars);
-                ours = p;
-                our_moments = Some((m, v));
-                let g = grad.unwrap_or_else(|| theirs.zeros_like());
-                let g = if factor != 1.0 {
-                    g.mul_scalar(factor)
+                    factor,
+                }
+            })
+            .collect();
+        let late = 3;
+        for step in 1..=4usize {
+            let lr = 1e-3 * step as f64;
+            let mut jobs = Vec::new();
+            let mut grads = Vec::new();
+            let mut stepped = Vec::new();
+            for (j, t) in tracked.iter().enumerate() {
+                if j == late && step < 3 {
+                    continue;
+                }
+                // A zero gradient on the third step for every other parameter (`None` for
+                // ours), unless that is the parameter's first step.
+                let zero = step == 3 && j % 2 == 0 && j != late;
+                let grad = (!zero).then(|| {
+                    Tensor::<1>::from_data(
+                        TensorData::new(values(t.n, 10 * step + j, 0.2), [t.n]),
+                        &device,
+                    )
+                });
+                let time = t.state.as_ref().map_or(0, |s| s.momentum.time) + 1;
+                jobs.push(AdamWJob {
+                    param: t.ours.clone(),
+                    grad: grad.clone(),
+                    moments: t.moments.clone(),
+                    scalars: AdamWScalars {
+                        beta_1: 0.9,
+                        beta_2: 0.999,
+                        epsilon: 1e-8,
+                        weight_decay: t.weight_decay,
+                        lr,
+                        time: time as i32,
+                        factor: t.factor,
+                        clip: t.clip,
+                    },
+                });
+                grads.push(grad);
+                stepped.push(j);
+            }
+            let results = adamw_steps(jobs);
+            assert_eq!(results.len(), stepped.len());
+            for ((j, (p, m, v)), grad) in stepped.into_iter().zip(results).zip(grads) {
+                let t = &mut tracked[j];
+                t.ours = p;
+                t.moments = Some((m, v));
+                let g = grad.unwrap_or_else(|| t.theirs.zeros_like());
+                let g = if t.factor != 1.0 {
+                    g.mul_scalar(t.factor)
                 } else {
                     g
                 };
-                let g = match clip {
+                let g = match t.clip {
                     Some(c) => g.clamp(-c, c),
                     None => g,
                 };
-                let (p, s) = burn_adamw.step(lr, theirs, g, state);
-                theirs = p;
-                state = s;
-                let moments: &AdaptiveMomentumState<1> = &state.as_ref().expect("state").momentum;
-                let (m, v) = our_moments.as_ref().expect("moments");
-                assert_eq!(ours.to_data(), theirs.to_data(), "parameter, step {step}");
-                assert_eq!(m.to_data(), moments.moment_1.to_data(), "m, step {step}");
-                assert_eq!(v.to_data(), moments.moment_2.to_data(), "v, step {step}");
-                assert_eq!(moments.time, step);
+                let (p, s) = t.burn_adamw.step(lr, t.theirs.clone(), g, t.state.take());
+                t.theirs = p;
+                t.state = s;
+                let moments = &t.state.as_ref().expect("state").momentum;
+                let (m, v) = t.moments.as_ref().expect("moments");
+                let what = format!("parameter {j} ({} values), step {step}", t.n);
+                assert_eq!(t.ours.to_data(), t.theirs.to_data(), "value of {what}");
+                assert_eq!(m.to_data(), moments.moment_1.to_data(), "m of {what}");
+                assert_eq!(v.to_data(), moments.moment_2.to_data(), "v of {what}");
             }
         }
+        assert_eq!(tracked[late].state.as_ref().unwrap().momentum.time, 2);
+        assert_eq!(tracked[0].state.as_ref().unwrap().momentum.time, 4);
+    }
+
+    #[test]
+    fn an_empty_batch_steps_nothing() {
+        assert!(adamw_steps(Vec::new()).is_empty());
     }
 
     /// The AVX2 and AVX-512 copies of the loop against the portable one, bit for bit.
@@ -362,11 +454,16 @@ mod tests {
             m: Some(&m),
             v: Some(&v),
         };
-        type Fill<'a> = &'a dyn Fn(&mut [f32], &mut [f32], &mut [f32]);
+        type Fill<'a> = &'a dyn Fn(Out, Out, Out);
         let run = |f: Fill| {
-            let (mut po, mut mo, mut vo) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            let uninit = || vec![MaybeUninit::<f32>::uninit(); n];
+            let (mut po, mut mo, mut vo) = (uninit(), uninit(), uninit());
             f(&mut po, &mut mo, &mut vo);
-            (po, mo, vo)
+            // SAFETY: the step wrote every element of the three outputs.
+            let done = |o: Vec<MaybeUninit<f32>>| -> Vec<f32> {
+                o.into_iter().map(|x| unsafe { x.assume_init() }).collect()
+            };
+            (done(po), done(mo), done(vo))
         };
         let want = run(&|po, mo, vo| step_slices(&c, ins, po, mo, vo));
         #[cfg(target_arch = "x86_64")]

@@ -4,16 +4,19 @@
 //! PyTorch's `zero_grad()` instead fills an existing gradient with zeros, so a parameter that
 //! has had a gradient once keeps taking AdamW steps (moment decay, momentum, weight decay) with
 //! a zero gradient. The release's exact parameter values depend on that, so this optimiser
-//! tracks which parameters have had a gradient. The update itself is burn's `AdamW`.
+//! tracks which parameters have had a gradient. The update is burn's `AdamW` arithmetic: on
+//! the Flex device our kernel ([`crate::backends::adamw`]) steps all of a call's parameters
+//! in one pass over every core, bit for bit burn's; elsewhere burn's `AdamW` itself.
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{
     AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
 };
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::backends::adamw::{AdamWJob, AdamWScalars};
 use crate::io::state_dict::{HostTensor, StateDict, TorchParam};
 
 /// Saved optimiser state that does not fit the model it is restored into.
@@ -108,11 +111,33 @@ impl TorchAdamW {
         grads: &mut GradientsParams,
         factor: f64,
     ) -> M {
+        // The parameters our kernel steps (f32 on the Flex device) are stepped all together,
+        // in one pass over every core; a second pass puts the results in place and steps any
+        // others through burn's AdamW.
+        let mut collect = Collect {
+            optim: self,
+            lr,
+            grads,
+            factor,
+            ids: Vec::new(),
+            jobs: Vec::new(),
+        };
+        module.visit(&mut collect);
+        let Collect { ids, jobs, .. } = collect;
+        let times: Vec<usize> = jobs.iter().map(|j| j.scalars.time as usize).collect();
+        let mut updated = HashMap::with_capacity(ids.len());
+        let results = crate::backends::adamw::adamw_steps(jobs);
+        for ((id, time), (p, m, v)) in ids.into_iter().zip(times).zip(results) {
+            let momentum = AdaptiveMomentumState::new(time, m, v);
+            self.states.insert(id, AdamWState { momentum });
+            updated.insert(id, p);
+        }
         let mut mapper = StepMapper {
             optim: self,
             lr,
             grads,
             factor,
+            updated,
         };
         module.map(&mut mapper)
     }
@@ -207,25 +232,102 @@ impl TorchAdamW {
     }
 }
 
+/// The first pass of a step: takes the gradient and state of every parameter that our kernel
+/// steps, in the module's order, as one job each.
+struct Collect<'a> {
+    optim: &'a mut TorchAdamW,
+    lr: f64,
+    grads: &'a mut GradientsParams,
+    factor: f64,
+    ids: Vec<ParamId>,
+    jobs: Vec<AdamWJob>,
+}
+
+impl ModuleVisitor for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let id = param.id;
+        let value = param.val().inner();
+        if !crate::backends::adamw::applies(&value) {
+            return;
+        }
+        let grad = self.grads.remove::<D>(id);
+        let state = self.optim.states.remove(&id);
+        if grad.is_none() && state.is_none() {
+            return;
+        }
+        let shape = value.shape();
+        let numel = shape.num_elements();
+        let grad = grad.map(|g| g.reshape([numel]));
+        if let Some(trace) = self.optim.trace.as_mut() {
+            // The record of the applied gradient, composed as burn's path applies it.
+            let g = grad
+                .clone()
+                .unwrap_or_else(|| Tensor::zeros([numel], &value.device()));
+            let g = if self.factor != 1.0 {
+                g.mul_scalar(self.factor)
+            } else {
+                g
+            };
+            let g = match self.optim.clip_value {
+                Some(c) => g.clamp(-c, c),
+                None => g,
+            };
+            trace.push(AppliedGradient {
+                id,
+                lr: self.lr,
+                grad: HostTensor::from_tensor::<D>(g.reshape(shape)),
+            });
+        }
+        let (time, moments) = match state {
+            Some(s) => (
+                s.momentum.time + 1,
+                Some((s.momentum.moment_1, s.momentum.moment_2)),
+            ),
+            None => (1, None),
+        };
+        let settings = self.optim.settings;
+        self.ids.push(id);
+        self.jobs.push(AdamWJob {
+            param: value.reshape([numel]),
+            grad,
+            moments,
+            scalars: AdamWScalars {
+                beta_1: settings.beta_1,
+                beta_2: settings.beta_2,
+                epsilon: settings.epsilon,
+                weight_decay: settings.weight_decay,
+                lr: self.lr,
+                time: time as i32,
+                factor: self.factor,
+                clip: self.optim.clip_value,
+            },
+        });
+    }
+}
+
+/// The second pass of a step: puts the kernel's results in place, and steps every other
+/// parameter with a gradient or a state through burn's AdamW.
 struct StepMapper<'a> {
     optim: &'a mut TorchAdamW,
     lr: f64,
     grads: &'a mut GradientsParams,
     factor: f64,
+    /// The kernel's new values, flat.
+    updated: HashMap<ParamId, Tensor<1>>,
 }
 
 impl ModuleMapper for StepMapper<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
+        if let Some(updated) = self.updated.remove(&id) {
+            let updated = updated.reshape(tensor.shape());
+            return Param::from_mapped_value(id, Self::as_param_value(&tensor, updated), mapper);
+        }
         let grad = self.grads.remove::<D>(id);
         let state = self.optim.states.remove(&id);
         let value = tensor.clone().inner();
         if grad.is_none() && state.is_none() {
             return Param::from_mapped_value(id, tensor, mapper);
-        }
-        if crate::backends::adamw::applies(&value) {
-            let updated = self.fused_step(id, value, grad, state);
-            return Param::from_mapped_value(id, Self::as_param_value(&tensor, updated), mapper);
         }
         let grad = match (grad, &state) {
             (Some(g), _) if self.factor != 1.0 => g.mul_scalar(self.factor),
@@ -261,63 +363,6 @@ impl ModuleMapper for StepMapper<'_> {
 }
 
 impl StepMapper<'_> {
-    /// The step through our fused kernel ([`crate::backends::adamw`]), bit for bit the same
-    /// arithmetic as the composed path of `map_float`, in one multi-threaded pass.
-    fn fused_step<const D: usize>(
-        &mut self,
-        id: ParamId,
-        value: Tensor<D>,
-        grad: Option<Tensor<D>>,
-        state: Option<AdamWState<1>>,
-    ) -> Tensor<D> {
-        let shape = value.shape();
-        let numel = shape.num_elements();
-        let grad = grad.map(|g| g.reshape([numel]));
-        if let Some(trace) = self.optim.trace.as_mut() {
-            // The record of the applied gradient, composed as the other path applies it.
-            let g = grad
-                .clone()
-                .unwrap_or_else(|| Tensor::zeros([numel], &value.device()));
-            let g = if self.factor != 1.0 {
-                g.mul_scalar(self.factor)
-            } else {
-                g
-            };
-            let g = match self.optim.clip_value {
-                Some(c) => g.clamp(-c, c),
-                None => g,
-            };
-            trace.push(AppliedGradient {
-                id,
-                lr: self.lr,
-                grad: HostTensor::from_tensor::<D>(g.reshape(shape.clone())),
-            });
-        }
-        let (time, moments) = match state {
-            Some(s) => (
-                s.momentum.time + 1,
-                Some((s.momentum.moment_1, s.momentum.moment_2)),
-            ),
-            None => (1, None),
-        };
-        let settings = self.optim.settings;
-        let scalars = crate::backends::adamw::AdamWScalars {
-            beta_1: settings.beta_1,
-            beta_2: settings.beta_2,
-            epsilon: settings.epsilon,
-            weight_decay: settings.weight_decay,
-            lr: self.lr,
-            time: time as i32,
-            factor: self.factor,
-            clip: self.optim.clip_value,
-        };
-        let (p, m, v) =
-            crate::backends::adamw::adamw_step(value.reshape([numel]), grad, moments, scalars);
-        let momentum = AdaptiveMomentumState::new(time, m, v);
-        self.optim.states.insert(id, AdamWState { momentum });
-        p.reshape(shape)
-    }
-
     /// `updated` as the new value of the parameter `old`: on the autodiff device and requiring
     /// gradients when `old` did.
     fn as_param_value<const D: usize>(old: &Tensor<D>, updated: Tensor<D>) -> Tensor<D> {
