@@ -75,10 +75,23 @@ pub struct Synthesis {
     /// `[P*C*C, d]`: row `v*C*C + a*C + n` is the negative for anchor (view v, slot a) made
     /// from slot n, mixed over all negative views.
     pub negatives: Tensor<2>,
+    /// The running mix after each negative view, `[P, C, 1, C, d]` each: assembled into one
+    /// tensor only when asked for ([`all_negatives`](Self::all_negatives)), since training
+    /// never reads it and the copy is a pass over `P` times the negatives, twice a step.
+    history: Vec<Tensor<5>>,
+}
+
+impl Synthesis {
     /// `[P*P*C*C, d]`: row `((v*P + u)*C + a)*C + n`, the running mix after negative view u
     /// (the release appends each view's tensor and then mixes into it in place, so what it
     /// records is the mix, not the unmixed view).
-    pub all_negatives: Tensor<2>,
+    pub fn all_negatives(&self) -> Tensor<2> {
+        let [p, c, _, _, d] = self.history[0].dims();
+        let views = self.history.len();
+        Tensor::cat(self.history.clone(), 2)
+            .swap_dims(1, 2)
+            .reshape([p * views * c * c, d])
+    }
 }
 
 /// Synthesises hard negatives from embeddings `z` `[N, d]` (view-major) and edge coefficients
@@ -144,9 +157,7 @@ pub fn synthesize(
     }
     Synthesis {
         negatives: running.reshape([p * c * c, d]),
-        all_negatives: Tensor::cat(history, 2)
-            .swap_dims(1, 2)
-            .reshape([p * p * c * c, d]),
+        history,
     }
 }
 
@@ -212,6 +223,28 @@ mod tests {
             assert!((h[i][0] - expected).abs() < 1e-4, "row {i}");
         }
         assert_eq!(draws_per_call(layout), 2);
+    }
+
+    /// `all_negatives` holds the running mix after each view, view-major, and its last
+    /// view's block is the final negatives.
+    #[test]
+    fn all_negatives_records_the_mix_after_each_view() {
+        let device = Device::flex();
+        let layout = BatchLayout::new(2, 3);
+        let z = host_matrix((0..12).map(|v| v as f32).collect(), 6, 2, &device);
+        let coeff = Tensor::<2>::full([36, 2], 0.5, &device);
+        let out = synthesize(z, coeff, layout, 1.0, &mut Fixed(0.25));
+        let (p, c) = (3, 2);
+        let all = rows(out.all_negatives());
+        let negatives = rows(out.negatives.clone());
+        assert_eq!(all.len(), p * p * c * c);
+        for v in 0..p {
+            for k in 0..c * c {
+                assert_eq!(all[(v * p + p - 1) * c * c + k], negatives[v * c * c + k]);
+            }
+            // The first view's block is unmixed, so it differs from the last one's.
+            assert_ne!(all[v * p * c * c], all[(v * p + p - 1) * c * c]);
+        }
     }
 
     #[test]

@@ -328,7 +328,7 @@ fn replay(path: &Path, device: &Device, rule: ParameterRule) -> Result<Report> {
     )?;
     dump.check(
         "fwd.gen.all_negatives",
-        HostTensor::from_tensor(syn.all_negatives.clone()),
+        HostTensor::from_tensor(syn.all_negatives()),
         STAGE,
     )?;
     let j_syn = synthetic_npair_loss(z.clone(), syn.negatives.clone(), layout);
