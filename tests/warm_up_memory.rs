@@ -27,7 +27,9 @@ fn warm_up_steps_do_not_accumulate_memory() {
     config.data.classes_per_batch = 8;
     config.data.per_class = 2;
     config.model.embedding_dim = 32;
-    let device = Device::default().autodiff();
+    // The CPU, named: `Device::default()` prefers a GPU backend when the build has one (CI's
+    // `--features wgpu` build found llvmpipe, and this test took minutes there).
+    let device = Device::flex().autodiff();
     let (weights, _) = setup::pretrained_weights(&config).unwrap();
     let mut model = setup::build_model(&config, 50, &weights, &device).unwrap();
     let mut trainer = Trainer::new(

@@ -232,8 +232,8 @@ fn step_slices(c: &Consts, ins: Inputs, po: Out, mo: Out, vo: Out) {
             }
         }
         (None, None) => {
-            for i in 0..n {
-                put(i, c.step(p[i], 0.0, None));
+            for (i, &p) in p.iter().enumerate() {
+                put(i, c.step(p, 0.0, None));
             }
         }
     }

@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn matches_the_formula_including_proxies_without_positives() {
-        let device = Device::default();
+        let device = Device::flex();
         let z = [[1.0, 0.2], [0.3, -1.0], [-0.5, 0.5], [0.9, 0.1]];
         let proxies = [[1.0, 0.0], [0.0, -1.0], [-1.0, 1.0]];
         let labels = [0, 1, 1, 0];
@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn synthetic_rows_skip_the_anchor_class_and_take_the_negative_label() {
-        let device = Device::default();
+        let device = Device::flex();
         let layout = BatchLayout::new(3, 2);
         let labels = [4, 7, 1, 4, 7, 1];
         let loss = ProxyAnchorConfig::new(8, 2).init(&device);
