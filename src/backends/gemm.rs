@@ -106,6 +106,14 @@ pub(crate) fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> 
     out
 }
 
+/// `a [m, k] x b [n, k]^T` of two row-major host matrices, on every core, written once: the
+/// similarities of a block of queries against a gallery. burn-flex's matmul of the same
+/// operands zero-fills its output and copies it again on the calling thread, two passes over
+/// a block that evaluation makes as large as 256 MB.
+pub(crate) fn product_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+    product(m, n, k, Mat::rows(a, k), Mat::rows(b, k).t())
+}
+
 /// # Safety
 /// `dst` must be valid for writes of `m * n` contiguous elements (and for reads when
 /// `accumulate`), and must not overlap `a` or `b`.

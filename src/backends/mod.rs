@@ -56,6 +56,7 @@ pub mod sigmoid;
 pub mod subnormals;
 
 pub use gelu::gelu;
+pub(crate) use gemm::product_nt;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, matmul_weight};
 pub use linear_gelu::linear_gelu;

@@ -189,20 +189,28 @@ fn outcomes(
     for &l in gallery_labels {
         *counts.entry(l).or_default() += 1;
     }
-    let g =
-        Tensor::<2>::from_data(TensorData::new(gallery.to_vec(), [ng, dim]), device).transpose();
+    // On the CPU the products are taken straight from the host slices, each written once on
+    // every core (the same GEMM, so the same bits, as burn-flex's matmul, which fills and
+    // copies its output on one thread); other devices get tensors.
+    let on_cpu = crate::backends::is_flex(device);
+    let g = (!on_cpu).then(|| {
+        Tensor::<2>::from_data(TensorData::new(gallery.to_vec(), [ng, dim]), device).transpose()
+    });
     let block = (BLOCK_FLOATS / ng.max(1)).clamp(1, nq);
     let mut out = Vec::with_capacity(nq);
     for start in (0..nq).step_by(block) {
         let rows = block.min(nq - start);
-        let q = Tensor::<2>::from_data(
-            TensorData::new(
-                queries[start * dim..(start + rows) * dim].to_vec(),
-                [rows, dim],
-            ),
-            device,
-        );
-        let sims = crate::io::host::host_values(q.matmul(g.clone()));
+        let block_queries = &queries[start * dim..(start + rows) * dim];
+        let sims = match &g {
+            None => crate::backends::product_nt(rows, ng, dim, block_queries, gallery),
+            Some(g) => {
+                let q = Tensor::<2>::from_data(
+                    TensorData::new(block_queries.to_vec(), [rows, dim]),
+                    device,
+                );
+                crate::io::host::host_values(q.matmul(g.clone()))
+            }
+        };
         let block_out: Vec<QueryOutcome> = sims
             .par_chunks(ng)
             .enumerate()
