@@ -226,6 +226,36 @@ impl TorchAdamW {
         Ok(())
     }
 
+    /// The gradient a step applies to `value`: `grad` (zeros when `None`) times `factor`, then
+    /// clipped to the clipping value.
+    fn applied_gradient<const D: usize>(
+        &self,
+        grad: Option<Tensor<D>>,
+        value: &Tensor<D>,
+        factor: f64,
+    ) -> Tensor<D> {
+        let grad = match grad {
+            Some(g) if factor != 1.0 => g.mul_scalar(factor),
+            Some(g) => g,
+            None => value.zeros_like(),
+        };
+        match self.clip_value {
+            Some(c) => grad.clamp(-c, c),
+            None => grad,
+        }
+    }
+
+    /// Appends `grad` to the trace, when one is kept.
+    fn record<const D: usize>(&mut self, id: ParamId, lr: f64, grad: &Tensor<D>) {
+        if let Some(trace) = self.trace.as_mut() {
+            trace.push(AppliedGradient {
+                id,
+                lr,
+                grad: HostTensor::from_tensor(grad.clone()),
+            });
+        }
+    }
+
     /// Number of AdamW steps taken by a parameter (0 if it never had a gradient).
     pub fn steps_of(&self, id: ParamId) -> usize {
         self.states.get(&id).map(|s| s.momentum.time).unwrap_or(0)
@@ -255,29 +285,16 @@ impl ModuleVisitor for Collect<'_> {
         if grad.is_none() && state.is_none() {
             return;
         }
-        let shape = value.shape();
-        let numel = shape.num_elements();
-        let grad = grad.map(|g| g.reshape([numel]));
-        if let Some(trace) = self.optim.trace.as_mut() {
-            // The record of the applied gradient, composed as burn's path applies it.
-            let g = grad
-                .clone()
-                .unwrap_or_else(|| Tensor::zeros([numel], &value.device()));
-            let g = if self.factor != 1.0 {
-                g.mul_scalar(self.factor)
-            } else {
-                g
-            };
-            let g = match self.optim.clip_value {
-                Some(c) => g.clamp(-c, c),
-                None => g,
-            };
-            trace.push(AppliedGradient {
-                id,
-                lr: self.lr,
-                grad: HostTensor::from_tensor::<D>(g.reshape(shape)),
-            });
+        if self.optim.trace.is_some() {
+            // The record of the applied gradient, composed as burn's path applies it (the
+            // kernel does the same arithmetic inside).
+            let applied = self
+                .optim
+                .applied_gradient(grad.clone(), &value, self.factor);
+            self.optim.record(id, self.lr, &applied);
         }
+        let numel = value.shape().num_elements();
+        let grad = grad.map(|g| g.reshape([numel]));
         let (time, moments) = match state {
             Some(s) => (
                 s.momentum.time + 1,
@@ -329,23 +346,9 @@ impl ModuleMapper for StepMapper<'_> {
         if grad.is_none() && state.is_none() {
             return Param::from_mapped_value(id, tensor, mapper);
         }
-        let grad = match (grad, &state) {
-            (Some(g), _) if self.factor != 1.0 => g.mul_scalar(self.factor),
-            (Some(g), _) => g,
-            // A parameter with neither was returned unchanged above.
-            (None, _) => value.zeros_like(),
-        };
-        let grad = match self.optim.clip_value {
-            Some(c) => grad.clamp(-c, c),
-            None => grad,
-        };
-        if let Some(trace) = self.optim.trace.as_mut() {
-            trace.push(AppliedGradient {
-                id,
-                lr: self.lr,
-                grad: HostTensor::from_tensor(grad.clone()),
-            });
-        }
+        // A parameter with neither a gradient nor a state was returned unchanged above.
+        let grad = self.optim.applied_gradient(grad, &value, self.factor);
+        self.optim.record(id, self.lr, &grad);
         let shape = value.shape();
         let numel = shape.num_elements();
         let (updated, state) = self.optim.inner.step::<1>(
