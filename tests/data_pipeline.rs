@@ -508,6 +508,42 @@ fn loader_is_deterministic_across_thread_counts() {
 }
 
 #[test]
+fn a_peeked_batch_is_still_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = image_files(dir.path(), 7);
+    let plan = vec![vec![0, 1, 2], vec![3, 3, 4], vec![5, 6]];
+    let want = load_all(&samples, plan.clone(), LoaderConfig::default());
+    let mut loader = Loader::spawn(
+        Arc::new(samples.to_vec()),
+        Arc::new(ImageStore::files()),
+        plan,
+        Transform::train(24),
+        2,
+        LoaderConfig::default(),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut peeked = Vec::new();
+    for _ in 0..3 {
+        // Peek until the loader has the next batch ready; peeking twice takes nothing.
+        let start = std::time::Instant::now();
+        while loader.peek_ready().is_none() {
+            assert!(start.elapsed().as_secs() < 60, "no batch loaded in 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if let Some(Ok(b)) = loader.peek_ready() {
+            peeked.push(b.index);
+        }
+        let b = loader.next().unwrap().unwrap();
+        got.push((b.images, b.labels));
+    }
+    assert!(loader.next().is_none());
+    assert!(loader.peek_ready().is_none());
+    assert_eq!(got, want);
+    assert_eq!(peeked, [0, 1, 2]);
+}
+
+#[test]
 fn loader_stops_at_or_skips_bad_images() {
     let dir = tempfile::tempdir().unwrap();
     let mut samples = image_files(dir.path(), 4);

@@ -39,10 +39,10 @@ fn warm_up_steps_do_not_accumulate_memory() {
     );
     let labels: Vec<usize> = (0..16).map(|i| i % 8).collect();
     let mut step = |model: gca_hng::method::model::GcaHng| {
-        let batch = Batch {
-            images: Tensor::<4>::random([16, 3, 64, 64], Distribution::Default, &device),
-            labels: labels.clone(),
-        };
+        let batch = Batch::new(
+            Tensor::<4>::random([16, 3, 64, 64], Distribution::Default, &device),
+            labels.clone(),
+        );
         let mut inputs = StepInputs::new(config.learning_rates(0), LossHistory::default());
         inputs.train_backbone = false;
         trainer

@@ -98,10 +98,7 @@ pub fn bench_step(cfg: &StepBench, device: &Device) -> Vec<f64> {
             Distribution::Normal(0.0, 1.0),
             &device,
         );
-        let batch = Batch {
-            images,
-            labels: labels.clone(),
-        };
+        let batch = Batch::new(images, labels.clone());
         // The step reads its losses back, which waits for the device to finish.
         let start = Instant::now();
         let (next, _) = trainer.step(model, &batch, StepInputs::new(lr, history), &mut mix);

@@ -150,14 +150,10 @@ pub fn bench_train(
         let labels: Vec<usize> = (0..n).map(|i| i % layout.classes).collect();
         let mut since = Clock::now();
         for i in 0..total {
-            let batch = Batch {
-                images: Tensor::<4>::random(
-                    [n, 3, size, size],
-                    Distribution::Normal(0.0, 1.0),
-                    &ad,
-                ),
-                labels: labels.clone(),
-            };
+            let batch = Batch::new(
+                Tensor::<4>::random([n, 3, size, size], Distribution::Normal(0.0, 1.0), &ad),
+                labels.clone(),
+            );
             model = step(model, &batch, i);
             record(i, &mut since);
         }
@@ -223,10 +219,7 @@ pub fn bench_train(
                 what: format!("batch {i}"),
                 source: Box::new(e.into()),
             })?;
-            let batch = Batch {
-                images: images_tensor(&host, &ad),
-                labels: host.labels.clone(),
-            };
+            let batch = Batch::new(images_tensor(&host, &ad), host.labels.clone());
             model = step(model, &batch, i);
             record(i, &mut since);
         }

@@ -110,6 +110,8 @@ impl HostBatch {
 /// Batches in plan order; ends after the last batch or after the first error.
 pub struct Loader {
     rx: Option<Receiver<Result<HostBatch, DataError>>>,
+    /// The next batch, taken from the channel by [`Loader::peek_ready`].
+    ahead: Option<Result<HostBatch, DataError>>,
     worker: Option<JoinHandle<()>>,
     skipped: Arc<Mutex<Vec<(usize, DataError)>>>,
 }
@@ -182,6 +184,7 @@ impl Loader {
             })?;
         Ok(Loader {
             rx: Some(rx),
+            ahead: None,
             worker: Some(worker),
             skipped,
         })
@@ -273,10 +276,24 @@ fn produce(
     }
 }
 
+impl Loader {
+    /// The next batch if it is loaded already, without waiting for it; it stays the next one
+    /// [`next`](Iterator::next) returns.
+    pub fn peek_ready(&mut self) -> Option<&Result<HostBatch, DataError>> {
+        if self.ahead.is_none() {
+            self.ahead = self.rx.as_ref()?.try_recv().ok();
+        }
+        self.ahead.as_ref()
+    }
+}
+
 impl Iterator for Loader {
     type Item = Result<HostBatch, DataError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(ahead) = self.ahead.take() {
+            return Some(ahead);
+        }
         self.rx.as_ref()?.recv().ok()
     }
 }

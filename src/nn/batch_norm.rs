@@ -1,7 +1,7 @@
 //! Normalisation layers with PyTorch's exact semantics.
 
 use burn::config::Config;
-use burn::module::{Flag, Initializer, Module, Param, RunningState};
+use burn::module::{Flag, Initializer, Module, Param, ParamId, RunningState};
 use burn::nn::LayerNorm;
 use burn::tensor::{Device, Tensor};
 
@@ -205,8 +205,8 @@ fn count_per_channel(dims: &[usize]) -> usize {
 }
 
 /// burn keeps a running state's id private; a visitor sees it.
-fn running_state_id(state: &RunningState<Tensor<1>>) -> burn::module::ParamId {
-    struct Grab(Option<burn::module::ParamId>);
+fn running_state_id(state: &RunningState<Tensor<1>>) -> ParamId {
+    struct Grab(Option<ParamId>);
     impl burn::module::ModuleVisitor for Grab {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             self.0 = Some(param.id);
@@ -215,6 +215,103 @@ fn running_state_id(state: &RunningState<Tensor<1>>) -> burn::module::ParamId {
     let mut grab = Grab(None);
     state.visit(&mut grab);
     grab.0.expect("a running state visits its tensor")
+}
+
+/// Every [`BatchNorm1d`]'s running statistics in a module, saved to be put back.
+///
+/// A warm-up epoch (frozen backbone) runs the next batch's backbone forward while the current
+/// batch's head step runs. That forward advances the running statistics, so when the next
+/// batch's step then never comes (a stop, a batch left out) they must be as if it never ran.
+pub struct RunningStatistics {
+    saved: std::collections::HashMap<ParamId, (Vec<usize>, Tensor<1>)>,
+}
+
+/// The fields of [`BatchNorm1d`] that hold running state (its struct's derive names them when
+/// a visitor or mapper enters them).
+const RUNNING_FIELDS: [&str; 3] = ["running_mean", "running_var", "num_batches_tracked"];
+const BATCH_NORM: &str = "Struct:BatchNorm1d";
+
+fn is_running_field(name: &str, container: &str) -> bool {
+    container == BATCH_NORM && RUNNING_FIELDS.contains(&name)
+}
+
+impl RunningStatistics {
+    /// The running statistics `module` holds now.
+    pub fn of<M: Module>(module: &M) -> Self {
+        struct Save {
+            inside: usize,
+            saved: std::collections::HashMap<ParamId, (Vec<usize>, Tensor<1>)>,
+        }
+        impl burn::module::ModuleVisitor for Save {
+            fn enter_module(&mut self, name: &str, container: &str) {
+                self.inside += usize::from(is_running_field(name, container));
+            }
+            fn exit_module(&mut self, name: &str, container: &str) {
+                self.inside -= usize::from(is_running_field(name, container));
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if self.inside > 0 {
+                    let value = param.val();
+                    let dims = value.dims().to_vec();
+                    let n = dims.iter().product::<usize>();
+                    self.saved.insert(param.id, (dims, value.reshape([n])));
+                }
+            }
+        }
+        let mut save = Save {
+            inside: 0,
+            saved: Default::default(),
+        };
+        module.visit(&mut save);
+        Self { saved: save.saved }
+    }
+
+    /// How many running tensors were saved.
+    pub fn len(&self) -> usize {
+        self.saved.len()
+    }
+
+    /// Whether `module` had no running statistics.
+    pub fn is_empty(&self) -> bool {
+        self.saved.is_empty()
+    }
+
+    /// Puts the saved values back into `module` (and into every clone of it: burn's running
+    /// states are shared between clones). Parameters are left as they are.
+    pub fn restore<M: Module>(self, module: M) -> M {
+        struct Put {
+            inside: usize,
+            saved: std::collections::HashMap<ParamId, (Vec<usize>, Tensor<1>)>,
+        }
+        impl burn::module::ModuleMapper for Put {
+            fn enter_module(&mut self, name: &str, container: &str) {
+                self.inside += usize::from(is_running_field(name, container));
+            }
+            fn exit_module(&mut self, name: &str, container: &str) {
+                self.inside -= usize::from(is_running_field(name, container));
+            }
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                if self.inside == 0 {
+                    return param;
+                }
+                match self.saved.remove(&param.id) {
+                    Some((dims, value)) => {
+                        let shape: [usize; D] = match dims.try_into() {
+                            Ok(shape) => shape,
+                            // A module of another layout: not ours to change.
+                            Err(_) => return param,
+                        };
+                        Param::initialized(param.id, value.reshape(shape))
+                    }
+                    None => param,
+                }
+            }
+        }
+        module.map(&mut Put {
+            inside: 0,
+            saved: self.saved,
+        })
+    }
 }
 
 /// The release's `norm` block: GELU, then LayerNorm. One instance is reused at several places
@@ -339,5 +436,47 @@ mod tests {
         check(Device::flex().autodiff(), false, "eval mode");
         // Without autodiff (inference) the running statistics are used even in training mode.
         check(Device::flex(), true, "inference device");
+    }
+
+    /// A module holding two BatchNorms (one inside a Vec), as backbones nest them.
+    #[derive(Module, Debug)]
+    struct Nested {
+        first: BatchNorm1d,
+        rest: Vec<BatchNorm1d>,
+    }
+
+    #[test]
+    fn running_statistics_are_put_back_in_every_clone() {
+        let device = Device::flex().autodiff();
+        let net = Nested {
+            first: layer(&device),
+            rest: vec![layer(&device)],
+        };
+        let _ = net.first.forward(input(&device));
+        let before = RunningStatistics::of(&net);
+        // Three running tensors per BatchNorm; weight and bias are not among them.
+        assert_eq!(before.len(), 6);
+        let mean = host(net.first.running_mean.value());
+        let var = host(net.rest[0].running_var.value());
+
+        // A clone runs ahead (the running states are shared with `net`) ...
+        let ahead = net.clone();
+        let _ = ahead.first.forward(input(&device).mul_scalar(3.0));
+        let _ = ahead.rest[0].forward(input(&device).add_scalar(1.0));
+        assert_ne!(host(net.first.running_mean.value()), mean);
+        assert_eq!(host(net.first.num_batches_tracked.value()), [2.0]);
+
+        // ... and is undone through the original.
+        let net = before.restore(net);
+        assert_eq!(host(net.first.running_mean.value()), mean);
+        assert_eq!(host(net.rest[0].running_var.value()), var);
+        assert_eq!(host(net.first.num_batches_tracked.value()), [1.0]);
+        assert_eq!(host(net.rest[0].num_batches_tracked.value()), [0.0]);
+        assert_eq!(host(ahead.first.running_mean.value()), mean);
+        assert_eq!(host(net.first.weight.val()), [2.0, 1.0]);
+        assert!(net.first.weight.val().is_require_grad());
+        // The next forward continues from the restored values.
+        let _ = net.first.forward(input(&device));
+        assert_eq!(host(net.first.num_batches_tracked.value()), [2.0]);
     }
 }

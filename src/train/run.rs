@@ -28,7 +28,8 @@ use crate::eval::metrics::RetrievalMetrics;
 use crate::io::embedding_files::EmbeddingFiles;
 use crate::method::model::GcaHng;
 use crate::method::synthesis::SeededMix;
-use crate::train::step::{Batch, StepInputs, StepMetrics, Trainer};
+use crate::nn::batch_norm::RunningStatistics;
+use crate::train::step::{Batch, StepInputs, StepMetrics, Trainer, frozen_features};
 use crate::verify::compare::AdamWSlack;
 
 use super::checkpoint::{Best, CheckpointMeta, Progress};
@@ -376,7 +377,7 @@ pub fn train(
             ratio: (config.data.crop_ratio[0], config.data.crop_ratio[1]),
             ..RandomResizedCropConfig::new(config.data.image_size as u32)
         };
-        let loader = Loader::spawn_at(
+        let mut loader = Loader::spawn_at(
             samples.clone(),
             store.clone(),
             plan,
@@ -396,7 +397,9 @@ pub fn train(
         let mut trained_steps = 0usize;
         let mut skipped_batches = 0usize;
         let mut skipped_images = Vec::new();
-        for host in loader {
+        let precision = trainer.config.precision;
+        let mut ahead: Option<Ahead> = None;
+        while let Some(host) = loader.next() {
             let host = host?;
             let step = progress.step;
             progress.step += 1;
@@ -410,6 +413,16 @@ pub fn train(
                 missing = flags[0] as usize;
                 if flags[1] != 0 {
                     opts.stop.store(true, Ordering::SeqCst);
+                }
+            }
+            // Features computed ahead belong to this batch, unless it is left out: then their
+            // forward must leave no trace in BatchNorm's running statistics.
+            let mut features = None;
+            if let Some(a) = ahead.take() {
+                if missing == 0 && a.index == host.index {
+                    features = Some(a.features);
+                } else {
+                    model.embedder.backbone = a.before.restore(model.embedder.backbone);
                 }
             }
             if missing > 0 {
@@ -435,27 +448,68 @@ pub fn train(
                 let mut mix =
                     SeededMix::new(sample_seed(seed ^ MIX_STREAM, epoch as u64, step as u64));
                 let local_graph = dist.is_some_and(|d| d.local_graph);
-                let batch = Batch {
+                let mut batch = Batch {
                     images: images_tensor(&host, &ad),
                     labels: if dist.is_some() && !local_graph {
                         global_labels[step].clone()
                     } else {
                         host.labels.clone()
                     },
+                    features,
                 };
+                // Warm-up: the next batch's frozen backbone forward runs beside this step, on
+                // the cores the head step's serial parts leave idle. Only a batch already
+                // loaded and whole is started; the step's numbers do not change.
+                let next = match (train_backbone, opts.stop.load(Ordering::SeqCst)) {
+                    (false, false) => match loader.peek_ready() {
+                        Some(Ok(next)) if next.skipped.is_empty() && next.rows() == rows_here => {
+                            Some((next.index, images_tensor(next, &ad)))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if next.is_some() && batch.features.is_none() {
+                    // This batch's own forward first: the running statistics advance in batch
+                    // order.
+                    let backbone = model.embedder.backbone.clone();
+                    let images = batch.images.clone();
+                    batch.features = Some(crate::backends::on_pool(|| {
+                        frozen_features(backbone, images, precision)
+                    }));
+                }
                 let inputs = StepInputs {
                     lr,
                     history,
                     train_backbone,
                 };
                 let traffic_before = dist.map(|d| d.collective.traffic());
-                let (next, metrics) = match (dist, shard) {
-                    (Some(d), Some(sh)) => {
-                        let mut exchange = Exchange::new(d.collective.as_ref(), sh, local_graph);
-                        trainer.step_exchanged(model, &batch, inputs, &mut mix, &mut exchange)?
+                let mut computed_ahead = None;
+                let stepped = rayon::in_place_scope(|scope| {
+                    if let Some((index, images)) = next {
+                        let backbone = model.embedder.backbone.clone();
+                        let before = RunningStatistics::of(&backbone);
+                        let slot = &mut computed_ahead;
+                        scope.spawn(move |_| {
+                            *slot = Some(Ahead {
+                                index,
+                                features: frozen_features(backbone, images, precision),
+                                before,
+                            });
+                        });
                     }
-                    _ => trainer.step(model, &batch, inputs, &mut mix),
-                };
+                    // The step stays on this thread (MPI's collectives are called from it).
+                    match (dist, shard) {
+                        (Some(d), Some(sh)) => {
+                            let mut exchange =
+                                Exchange::new(d.collective.as_ref(), sh, local_graph);
+                            trainer.step_exchanged(model, &batch, inputs, &mut mix, &mut exchange)
+                        }
+                        _ => Ok(trainer.step(model, &batch, inputs, &mut mix)),
+                    }
+                });
+                ahead = computed_ahead;
+                let (next, metrics) = stepped?;
                 model = next;
                 if let Some(slack) = &mut slack {
                     slack.record(&mut trainer);
@@ -488,6 +542,9 @@ pub fn train(
                 }
             }
             if opts.stop.load(Ordering::SeqCst) {
+                if let Some(a) = ahead.take() {
+                    model.embedder.backbone = a.before.restore(model.embedder.backbone);
+                }
                 progress.elapsed_s = started.elapsed().as_secs_f64();
                 if root {
                     checkpoint::save(
@@ -733,4 +790,14 @@ impl SlackTrace {
         dict.write_safetensors(path)?;
         Ok(())
     }
+}
+
+/// A warm-up batch's backbone features, computed while the previous batch's step ran.
+struct Ahead {
+    /// The batch's position in the epoch's plan.
+    index: usize,
+    features: burn::tensor::Tensor<2>,
+    /// BatchNorm's running statistics before that forward, put back if the batch's step never
+    /// comes.
+    before: RunningStatistics,
 }

@@ -214,6 +214,36 @@ pub struct Batch {
     pub images: Tensor<4>,
     /// Training-class index of every row.
     pub labels: Vec<usize>,
+    /// A warm-up step's backbone features of `images`, when the caller computed them ahead
+    /// with [`frozen_features`] (the training loop overlaps the next batch's backbone forward
+    /// with the current step); `None`: the step runs the backbone itself. Only for a step
+    /// with a frozen backbone (`StepInputs::train_backbone == false`).
+    pub features: Option<Tensor<2>>,
+}
+
+impl Batch {
+    pub fn new(images: Tensor<4>, labels: Vec<usize>) -> Self {
+        Self {
+            images,
+            labels,
+            features: None,
+        }
+    }
+}
+
+/// The backbone's features of `images` as a warm-up step computes them: frozen (autodiff
+/// records nothing), with BatchNorm in its mode, running statistics included. Each call
+/// advances those statistics, so the batches must come in training order, each once.
+///
+/// # Shapes
+/// - images: `[batch, 3, height, width]`
+/// - output: `[batch, features]`
+pub fn frozen_features(backbone: Backbone, images: Tensor<4>, precision: Precision) -> Tensor<2> {
+    // With no parameter requiring a gradient, autodiff records nothing. (Detaching the output
+    // instead leaves the recorded forward graph behind, never freed:
+    // `tests/warm_up_memory.rs`.) BatchNorm still follows its mode, running statistics
+    // included, as the release's `requires_grad = False` does.
+    backbone.no_grad().forward_in(images, precision)
 }
 
 /// The three optimisers of the release.
@@ -453,6 +483,10 @@ fn train_step<X: FeatureExchange>(
         (Some(s), true) => s.scale,
         _ => 1.0,
     };
+    debug_assert!(
+        !(train_backbone && batch.features.is_some()),
+        "features computed ahead are for a frozen backbone"
+    );
     let features = if train_backbone {
         let features = model
             .embedder
@@ -460,16 +494,14 @@ fn train_step<X: FeatureExchange>(
             .forward_in(batch.images.clone(), precision);
         scale_gradient(features, scale)
     } else {
-        // Frozen during warm-up: run it with no parameter requiring a gradient, so that
-        // autodiff records nothing. (Detaching its output instead leaves the recorded forward
-        // graph behind, never freed: `tests/warm_up_memory.rs`.) BatchNorm still follows its
-        // mode, running statistics included, as the release's `requires_grad = False` does.
-        model
-            .embedder
-            .backbone
-            .clone()
-            .no_grad()
-            .forward_in(batch.images.clone(), precision)
+        match &batch.features {
+            Some(ahead) => ahead.clone(),
+            None => frozen_features(
+                model.embedder.backbone.clone(),
+                batch.images.clone(),
+                precision,
+            ),
+        }
     };
     let features = exchange.features(features)?;
     let z = model.embedder.head.forward(features);

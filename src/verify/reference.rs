@@ -423,7 +423,7 @@ fn replay(path: &Path, device: &Device, rule: ParameterRule) -> Result<Report> {
                 needed_for: "the two syntheses of a step",
             });
         }
-        let batch = Batch { images, labels };
+        let batch = Batch::new(images, labels);
         let (next, metrics) = trainer.step(model, &batch, StepInputs::new(lr, history), &mut mix);
         model = next;
         for optim in optimisers(&mut trainer) {

@@ -28,11 +28,11 @@ fn batch(device: &Device) -> Batch {
     let values: Vec<f32> = (0..6 * 48)
         .map(|k| ((k * 37 % 101) as f32 / 50.0 - 1.0) * (1.0 + (k / 48) as f32 / 3.0))
         .collect();
-    Batch {
-        images: Tensor::from_data(TensorData::new(values, [6, 3, 4, 4]), device),
+    Batch::new(
+        Tensor::from_data(TensorData::new(values, [6, 3, 4, 4]), device),
         // View-major: slot c of every view is the same class.
-        labels: vec![2, 7, 5, 2, 7, 5],
-    }
+        vec![2, 7, 5, 2, 7, 5],
+    )
 }
 
 fn config(generation: bool) -> StepConfig {
