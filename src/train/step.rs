@@ -348,7 +348,18 @@ impl Trainer {
         mix: &mut (dyn MixSource + Send),
     ) -> (GcaHng, StepMetrics) {
         crate::backends::on_pool(|| {
-            match self.step_exchanged(model, batch, inputs, mix, &mut SingleProcess) {
+            // f32 on the CPU: the backbone's backward pass runs beside the rest of the step.
+            // (On a GPU the kernels queue in order anyway, and reduced precision is for GPUs.)
+            let beside = inputs.train_backbone
+                && self.scaler.is_none()
+                && self.config.precision == Precision::F32
+                && crate::backends::is_flex(&batch.images.device());
+            let mut exchange = if beside {
+                SingleProcess::beside()
+            } else {
+                SingleProcess::in_order()
+            };
+            match self.step_exchanged(model, batch, inputs, mix, &mut exchange) {
                 Ok(done) => done,
                 Err(never) => match never {},
             }
@@ -403,16 +414,79 @@ pub trait FeatureExchange {
         module: &M,
         grads: GradientsParams,
     ) -> Result<GradientsParams, Self::Error>;
+    /// The backbone's part of the metric loss's backward pass, taken out of `grads` to run
+    /// beside the rest of the step, where this exchange allows it (it calls no collective).
+    /// `None`: [`backbone_gradients`](Self::backbone_gradients) runs it in order.
+    fn backbone_backward(&mut self, _grads: &mut Gradients) -> Option<BackboneBackward> {
+        None
+    }
 }
 
-/// One process: features and gradients pass through unchanged.
-pub struct SingleProcess;
+/// The backbone's part of the metric loss's backward pass, from the gradient the head handed
+/// back for the backbone's features: `sum(features * upstream)` has exactly that gradient, so
+/// the backbone's gradients are those of the whole backward pass, bit for bit.
+pub struct BackboneBackward {
+    /// The backbone's output, tracked by autodiff.
+    features: Tensor<2>,
+    /// d(metric loss)/d(features); `None` when the loss did not reach them.
+    upstream: Option<Tensor<2>>,
+}
+
+impl BackboneBackward {
+    /// The backbone's parameter gradients.
+    pub fn run(self, backbone: &Backbone) -> GradientsParams {
+        let Some(upstream) = self.upstream else {
+            return GradientsParams::new();
+        };
+        let mut grads = (self.features * upstream).sum().backward();
+        GradientsParams::from_module(&mut grads, backbone)
+    }
+}
+
+/// One process: the features and gradients of every row are its own.
+#[derive(Default)]
+pub struct SingleProcess {
+    /// Split the backward pass at the backbone's features, so that the backbone's part runs
+    /// beside the rest of the step ([`FeatureExchange::backbone_backward`]).
+    beside: bool,
+    /// With `beside`: the backbone's features (tracked) and the detached leaf the head sees.
+    split: Option<(Tensor<2>, Tensor<2>)>,
+}
+
+impl SingleProcess {
+    /// The whole backward pass in one, in order.
+    pub fn in_order() -> Self {
+        Self::default()
+    }
+
+    /// The backbone's part of the backward pass beside the rest of the step: on the CPU, where
+    /// the rest (the GCA-HNG step at a small batch) leaves a core idle much of the time.
+    pub fn beside() -> Self {
+        Self {
+            beside: true,
+            split: None,
+        }
+    }
+
+    fn take_backward(&mut self, grads: &mut Gradients) -> Option<BackboneBackward> {
+        let (features, detached) = self.split.take()?;
+        Some(BackboneBackward {
+            features,
+            upstream: detached.grad_remove(grads),
+        })
+    }
+}
 
 impl FeatureExchange for SingleProcess {
     type Error = std::convert::Infallible;
 
     fn features(&mut self, local: Tensor<2>) -> Result<Tensor<2>, Self::Error> {
-        Ok(local)
+        if !(self.beside && local.is_tracked()) {
+            return Ok(local);
+        }
+        let detached = local.clone().detach().require_grad();
+        self.split = Some((local, detached.clone()));
+        Ok(detached)
     }
 
     fn backbone_gradients(
@@ -420,7 +494,14 @@ impl FeatureExchange for SingleProcess {
         grads: &mut Gradients,
         backbone: &Backbone,
     ) -> Result<GradientsParams, Self::Error> {
-        Ok(GradientsParams::from_module(grads, backbone))
+        Ok(match self.take_backward(grads) {
+            Some(backward) => backward.run(backbone),
+            None => GradientsParams::from_module(grads, backbone),
+        })
+    }
+
+    fn backbone_backward(&mut self, grads: &mut Gradients) -> Option<BackboneBackward> {
+        self.take_backward(grads)
     }
 
     fn shared_gradients<M: Module>(
@@ -457,7 +538,7 @@ impl StepInputs {
 fn train_step<X: FeatureExchange>(
     mut model: GcaHng,
     optim: &mut Optimisers,
-    mut scaler: Option<&mut LossScaler>,
+    scaler: Option<&mut LossScaler>,
     config: &StepConfig,
     layout: BatchLayout,
     batch: &Batch,
@@ -529,32 +610,65 @@ fn train_step<X: FeatureExchange>(
     metrics.record(Loss::Metric, &j_metric);
     let mut grads = j_metric.backward();
     let g_head = GradientsParams::from_module(&mut grads, &model.embedder.head);
-    let mut g_head = exchange.shared_gradients(&model.embedder.head, g_head)?;
+    let g_head = exchange.shared_gradients(&model.embedder.head, g_head)?;
     let g_gnn = GradientsParams::from_module(&mut grads, &model.gnn);
-    let mut g_gnn = exchange.shared_gradients(&model.gnn, g_gnn)?;
-    let mut g_proxies = match &model.proxies {
+    let g_gnn = exchange.shared_gradients(&model.gnn, g_gnn)?;
+    let g_proxies = match &model.proxies {
         Some(p) => {
             let g = GradientsParams::from_module(&mut grads, p);
             Some(exchange.shared_gradients(p, g)?)
         }
         None => None,
     };
-    let mut g_backbone = exchange.backbone_gradients(&mut grads, &model.embedder.backbone)?;
+    // The backbone's backward pass runs beside the rest of the step when the exchange allows
+    // it (one process on the CPU); nothing in the rest reads the backbone.
+    let beside = exchange.backbone_backward(&mut grads);
+    let in_order = match beside {
+        Some(_) => None,
+        None => Some(exchange.backbone_gradients(&mut grads, &model.embedder.backbone)?),
+    };
     drop(grads);
+    let backbone = std::mem::replace(
+        &mut model.embedder.backbone,
+        Backbone::Identity(Default::default()),
+    );
+    let mut from_beside = None;
+    let rest = rayon::in_place_scope(|scope| {
+        if let Some(job) = beside {
+            let (backbone, slot) = (&backbone, &mut from_beside);
+            scope.spawn(move |_| *slot = Some(job.run(backbone)));
+        }
+        update_after_metric(
+            model,
+            optim,
+            config,
+            layout,
+            labels,
+            z,
+            (lambda, lr),
+            mix,
+            exchange,
+            &mut metrics,
+            (g_head, g_gnn, g_proxies),
+        )
+    });
+    let mut model = rest?;
+    model.embedder.backbone = backbone;
+    let mut g_backbone = in_order
+        .or(from_beside)
+        .unwrap_or_else(GradientsParams::new);
+
     // The backbone steps last, once its gradient is known to be finite (under f16); nothing
     // before then reads its parameters.
     let overflow_check = (scale != 1.0)
         .then(|| gradient_l1(&model.embedder.backbone, &g_backbone))
         .flatten();
-    let mut backbone_step = |model: &mut GcaHng, optim: &mut Optimisers, l1: Option<f64>| {
-        if !train_backbone {
-            return;
-        }
-        if let (Some(scaler), Some(l1)) = (scaler.as_deref_mut(), l1)
-            && !scaler.update(l1.is_finite())
-        {
-            return;
-        }
+    let (metrics, l1) = metrics.read(overflow_check);
+    let finite = match (scaler, l1) {
+        (Some(scaler), Some(l1)) => scaler.update(l1.is_finite()),
+        _ => true,
+    };
+    if train_backbone && finite {
         let backbone = std::mem::replace(
             &mut model.embedder.backbone,
             Backbone::Identity(Default::default()),
@@ -563,7 +677,31 @@ fn train_step<X: FeatureExchange>(
             optim
                 .embedder
                 .step_scaled(lr.backbone, backbone, &mut g_backbone, 1.0 / scale);
-    };
+    }
+    Ok((model, metrics))
+}
+
+/// The rest of a step once the metric loss's backward pass has run: step 4's updates of the
+/// proxies, the head and the GNN, then steps 5 (classifier) and 6 (generator). It reads no
+/// backbone parameter.
+#[allow(clippy::too_many_arguments)]
+fn update_after_metric<X: FeatureExchange>(
+    mut model: GcaHng,
+    optim: &mut Optimisers,
+    config: &StepConfig,
+    layout: BatchLayout,
+    labels: &[usize],
+    z: Tensor<2>,
+    (lambda, lr): (f64, LearningRates),
+    mix: &mut dyn MixSource,
+    exchange: &mut X,
+    metrics: &mut PendingMetrics,
+    (mut g_head, mut g_gnn, mut g_proxies): (
+        GradientsParams,
+        GradientsParams,
+        Option<GradientsParams>,
+    ),
+) -> Result<GcaHng, X::Error> {
     if let (Some(proxies), Some(g)) = (model.proxies.take(), g_proxies.as_mut()) {
         model.proxies = Some(optim.embedder.step(lr.proxies, proxies, g));
     }
@@ -576,9 +714,7 @@ fn train_step<X: FeatureExchange>(
 
     if !config.generation {
         // The baseline has no synthetic negatives for the classifier to judge.
-        let (metrics, l1) = metrics.read(overflow_check);
-        backbone_step(&mut model, optim, l1);
-        return Ok((model, metrics));
+        return Ok(model);
     }
 
     // 5: the classifier learns the training classes on detached embeddings.
@@ -625,9 +761,7 @@ fn train_step<X: FeatureExchange>(
     let mut g_gnn = exchange.shared_gradients(&model.gnn, g_gnn)?;
     drop(grads);
     model.gnn = optim.gnn.step(lr.gnn, model.gnn, &mut g_gnn);
-    let (metrics, l1) = metrics.read(overflow_check);
-    backbone_step(&mut model, optim, l1);
-    Ok((model, metrics))
+    Ok(model)
 }
 
 /// The sum of `|g|` over every gradient of `module` in `grads`: infinite or NaN when some
