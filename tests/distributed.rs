@@ -328,6 +328,41 @@ fn data_parallel_training_matches_one_process_on_the_global_batch() {
     );
 }
 
+/// A warm-up epoch: the backbone is frozen, so each process's features are exactly one
+/// process's rows, and the head, graph and losses run on the same gathered batch; the next
+/// batch's backbone forward runs beside each step (on a worker, while the collectives stay on
+/// the main thread). The losses equal one process's, bit for bit.
+#[test]
+fn a_warm_up_epoch_matches_one_process_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let args = |name: &str| {
+        let mut args = small(1, 4);
+        args.extend(["--set".into(), "optim.warm_up_epochs=1".into()]);
+        args.extend(["--out".into(), tmp.join(name).display().to_string()]);
+        let log = tmp.join(format!("{name}.steps.jsonl"));
+        args.extend(["--step-log".into(), log.display().to_string()]);
+        args
+    };
+    let mut c = Command::new(bin());
+    c.args(args("one"));
+    let text = succeed(c, tmp, "one");
+    assert!(text.contains("warm-up"), "{text}");
+    let one = step_losses(&tmp.join("one.steps.jsonl"));
+    assert_eq!(one.len(), 4);
+    for ranks in [2, 4] {
+        let name = format!("k{ranks}");
+        let mut c = mpirun(ranks);
+        c.args(args(&name)).arg("--distributed");
+        succeed(c, tmp, &name);
+        assert_eq!(
+            step_losses(&tmp.join(format!("{name}.steps.jsonl"))),
+            one,
+            "{ranks} processes"
+        );
+    }
+}
+
 fn last_error(text: &str) -> &str {
     text.lines()
         .find(|l| l.starts_with("error: rank"))
