@@ -28,7 +28,7 @@ use burn::tensor::{Gradients, Tensor, TensorData};
 
 use crate::backbones::Backbone;
 use crate::io::host::host_values;
-use crate::train::step::FeatureExchange;
+use crate::train::step::{BackboneBackward, FeatureExchange};
 
 /// Why a data-parallel run cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +320,7 @@ impl FeatureExchange for Exchange<'_> {
             return Ok(GradientsParams::new());
         };
         // This rank's rows of d(loss)/d(features), as the single-device backward would hand
-        // them to the backbone; `sum(local * upstream)` has exactly that gradient.
+        // them to the backbone.
         let [_, width] = upstream.dims();
         // On `local`'s (autodiff) device: the product below must join its graph.
         let device = local.device();
@@ -333,8 +333,7 @@ impl FeatureExchange for Exchange<'_> {
             .collect();
         let rows = mine.len() / width;
         let upstream = Tensor::<2>::from_data(TensorData::new(mine, [rows, width]), &device);
-        let mut local_grads = (local * upstream).sum().backward();
-        let g = GradientsParams::from_module(&mut local_grads, backbone);
+        let g = BackboneBackward::new(local, Some(upstream)).run(backbone);
         self.reduce(backbone, g, false)
     }
 

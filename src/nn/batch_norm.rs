@@ -231,26 +231,40 @@ pub struct RunningStatistics {
 const RUNNING_FIELDS: [&str; 3] = ["running_mean", "running_var", "num_batches_tracked"];
 const BATCH_NORM: &str = "Struct:BatchNorm1d";
 
-fn is_running_field(name: &str, container: &str) -> bool {
-    container == BATCH_NORM && RUNNING_FIELDS.contains(&name)
+/// How deep a visitor or mapper is inside a running-state field of a [`BatchNorm1d`].
+#[derive(Default)]
+struct InRunning(usize);
+
+impl InRunning {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.0 += usize::from(container == BATCH_NORM && RUNNING_FIELDS.contains(&name));
+    }
+
+    fn exit(&mut self, name: &str, container: &str) {
+        self.0 -= usize::from(container == BATCH_NORM && RUNNING_FIELDS.contains(&name));
+    }
+
+    fn inside(&self) -> bool {
+        self.0 > 0
+    }
 }
 
 impl RunningStatistics {
     /// The running statistics `module` holds now.
     pub fn of<M: Module>(module: &M) -> Self {
         struct Save {
-            inside: usize,
+            at: InRunning,
             saved: std::collections::HashMap<ParamId, (Vec<usize>, Tensor<1>)>,
         }
         impl burn::module::ModuleVisitor for Save {
             fn enter_module(&mut self, name: &str, container: &str) {
-                self.inside += usize::from(is_running_field(name, container));
+                self.at.enter(name, container);
             }
             fn exit_module(&mut self, name: &str, container: &str) {
-                self.inside -= usize::from(is_running_field(name, container));
+                self.at.exit(name, container);
             }
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if self.inside > 0 {
+                if self.at.inside() {
                     let value = param.val();
                     let dims = value.dims().to_vec();
                     let n = dims.iter().product::<usize>();
@@ -259,7 +273,7 @@ impl RunningStatistics {
             }
         }
         let mut save = Save {
-            inside: 0,
+            at: InRunning::default(),
             saved: Default::default(),
         };
         module.visit(&mut save);
@@ -280,18 +294,18 @@ impl RunningStatistics {
     /// states are shared between clones). Parameters are left as they are.
     pub fn restore<M: Module>(self, module: M) -> M {
         struct Put {
-            inside: usize,
+            at: InRunning,
             saved: std::collections::HashMap<ParamId, (Vec<usize>, Tensor<1>)>,
         }
         impl burn::module::ModuleMapper for Put {
             fn enter_module(&mut self, name: &str, container: &str) {
-                self.inside += usize::from(is_running_field(name, container));
+                self.at.enter(name, container);
             }
             fn exit_module(&mut self, name: &str, container: &str) {
-                self.inside -= usize::from(is_running_field(name, container));
+                self.at.exit(name, container);
             }
             fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-                if self.inside == 0 {
+                if !self.at.inside() {
                     return param;
                 }
                 match self.saved.remove(&param.id) {
@@ -308,7 +322,7 @@ impl RunningStatistics {
             }
         }
         module.map(&mut Put {
-            inside: 0,
+            at: InRunning::default(),
             saved: self.saved,
         })
     }

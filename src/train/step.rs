@@ -433,6 +433,10 @@ pub struct BackboneBackward {
 }
 
 impl BackboneBackward {
+    pub fn new(features: Tensor<2>, upstream: Option<Tensor<2>>) -> Self {
+        Self { features, upstream }
+    }
+
     /// The backbone's parameter gradients.
     pub fn run(self, backbone: &Backbone) -> GradientsParams {
         let Some(upstream) = self.upstream else {
@@ -470,10 +474,7 @@ impl SingleProcess {
 
     fn take_backward(&mut self, grads: &mut Gradients) -> Option<BackboneBackward> {
         let (features, detached) = self.split.take()?;
-        Some(BackboneBackward {
-            features,
-            upstream: detached.grad_remove(grads),
-        })
+        Some(BackboneBackward::new(features, detached.grad_remove(grads)))
     }
 }
 
