@@ -6,7 +6,8 @@
 #   - the Vulkan loader packages in .gl/*.deb (the device README says which);
 #   - .gl/gca-hng-vulkan.xz: `cargo build --release --features vulkan`, stripped, compressed
 #     with `xz` (gzip, `.gz`, also works; xz keeps the carried tree under its 64 MiB limit)
-#     (`vulkan` implies `wgpu`, autotune and fusion);
+#     (`vulkan` implies `wgpu`; burn's autotune and fusion are left out, see Cargo.toml's
+#     `gpu-tuning`);
 #   - optionally .gl/gca-hng-cuda.xz, the same with `--features cuda` (its build downloads
 #     LLVM, so it is built only where the network allows);
 #   - .gl/release/ (the authors' release tree) and .gl/release-tools/make_fixtures.py (from
@@ -76,6 +77,11 @@ fi
 for b in "${bins[@]}"; do
   # Autotune times its candidates during the warm-up iterations.
   step "resnet50 b81 224 fwd+bwd f32, $b:0" 120 "/tmp/gca-hng-$b" --device "$b:0" bench backbone --arch resnet50 --batch 81 --size 224 --warmup 3 --iters 10
+done
+# The same with burn-cubecl's own (direct) convolutions instead of the lowering to matrix
+# products that GPUs use by default (src/backbones/conv.rs): the comparison behind that choice.
+for b in "${bins[@]}"; do
+  step "resnet50 b81 224 fwd+bwd f32, $b:0, GCA_CONV=burn" 45 env GCA_CONV=burn "/tmp/gca-hng-$b" --device "$b:0" bench backbone --arch resnet50 --batch 81 --size 224 --warmup 1 --iters 2
 done
 if [ "$torch_ok" = 1 ]; then
   step "pytorch resnet50 b81 224 fwd+bwd, f32 and TF32" 90 env PYTHONUNBUFFERED=1 python3 scripts/torch_resnet50_bench.py

@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use burn::tensor::Device;
 
+use crate::nn::precision::Precision;
+
 /// Which adapter of a wgpu-based backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Adapter {
@@ -75,6 +77,16 @@ pub enum DeviceError {
     WrongResult { spec: DeviceSpec },
     #[error("device {spec} is not available (no such GPU, or its driver or loader is missing)")]
     Unavailable { spec: DeviceSpec },
+    #[error(
+        "device {spec} cannot compute in {precision} (its driver or shader language lacks the \
+         type{hint}); use `--precision f32`{other}"
+    )]
+    UnsupportedPrecision {
+        spec: DeviceSpec,
+        precision: Precision,
+        hint: &'static str,
+        other: &'static str,
+    },
 }
 
 impl FromStr for DeviceSpec {
@@ -146,6 +158,35 @@ pub fn open_configured(name: &str) -> Result<(DeviceSpec, Device), DeviceError> 
 }
 
 impl DeviceSpec {
+    /// Refuses a reduced precision that the opened `device` cannot compute in, before any
+    /// kernel meets it: cubecl's WGSL compiler, for one, panics on bf16 inside a server
+    /// thread. The CPU converts every type, so it is never refused.
+    pub fn check_precision(
+        &self,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<(), DeviceError> {
+        if precision == Precision::F32 || self.is_flex() || device.supports_dtype(precision.dtype())
+        {
+            return Ok(());
+        }
+        let wgsl = matches!(self, Self::Wgpu(_));
+        Err(DeviceError::UnsupportedPrecision {
+            spec: *self,
+            precision,
+            hint: if wgsl && precision == Precision::Bf16 {
+                ": WGSL has no bf16"
+            } else {
+                ""
+            },
+            other: if precision == Precision::Bf16 {
+                " or `--precision f16`"
+            } else {
+                ""
+            },
+        })
+    }
+
     /// The burn device after a small computation on it succeeded, so that a missing GPU or
     /// driver is a clear error here rather than a panic deep inside the backend later.
     pub fn open(&self) -> Result<Device, DeviceError> {
@@ -308,5 +349,31 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn the_cpu_takes_every_precision() {
+        let device = Device::flex();
+        for p in [Precision::F32, Precision::F16, Precision::Bf16] {
+            DeviceSpec::Cpu.check_precision(&device, p).unwrap();
+        }
+    }
+
+    /// WGSL has no bf16: cubecl's compiler panicked on it in a server thread, mid-run.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    #[ignore = "needs a Vulkan driver with a CPU adapter (Mesa's llvmpipe; CI installs it)"]
+    fn wgpu_refuses_bf16_before_any_kernel() {
+        let spec = DeviceSpec::Wgpu(Adapter::Cpu);
+        let device = spec.open().expect("wgpu:cpu (llvmpipe)");
+        spec.check_precision(&device, Precision::F32).unwrap();
+        let err = spec
+            .check_precision(&device, Precision::Bf16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("wgpu:cpu") && err.contains("bf16") && err.contains("WGSL"),
+            "{err}"
+        );
     }
 }

@@ -20,9 +20,13 @@
 //! slice's backward), which the dense kernel does not (BENCHMARKS.md, "CPU speed, fifth
 //! round"). The weights keep burn's [`Conv2d`] module and its `[out, in / groups, kh, kw]`
 //! layout, so loading and naming are unchanged. [`conv2d`] picks our kernels on the Flex (CPU)
-//! device in f32, and burn's native convolution on other devices (the GPU backends have their
-//! own convolution kernels); `GCA_CONV=burn` or `GCA_CONV=lowered` forces burn's convolution
-//! or the lowering everywhere, for comparisons.
+//! device in f32. On the GPU backends it picks the lowering for dense convolutions: without
+//! burn's `autotune` feature (off in our GPU builds, see `Cargo.toml`), burn-cubecl computes
+//! every convolution with its direct kernel, and the weight gradient as a direct convolution
+//! whose kernel is the whole output gradient, while the lowering's work is in cubecl's tiled
+//! matrix products (BENCHMARKS.md, "GPU convolutions through matrix products"). Depthwise and
+//! other grouped convolutions keep burn's kernels there. `GCA_CONV=burn` or `GCA_CONV=lowered`
+//! forces burn's convolution or the lowering everywhere, for comparisons.
 
 use std::sync::OnceLock;
 
@@ -59,12 +63,18 @@ fn forced() -> Option<ConvImpl> {
 
 /// The implementation [`conv2d`] uses for `conv` on `device`: on the Flex device our kernels
 /// for dense and depthwise convolutions (both measured faster than burn-flex's own and than
-/// the lowering: see BENCHMARKS.md), burn's own everywhere else.
+/// the lowering: see BENCHMARKS.md); on other devices (the GPU backends) the lowering for
+/// dense convolutions; burn's own everywhere else.
 pub fn conv_impl_for(conv: &Conv2d, device: &Device) -> ConvImpl {
     forced().unwrap_or_else(|| {
+        let dense = conv.groups == 1 && conv.dilation == [1, 1];
         if device.clone().inner() != Device::flex() {
-            ConvImpl::Burn
-        } else if conv.groups == 1 && conv.dilation == [1, 1] {
+            if dense {
+                ConvImpl::Lowered
+            } else {
+                ConvImpl::Burn
+            }
+        } else if dense {
             ConvImpl::Dense
         } else if is_depthwise(conv) && conv.dilation == [1, 1] {
             ConvImpl::Depthwise
@@ -82,11 +92,12 @@ fn is_depthwise(conv: &Conv2d) -> bool {
 
 /// `conv.forward(x)`, computed the fastest known way for `x`'s device.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    if crate::nn::precision::is_reduced(&x) {
-        // Reduced precision is for the GPU kernels; the lowering is tuned for f32 on the CPU.
+    let choice = conv_impl_for(conv, &x.device());
+    if crate::nn::precision::is_reduced(&x) && choice != ConvImpl::Lowered {
+        // Our CPU kernels are f32 only: reduced precision takes burn's kernel, weights cast.
         return crate::nn::precision::conv2d(conv, x);
     }
-    match conv_impl_for(conv, &x.device()) {
+    match choice {
         ConvImpl::Burn => conv.forward(x),
         ConvImpl::Lowered => lowered_conv2d(conv, x),
         ConvImpl::Dense => kernel_dense_conv2d(conv, x),
@@ -253,13 +264,15 @@ pub(crate) fn padding_pair(
 
 /// The same result as `conv.forward(x)` from pad, slice, stack, multiply and matmul.
 /// Dilated convolutions and groups other than 1 and "depthwise" fall back to `conv.forward`.
+/// The weights are cast to `x`'s dtype, so that the lowering also runs in reduced precision.
 pub fn lowered_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    use crate::nn::precision::weight_for;
     let [_, ci, h, w] = x.dims();
-    let weight = conv.weight.val();
+    let weight = weight_for(conv.weight.val(), &x);
     let [co, cig, kh, kw] = weight.dims();
     let depthwise = conv.groups == ci && cig == 1 && co == ci;
     if conv.dilation != [1, 1] || !(conv.groups == 1 || depthwise) {
-        return conv.forward(x);
+        return crate::nn::precision::conv2d(conv, x);
     }
     let stride = conv.stride;
     let (top, bottom) = padding_pair(&conv.padding, 0, h, kh, stride[0]);
@@ -285,7 +298,10 @@ pub fn lowered_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         im2col_matmul(&xp, weight, stride, (ho, wo))
     };
     match &conv.bias {
-        Some(bias) => y + bias.val().reshape([1, co, 1, 1]),
+        Some(bias) => {
+            let bias = weight_for(bias.val(), &y).reshape([1, co, 1, 1]);
+            y + bias
+        }
         None => y,
     }
 }
@@ -330,7 +346,11 @@ mod tests {
     /// Forward output and the input and weight gradients of the lowered convolution against
     /// burn's `Conv2d` on the same random input, weights and output gradient.
     fn check(c: Case) {
-        let device = Device::flex().autodiff();
+        check_on(c, Device::flex().autodiff());
+    }
+
+    /// [`check`] on `device`; our kernels are compared only where they run (Flex).
+    fn check_on(c: Case, device: Device) {
         let mut conv = Conv2dConfig::new([c.cin, c.cout], [c.k; 2])
             .with_stride([c.stride; 2])
             .with_padding(c.padding.clone())
@@ -380,10 +400,11 @@ mod tests {
         };
         let (y0, gx0, gw0, gb0) = run(ConvImpl::Burn);
         let mut ours = vec![ConvImpl::Lowered];
-        if is_depthwise(&conv) {
+        let flex = crate::backends::is_flex(&device);
+        if is_depthwise(&conv) && flex {
             ours.push(ConvImpl::Depthwise);
         }
-        if c.groups == 1 {
+        if c.groups == 1 && flex {
             ours.push(ConvImpl::Dense);
         }
         for how in ours {
@@ -415,6 +436,66 @@ mod tests {
         assert_eq!(conv_impl_for(&depthwise, &d), ConvImpl::Depthwise);
         let grouped = Conv2dConfig::new([4, 4], [3, 3]).with_groups(2).init(&d);
         assert_eq!(conv_impl_for(&grouped, &d), ConvImpl::Burn);
+    }
+
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn gpus_run_dense_convolutions_through_the_lowering() {
+        if forced().is_some() {
+            return; // GCA_CONV overrides the policy.
+        }
+        // Naming the device opens no adapter.
+        let d = crate::device::DeviceSpec::Wgpu(crate::device::Adapter::Cpu)
+            .device()
+            .unwrap();
+        let dense = Conv2dConfig::new([4, 4], [3, 3]).init(&Device::flex());
+        let depthwise = Conv2dConfig::new([4, 4], [3, 3])
+            .with_groups(4)
+            .init(&Device::flex());
+        assert_eq!(conv_impl_for(&dense, &d), ConvImpl::Lowered);
+        assert_eq!(
+            conv_impl_for(&dense, &d.clone().autodiff()),
+            ConvImpl::Lowered
+        );
+        assert_eq!(conv_impl_for(&depthwise, &d), ConvImpl::Burn);
+    }
+
+    /// The lowering against burn-cubecl's own convolution on Mesa's llvmpipe through wgpu:
+    /// forward and both gradients, on the paths ResNet-50 takes (per-image and whole-batch
+    /// GEMMs, 1x1 with stride 2, the 7x7 stem with bias).
+    #[cfg(feature = "wgpu")]
+    #[test]
+    #[ignore = "needs a Vulkan driver with a CPU adapter (Mesa's llvmpipe; CI installs it)"]
+    fn the_lowering_matches_burns_convolution_on_llvmpipe() {
+        let device = crate::device::DeviceSpec::Wgpu(crate::device::Adapter::Cpu)
+            .open()
+            .expect("wgpu:cpu (llvmpipe)")
+            .autodiff();
+        let same = |k: usize| PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2);
+        check_on(case(5, 6, 3, 1, same(3)), device.clone());
+        check_on(case(6, 4, 1, 2, PaddingConfig2d::Valid), device.clone());
+        check_on(
+            Case {
+                size: [28, 26],
+                ..case(3, 5, 3, 1, same(3))
+            },
+            device.clone(),
+        );
+        check_on(
+            Case {
+                size: [56, 56],
+                bias: true,
+                ..case(3, 4, 7, 2, same(7))
+            },
+            device.clone(),
+        );
+        check_on(
+            Case {
+                size: [30, 28],
+                ..case(4, 3, 1, 1, PaddingConfig2d::Valid)
+            },
+            device,
+        );
     }
 
     #[test]

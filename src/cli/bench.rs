@@ -285,6 +285,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             json,
         } => {
             let (spec, device) = open_device(device)?;
+            spec.check_precision(&device, precision)?;
             anyhow::ensure!(
                 iters > 0 && batch > 0,
                 "--iters and --batch must be at least 1"
@@ -323,6 +324,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             };
             let config =
                 ExperimentConfig::assemble(&ConfigBase::Preset(preset.clone()), &settings, &[])?;
+            spec.check_precision(&device, config.train.precision)?;
             let bench = TrainBench {
                 warmup,
                 steps,

@@ -43,7 +43,8 @@ pub struct EmbedArgs {
 }
 
 pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
-    let (_, device) = open_device(device)?;
+    let (spec, device) = open_device(device)?;
+    spec.check_precision(&device, args.precision)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
     let (samples, labelled) = match &args.split {

@@ -35,9 +35,11 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
-    let (_, device) = open_device(device)?;
+    let (spec, device) = open_device(device)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
+    // The run's precision carries over to its embeddings.
+    spec.check_precision(&device, config.train.precision)?;
     let data = setup::run_data(&config, args.data_root.as_deref())?;
     let set = match args.split.as_str() {
         "validation" => data.validation.clone().with_context(|| {

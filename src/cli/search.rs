@@ -43,10 +43,12 @@ pub struct SearchArgs {
 }
 
 pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
-    let (_, device) = open_device(device)?;
+    let (spec, device) = open_device(device)?;
     anyhow::ensure!(args.top > 0, "--top must be at least 1");
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
+    // The run's precision carries over to its embeddings.
+    spec.check_precision(&device, config.train.precision)?;
     let gallery = args.gallery.open()?;
     let queries = if args.follow_links {
         collect_images_following(&args.queries)?

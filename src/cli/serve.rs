@@ -61,9 +61,11 @@ pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         args.max_connections >= 1,
         "--max-connections must be at least 1"
     );
-    let (_, device) = open_device(device)?;
+    let (spec, device) = open_device(device)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
+    // The run's precision carries over to its embeddings.
+    spec.check_precision(&device, config.train.precision)?;
     let gallery = args.gallery.open()?;
     let store = train::image_store_for(&config, (0..gallery.rows()).map(|i| gallery.source(i)))?;
     let workers = args

@@ -185,6 +185,7 @@ pub fn train(
         spec = spec.for_local_rank(d.collective.local_rank());
     }
     let device = spec.open()?;
+    spec.check_precision(&device, config.train.precision)?;
     let ad = device.clone().autodiff();
     let seed = config.train.seed;
     ad.seed(seed);
