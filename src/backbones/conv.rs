@@ -25,8 +25,10 @@
 //! every convolution with its direct kernel, and the weight gradient as a direct convolution
 //! whose kernel is the whole output gradient, while the lowering's work is in cubecl's tiled
 //! matrix products (BENCHMARKS.md, "GPU convolutions through matrix products"). Depthwise and
-//! other grouped convolutions keep burn's kernels there. `GCA_CONV=burn` or `GCA_CONV=lowered`
-//! forces burn's convolution or the lowering everywhere, for comparisons.
+//! other grouped convolutions keep burn's kernels there, and so does every convolution in a
+//! build with `gpu-tuning`, whose autotune picks among burn's im2col and implicit-GEMM kernels.
+//! `GCA_CONV=burn` or `GCA_CONV=lowered` forces burn's convolution or the lowering everywhere,
+//! for comparisons.
 
 use std::sync::OnceLock;
 
@@ -64,12 +66,14 @@ fn forced() -> Option<ConvImpl> {
 /// The implementation [`conv2d`] uses for `conv` on `device`: on the Flex device our kernels
 /// for dense and depthwise convolutions (both measured faster than burn-flex's own and than
 /// the lowering: see BENCHMARKS.md); on other devices (the GPU backends) the lowering for
-/// dense convolutions; burn's own everywhere else.
+/// dense convolutions, unless the build has `gpu-tuning`; burn's own everywhere else.
 pub fn conv_impl_for(conv: &Conv2d, device: &Device) -> ConvImpl {
     forced().unwrap_or_else(|| {
         let dense = conv.groups == 1 && conv.dilation == [1, 1];
         if device.clone().inner() != Device::flex() {
-            if dense {
+            // With `gpu-tuning`, burn's autotune chooses among its own im2col and
+            // implicit-GEMM kernels, which is what the lowering stands in for.
+            if dense && !cfg!(feature = "gpu-tuning") {
                 ConvImpl::Lowered
             } else {
                 ConvImpl::Burn
@@ -452,11 +456,13 @@ mod tests {
         let depthwise = Conv2dConfig::new([4, 4], [3, 3])
             .with_groups(4)
             .init(&Device::flex());
-        assert_eq!(conv_impl_for(&dense, &d), ConvImpl::Lowered);
-        assert_eq!(
-            conv_impl_for(&dense, &d.clone().autodiff()),
+        let expected = if cfg!(feature = "gpu-tuning") {
+            ConvImpl::Burn
+        } else {
             ConvImpl::Lowered
-        );
+        };
+        assert_eq!(conv_impl_for(&dense, &d), expected);
+        assert_eq!(conv_impl_for(&dense, &d.clone().autodiff()), expected);
         assert_eq!(conv_impl_for(&depthwise, &d), ConvImpl::Burn);
     }
 
