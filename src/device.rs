@@ -77,15 +77,13 @@ pub enum DeviceError {
     WrongResult { spec: DeviceSpec },
     #[error("device {spec} is not available (no such GPU, or its driver or loader is missing)")]
     Unavailable { spec: DeviceSpec },
-    #[error(
-        "device {spec} cannot compute in {precision} (its driver or shader language lacks the \
-         type{hint}); use `--precision f32`{other}"
-    )]
+    #[error("device {spec} cannot compute in {precision} ({why}); it can in {can}")]
     UnsupportedPrecision {
         spec: DeviceSpec,
         precision: Precision,
-        hint: &'static str,
-        other: &'static str,
+        why: &'static str,
+        /// The precisions it can compute in, f32 always among them.
+        can: &'static str,
     },
 }
 
@@ -171,19 +169,16 @@ impl DeviceSpec {
             return Ok(());
         }
         let wgsl = matches!(self, Self::Wgpu(_));
+        let f16 = precision == Precision::Bf16 && device.supports_dtype(Precision::F16.dtype());
         Err(DeviceError::UnsupportedPrecision {
             spec: *self,
             precision,
-            hint: if wgsl && precision == Precision::Bf16 {
-                ": WGSL has no bf16"
+            why: if wgsl && precision == Precision::Bf16 {
+                "WGSL has no bf16"
             } else {
-                ""
+                "its driver or shader language lacks the type"
             },
-            other: if precision == Precision::Bf16 {
-                " or `--precision f16`"
-            } else {
-                ""
-            },
+            can: if f16 { "f32 and f16" } else { "f32" },
         })
     }
 
@@ -372,7 +367,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("wgpu:cpu") && err.contains("bf16") && err.contains("WGSL"),
+            err.contains("wgpu:cpu")
+                && err.contains("bf16")
+                && err.contains("WGSL")
+                && err.contains("it can in f32"),
             "{err}"
         );
     }

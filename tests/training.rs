@@ -1067,3 +1067,51 @@ fn bench_train_reports_its_steps_and_the_cores_they_kept_busy() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     assert!(cores > 0.3 && cores < threads + 0.5, "{r}");
 }
+
+/// bf16 on a device that lacks it (WGSL has none): `train` refuses it before the run folder
+/// is made, and `eval` of a run trained in bf16 names the run's `train.precision`, where
+/// cubecl's WGSL compiler used to panic in a server thread.
+#[cfg(feature = "wgpu")]
+#[test]
+#[ignore = "needs a Vulkan driver with a CPU adapter (Mesa's llvmpipe; CI installs it)"]
+fn bf16_is_refused_by_a_device_without_it_naming_the_setting() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config();
+    config.train.precision = gca_hng::nn::precision::Precision::Bf16;
+    config.train.epochs = 1;
+
+    config.train.device = "wgpu:cpu".into();
+    let refused = dir.path().join("refused");
+    let err = train(
+        &config,
+        &tiny_options(&refused),
+        &mut gca_hng::train::Silent,
+    )
+    .err()
+    .unwrap();
+    let text = gca_hng::error::chain(&err);
+    assert!(text.contains("wgpu:cpu") && text.contains("bf16"), "{text}");
+    assert!(!refused.exists());
+
+    // Trained in bf16 on the CPU, which converts every type; evaluated on llvmpipe.
+    config.train.device = "cpu".into();
+    let run = dir.path().join("bf16");
+    let RunOutcome::Finished(_) =
+        train(&config, &tiny_options(&run), &mut gca_hng::train::Silent).unwrap()
+    else {
+        panic!("should finish")
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_gca-hng"))
+        .args(["--device", "wgpu:cpu", "eval", "--no-nmi", "--run"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("train.precision = \"bf16\"") && stderr.contains("WGSL has no bf16"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

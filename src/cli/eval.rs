@@ -39,7 +39,14 @@ pub fn run(args: EvalArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
     // The run's precision carries over to its embeddings.
-    spec.check_precision(&device, config.train.precision)?;
+    spec.check_precision(&device, config.train.precision)
+        .with_context(|| {
+            format!(
+                "{} was trained with `train.precision = \"{}\"`, which eval embeds in",
+                path.display(),
+                config.train.precision
+            )
+        })?;
     let data = setup::run_data(&config, args.data_root.as_deref())?;
     let set = match args.split.as_str() {
         "validation" => data.validation.clone().with_context(|| {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use gca_hng::data::sources::{collect_images, collect_images_following, unlabelled_samples};
 use gca_hng::device::DeviceSpec;
@@ -48,7 +48,14 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
     // The run's precision carries over to its embeddings.
-    spec.check_precision(&device, config.train.precision)?;
+    spec.check_precision(&device, config.train.precision)
+        .with_context(|| {
+            format!(
+                "{} was trained with `train.precision = \"{}\"`, which search embeds in",
+                path.display(),
+                config.train.precision
+            )
+        })?;
     let gallery = args.gallery.open()?;
     let queries = if args.follow_links {
         collect_images_following(&args.queries)?

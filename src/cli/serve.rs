@@ -65,7 +65,14 @@ pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
     // The run's precision carries over to its embeddings.
-    spec.check_precision(&device, config.train.precision)?;
+    spec.check_precision(&device, config.train.precision)
+        .with_context(|| {
+            format!(
+                "{} was trained with `train.precision = \"{}\"`, which serve embeds in",
+                path.display(),
+                config.train.precision
+            )
+        })?;
     let gallery = args.gallery.open()?;
     let store = train::image_store_for(&config, (0..gallery.rows()).map(|i| gallery.source(i)))?;
     let workers = args
