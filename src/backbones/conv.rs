@@ -1,6 +1,6 @@
-//! 2-D convolutions for the CPU: our kernels (`crate::backends::conv2d` for dense ones,
+//! 2-D convolutions: our CPU kernels (`crate::backends::conv2d` for dense ones,
 //! `crate::backends::depthwise` for depthwise ones), and a lowering to plain tensor ops (pad,
-//! strided slices, matmul) that runs on any backend and is kept for comparisons.
+//! strided slices, matmul) that runs on any backend, which GPUs use for dense convolutions.
 //!
 //! burn-flex's own convolution is slow on this workload: its forward runs many small GEMMs
 //! (512 output pixels at a time), its input gradient goes through `conv_transpose`, and the
@@ -267,7 +267,8 @@ pub(crate) fn padding_pair(
 }
 
 /// The same result as `conv.forward(x)` from pad, slice, stack, multiply and matmul.
-/// Dilated convolutions and groups other than 1 and "depthwise" fall back to `conv.forward`.
+/// Dilated convolutions and groups other than 1 and "depthwise" fall back to burn's
+/// convolution.
 /// The weights are cast to `x`'s dtype, so that the lowering also runs in reduced precision.
 pub fn lowered_conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     use crate::nn::precision::weight_for;

@@ -10,7 +10,7 @@ use gca_hng::train::evaluator::Evaluator;
 use gca_hng::train::{self, setup};
 
 use crate::progress::TerminalProgress;
-use crate::shared::{ModelArgs, Outcome, open_device};
+use crate::shared::{ModelArgs, Outcome, check_run_precision, open_device};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -38,15 +38,7 @@ pub fn run(args: EvalArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
-    // The run's precision carries over to its embeddings.
-    spec.check_precision(&device, config.train.precision)
-        .with_context(|| {
-            format!(
-                "{} was trained with `train.precision = \"{}\"`, which eval embeds in",
-                path.display(),
-                config.train.precision
-            )
-        })?;
+    check_run_precision(&spec, &device, &path, &config, "eval")?;
     let data = setup::run_data(&config, args.data_root.as_deref())?;
     let set = match args.split.as_str() {
         "validation" => data.validation.clone().with_context(|| {

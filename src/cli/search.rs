@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use gca_hng::data::sources::{collect_images, collect_images_following, unlabelled_samples};
 use gca_hng::device::DeviceSpec;
@@ -13,7 +13,7 @@ use gca_hng::index::SearchMode;
 use gca_hng::io::embedding_files::source_line;
 use gca_hng::train::{self, setup};
 
-use crate::shared::{GalleryArgs, ModelArgs, Outcome, open_device};
+use crate::shared::{GalleryArgs, ModelArgs, Outcome, check_run_precision, open_device};
 
 #[derive(clap::Args)]
 pub struct SearchArgs {
@@ -47,15 +47,7 @@ pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     anyhow::ensure!(args.top > 0, "--top must be at least 1");
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
-    // The run's precision carries over to its embeddings.
-    spec.check_precision(&device, config.train.precision)
-        .with_context(|| {
-            format!(
-                "{} was trained with `train.precision = \"{}\"`, which search embeds in",
-                path.display(),
-                config.train.precision
-            )
-        })?;
+    check_run_precision(&spec, &device, &path, &config, "search")?;
     let gallery = args.gallery.open()?;
     let queries = if args.follow_links {
         collect_images_following(&args.queries)?

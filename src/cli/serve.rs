@@ -12,7 +12,7 @@ use gca_hng::serve::pool::WorkerPool;
 use gca_hng::serve::{ServeConfig, Service, serve};
 use gca_hng::train::{self, setup};
 
-use crate::shared::{GalleryArgs, ModelArgs, Outcome, open_device};
+use crate::shared::{GalleryArgs, ModelArgs, Outcome, check_run_precision, open_device};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -64,15 +64,7 @@ pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
-    // The run's precision carries over to its embeddings.
-    spec.check_precision(&device, config.train.precision)
-        .with_context(|| {
-            format!(
-                "{} was trained with `train.precision = \"{}\"`, which serve embeds in",
-                path.display(),
-                config.train.precision
-            )
-        })?;
+    check_run_precision(&spec, &device, &path, &config, "serve")?;
     let gallery = args.gallery.open()?;
     let store = train::image_store_for(&config, (0..gallery.rows()).map(|i| gallery.source(i)))?;
     let workers = args

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::tensor::Device;
 
+use gca_hng::config::ExperimentConfig;
 use gca_hng::data::{Dataset, DatasetKind, ImageSource};
 use gca_hng::device::DeviceSpec;
 use gca_hng::index::{ExactGallery, Gallery, IndexFile};
@@ -51,6 +52,24 @@ pub fn open_device(spec: Option<DeviceSpec>) -> Result<(DeviceSpec, Device)> {
     let spec = spec.unwrap_or(DeviceSpec::Cpu);
     let device = spec.open()?;
     Ok((spec, device))
+}
+
+/// Refuses a run whose `train.precision` the opened device cannot compute in: `command`
+/// embeds in the run's precision, so the error names the run and the setting.
+pub fn check_run_precision(
+    spec: &DeviceSpec,
+    device: &Device,
+    run: &Path,
+    config: &ExperimentConfig,
+    command: &str,
+) -> Result<()> {
+    let precision = config.train.precision;
+    spec.check_precision(device, precision).with_context(|| {
+        format!(
+            "{} was trained with `train.precision = \"{precision}\"`, which {command} embeds in",
+            run.display()
+        )
+    })
 }
 
 /// Which trained model to use.
