@@ -168,7 +168,8 @@ impl DeviceSpec {
         {
             return Ok(());
         }
-        let wgsl = matches!(self, Self::Wgpu(_));
+        // A `vulkan` build compiles SPIR-V for `wgpu:*` on Vulkan adapters too.
+        let wgsl = matches!(self, Self::Wgpu(_)) && !cfg!(feature = "vulkan");
         let f16 = precision == Precision::Bf16 && device.supports_dtype(Precision::F16.dtype());
         Err(DeviceError::UnsupportedPrecision {
             spec: *self,
@@ -369,7 +370,7 @@ mod tests {
         assert!(
             err.contains("wgpu:cpu")
                 && err.contains("bf16")
-                && err.contains("WGSL")
+                && (err.contains("WGSL") || cfg!(feature = "vulkan"))
                 && err.contains("it can in f32"),
             "{err}"
         );
