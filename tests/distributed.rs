@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use gca_hng::io::state_dict::{HostTensor, StateDict};
@@ -17,6 +18,19 @@ use gca_hng::verify::reference::{GPU_GRADIENT, PARAMETER, ParameterRule};
 /// How long a job may take before the test calls it hung (not a timing assertion: the jobs
 /// take seconds to a minute on CI's two cores).
 const HUNG: Duration = Duration::from_secs(600);
+
+/// The jobs run one at a time, whatever `--test-threads` says: each already keeps both of CI's
+/// cores busy with up to four ranks, and the timing of the kill and hang tests assumes no
+/// other job beside them.
+static ONE_JOB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The lock of [`ONE_JOB_AT_A_TIME`]; a test that failed while holding it leaves nothing the
+/// next one depends on, so a poisoned lock is taken as it is.
+fn one_job_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_JOB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_gca-hng")
@@ -264,6 +278,7 @@ fn parallel(tmp: &Path, ranks: usize, name: &str, extra: &[&str]) -> (ExitStatus
 /// without any error in the exchange.
 #[test]
 fn data_parallel_training_matches_one_process_on_the_global_batch() {
+    let _serial = one_job_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let one = reference(tmp);
@@ -334,6 +349,7 @@ fn data_parallel_training_matches_one_process_on_the_global_batch() {
 /// the main thread). The losses equal one process's, bit for bit.
 #[test]
 fn a_warm_up_epoch_matches_one_process_exactly() {
+    let _serial = one_job_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let args = |name: &str| {
@@ -441,6 +457,7 @@ fn summary_epochs(run: &Path) -> u64 {
 
 #[test]
 fn a_killed_rank_stops_the_job_and_the_checkpoint_resumes_on_another_process_count() {
+    let _serial = one_job_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
 
@@ -504,6 +521,7 @@ fn a_killed_rank_stops_the_job_and_the_checkpoint_resumes_on_another_process_cou
 
 #[test]
 fn a_hanging_rank_is_stopped_by_the_collective_timeout() {
+    let _serial = one_job_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let mut c = mpirun(2);
