@@ -18,6 +18,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::nn::LayerNorm;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::{
     contiguous, from_vec, is_flex, par_blocks, rows_per_task, sum_f64, sum_in_order, sum_pairs_f64,
@@ -73,13 +74,7 @@ impl LayerNormBackend for Flex {
         let n = g.len();
         let block = rows_per_task(n) * n;
         let out = par_blocks(xs.len(), block, |i, out| {
-            let xs = &xs[i * block..i * block + out.len()];
-            for (o, x) in out.chunks_mut(n).zip(xs.chunks(n)) {
-                let (mean, rstd) = row_stats(x, eps);
-                for j in 0..n {
-                    o[j].write((x[j] - mean) * rstd * g[j] + b[j]);
-                }
-            }
+            forward_rows(&xs[i * block..i * block + out.len()], g, b, eps, out)
         });
         from_vec(out, &x)
     }
@@ -105,24 +100,7 @@ impl LayerNormBackend for Flex {
             .zip(gs.par_chunks(block))
             .map(|((dx, xs), gs)| {
                 let (mut dgamma, mut dbeta) = zeros();
-                for ((dx, x), go) in dx.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
-                    let (mean, rstd) = row_stats(x, eps);
-                    // dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
-                    let (a, c) = sum_pairs_f64((x, go, g), |x, go, g| {
-                        let gg = go * g;
-                        (gg, gg * ((x - mean) * rstd))
-                    });
-                    for j in 0..n {
-                        let xhat = (x[j] - mean) * rstd;
-                        dgamma[j] += f64::from(go[j] * xhat);
-                        dbeta[j] += f64::from(go[j]);
-                    }
-                    let (a, c) = ((a / n as f64) as f32, (c / n as f64) as f32);
-                    for j in 0..n {
-                        let xhat = (x[j] - mean) * rstd;
-                        dx[j].write(rstd * (go[j] * g[j] - a - xhat * c));
-                    }
-                }
+                backward_rows(xs, g, gs, eps, dx, &mut dgamma, &mut dbeta);
                 (dgamma, dbeta)
             })
             .unzip::<_, _, Vec<_>, Vec<_>>();
@@ -209,8 +187,82 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
     }
 }
 
+/// LayerNorm of whole rows of `xs` (`gamma.len()` wide) into `out`.
+#[inline(always)]
+fn forward_rows_generic(
+    xs: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let n = gamma.len();
+    for (o, x) in out.chunks_mut(n).zip(xs.chunks(n)) {
+        let (mean, rstd) = row_stats(x, eps);
+        for j in 0..n {
+            o[j].write((x[j] - mean) * rstd * gamma[j] + beta[j]);
+        }
+    }
+}
+
+/// The input gradient of whole rows of `xs` into `dx`, and the rows' contributions added to
+/// the f64 sums `dgamma` and `dbeta`, row by row.
+#[inline(always)]
+fn backward_rows_generic(
+    xs: &[f32],
+    gamma: &[f32],
+    gs: &[f32],
+    eps: f64,
+    dx: &mut [MaybeUninit<f32>],
+    dgamma: &mut [f64],
+    dbeta: &mut [f64],
+) {
+    let n = gamma.len();
+    for ((dx, x), go) in dx.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
+        let (mean, rstd) = row_stats(x, eps);
+        // dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
+        let (a, c) = sum_pairs_f64((x, go, gamma), |x, go, g| {
+            let gg = go * g;
+            (gg, gg * ((x - mean) * rstd))
+        });
+        for j in 0..n {
+            let xhat = (x[j] - mean) * rstd;
+            dgamma[j] += f64::from(go[j] * xhat);
+            dbeta[j] += f64::from(go[j]);
+        }
+        let (a, c) = ((a / n as f64) as f32, (c / n as f64) as f32);
+        for j in 0..n {
+            let xhat = (x[j] - mean) * rstd;
+            dx[j].write(rstd * (go[j] * gamma[j] - a - xhat * c));
+        }
+    }
+}
+
+// Compiled for AVX2 + FMA and AVX-512 as well, chosen at run time: the same operations in the
+// same order (no contraction into fused multiply-adds), so every build gives the same bits.
+simd_dispatch!(
+    fn forward_rows(
+        xs: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f64,
+        out: &mut [MaybeUninit<f32>],
+    ) => forward_rows_generic
+);
+simd_dispatch!(
+    fn backward_rows(
+        xs: &[f32],
+        gamma: &[f32],
+        gs: &[f32],
+        eps: f64,
+        dx: &mut [MaybeUninit<f32>],
+        dgamma: &mut [f64],
+        dbeta: &mut [f64],
+    ) => backward_rows_generic
+);
+
 /// `(mean, 1 / sqrt(var + eps))` of one row, two passes with f64 sums.
-#[inline]
+#[inline(always)]
 fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len() as f64;
     let mean = sum_f64(x) / n;
@@ -225,6 +277,46 @@ mod tests {
     use burn::tensor::{Device, Distribution, Tolerance};
 
     use super::*;
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect()
+    }
+
+    /// `MaybeUninit` slots that were all written, as plain values.
+    fn written(v: Vec<MaybeUninit<f32>>) -> Vec<u32> {
+        // SAFETY: the callers pass buffers whose every element the kernel wrote.
+        v.into_iter()
+            .map(|x| unsafe { x.assume_init() }.to_bits())
+            .collect()
+    }
+
+    /// The rows compiled for this CPU's vector unit (AVX2 or AVX-512 where it has them) give
+    /// the portable build's bits: the guarantee that lets one binary choose at run time.
+    #[test]
+    fn dispatched_rows_equal_the_portable_rows_bit_for_bit() {
+        for (rows, n) in [(5, 2048), (3, 37), (4, 8), (2, 3)] {
+            let (xs, gs) = (random(rows * n, 1), random(rows * n, 2));
+            let (gamma, beta) = (random(n, 3), random(n, 4));
+            let mut a = vec![MaybeUninit::uninit(); rows * n];
+            let mut b = vec![MaybeUninit::uninit(); rows * n];
+            forward_rows(&xs, &gamma, &beta, 1e-5, &mut a);
+            forward_rows_generic(&xs, &gamma, &beta, 1e-5, &mut b);
+            assert_eq!(written(a), written(b), "forward, {rows} x {n}");
+
+            let mut a = vec![MaybeUninit::uninit(); rows * n];
+            let mut b = vec![MaybeUninit::uninit(); rows * n];
+            let (mut ga, mut ba) = (vec![0.5f64; n], vec![-0.25f64; n]);
+            let (mut gb, mut bb) = (ga.clone(), ba.clone());
+            backward_rows(&xs, &gamma, &gs, 1e-5, &mut a, &mut ga, &mut ba);
+            backward_rows_generic(&xs, &gamma, &gs, 1e-5, &mut b, &mut gb, &mut bb);
+            assert_eq!(written(a), written(b), "input gradient, {rows} x {n}");
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&ga), bits(&gb), "weight gradient, {rows} x {n}");
+            assert_eq!(bits(&ba), bits(&bb), "bias gradient, {rows} x {n}");
+        }
+    }
 
     #[test]
     fn matches_burns_layer_norm_on_values_and_every_gradient() {
