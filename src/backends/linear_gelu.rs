@@ -213,6 +213,9 @@ mod tests {
 
     use super::*;
 
+    /// The signature of [`backward_rows`] and of its portable form.
+    type Rows = fn(&[f32], &[f32], &[f32], &mut [MaybeUninit<f32>], &mut [f64]);
+
     /// The backward rows, in either build, give the bits of the plain one-loop form: each
     /// derivative, and each column's f64 sum over the rows in order.
     #[test]
@@ -233,7 +236,7 @@ mod tests {
                     want_db[j] += f64::from(d);
                 }
             }
-            let run = |f: fn(&[f32], &[f32], &[f32], &mut [MaybeUninit<f32>], &mut [f64])| {
+            let run = |f: Rows| {
                 let mut dst = vec![MaybeUninit::<f32>::uninit(); rows * n];
                 let mut db = vec![0.125f64; n];
                 f(&xs, &b, &gs, &mut dst, &mut db);
