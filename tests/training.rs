@@ -1070,7 +1070,8 @@ fn bench_train_reports_its_steps_and_the_cores_they_kept_busy() {
 
 /// bf16 on a device that lacks it (WGSL has none): `train` refuses it before the run folder
 /// is made, and `eval` of a run trained in bf16 names the run's `train.precision`, where
-/// cubecl's WGSL compiler used to panic in a server thread.
+/// cubecl's WGSL compiler used to panic in a server thread. `embed` follows the run's precision
+/// too unless given `--precision`.
 #[cfg(feature = "wgpu")]
 #[test]
 #[ignore = "needs a Vulkan driver with a CPU adapter (Mesa's llvmpipe; CI installs it)"]
@@ -1116,4 +1117,47 @@ fn bf16_is_refused_by_a_device_without_it_naming_the_setting() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // `embed` embeds in the run's precision unless told otherwise, as `eval` does: on the CPU
+    // its default output is the bf16 one, and on llvmpipe it is refused naming the setting.
+    let embed = |device: &str, extra: &[&str], out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gca-hng"))
+            .args([
+                "--device",
+                device,
+                "embed",
+                "emoji:600:0",
+                "emoji:601:1",
+                "--run",
+            ])
+            .arg(&run)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (extra, out) in [
+        (&[][..], "default"),
+        (&["--precision", "bf16"][..], "bf16"),
+        (&["--precision", "f32"][..], "f32"),
+    ] {
+        let o = embed("cpu", extra, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let values = |out: &str| {
+        gca_hng::io::npy::read_matrix(&dir.path().join(format!("{out}.npy")))
+            .unwrap()
+            .values
+    };
+    assert_eq!(values("default"), values("bf16"));
+    assert_ne!(values("default"), values("f32"));
+    let o = embed("wgpu:cpu", &[], "refused");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("train.precision = \"bf16\"") && stderr.contains("embed"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("refused.npy").exists());
 }

@@ -13,7 +13,7 @@ use gca_hng::nn::precision::Precision;
 use gca_hng::train::{self, Observer, setup};
 
 use crate::progress::TerminalProgress;
-use crate::shared::{ModelArgs, Outcome, open_device};
+use crate::shared::{ModelArgs, Outcome, check_run_precision, open_device};
 
 #[derive(clap::Args)]
 pub struct EmbedArgs {
@@ -33,10 +33,11 @@ pub struct EmbedArgs {
     out: PathBuf,
     #[arg(long)]
     skip_bad_images: bool,
-    /// The backbone's arithmetic: f32 (default, whatever the run trained with), or f16/bf16
-    /// on a GPU.
-    #[arg(long, default_value = "f32")]
-    precision: Precision,
+    /// The backbone's arithmetic: f32, or f16/bf16 on a GPU. Default: the run's
+    /// `train.precision`, the one `eval`, `search` and `serve` embed in, so that these
+    /// embeddings compare with theirs.
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Follow links to folders outside the folders given (each folder is still walked once).
     #[arg(long)]
     follow_links: bool,
@@ -44,9 +45,18 @@ pub struct EmbedArgs {
 
 pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
-    spec.check_precision(&device, args.precision)?;
+    if let Some(precision) = args.precision {
+        spec.check_precision(&device, precision)?;
+    }
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
+    let precision = match args.precision {
+        Some(precision) => precision,
+        None => {
+            check_run_precision(&spec, &device, &path, &config, "embed")?;
+            config.train.precision
+        }
+    };
     let (samples, labelled) = match &args.split {
         Some(name) => (
             setup::split_samples(&config, args.data_root.as_deref(), name)?,
@@ -63,7 +73,7 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     };
     let store = train::image_store_for(&config, samples.iter().map(|s| &s.source))?;
     let mut settings = train::embed_settings(&config, args.skip_bad_images);
-    settings.precision = args.precision;
+    settings.precision = precision;
     let mut progress = TerminalProgress::new("");
     let samples = Arc::new(samples);
     let e = embed_samples(
