@@ -59,8 +59,11 @@ pub enum Error {
     NoHead,
     #[error(transparent)]
     BackboneCheck(#[from] crate::verify::backbone::BackboneCheckError),
-    #[error("the loss became {value} at epoch {epoch} step {step}; lower the learning rates")]
+    #[error(
+        "{loss} became {value} at epoch {epoch} step {step}; lower the learning rates, or check the loss and optimiser settings"
+    )]
     Diverged {
+        loss: &'static str,
         value: f64,
         epoch: usize,
         step: usize,

@@ -457,6 +457,92 @@ fn command_line_errors_name_what_is_wrong() {
         ])
         .contains("not a gca-hng checkpoint")
     );
+
+    // A folder holding a file a run writes (here the user's own config) is refused, and the
+    // file is left as it was.
+    let mine = dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("config.toml"), "# my notes\n").unwrap();
+    let err = run(&[
+        "train",
+        "--preset",
+        "demo",
+        "--max-steps-per-epoch",
+        "1",
+        "--out",
+        mine.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("config.toml") && err.contains("overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mine.join("config.toml")).unwrap(),
+        "# my notes\n"
+    );
+
+    // Settings that make no sense are refused naming the key, before anything runs.
+    for (set, key) in [
+        ("loss.proxy_margin=-1e30", "loss.proxy_margin"),
+        (
+            "optim.classifier_weight_decay=nan",
+            "optim.classifier_weight_decay",
+        ),
+        (
+            "loss.classification_weight=inf",
+            "loss.classification_weight",
+        ),
+        ("optim.metric_gamma=0", "optim.metric_gamma"),
+        ("train.out=''", "train.out"),
+    ] {
+        let err = run(&["config", "show", "demo", "--set", set]);
+        assert!(err.contains(key), "{set}: {err}");
+    }
+
+    // Benchmarks take the limits configs do, so a typo is an error, not an abort.
+    for (args, flag) in [
+        (
+            &["bench", "step", "--dim", "0", "--heads", "1"][..],
+            "--dim",
+        ),
+        (&["bench", "step", "--layers", "0"][..], "--layers"),
+        (
+            &[
+                "bench",
+                "step",
+                "--classes",
+                "100000",
+                "--per-class",
+                "100000",
+            ][..],
+            "batch of",
+        ),
+        (&["bench", "backbone", "--size", "100000"][..], "--size"),
+        (
+            &[
+                "bench",
+                "index",
+                "--synthetic",
+                "100000000000",
+                "--dim",
+                "1000",
+            ][..],
+            "16 GiB",
+        ),
+        (
+            &["serve", "--header-timeout-s", "18446744073709551615"][..],
+            "--header-timeout-s",
+        ),
+        (
+            &["serve", "--max-body-mib", "17592186044416"][..],
+            "--max-body-mib",
+        ),
+        (&["serve", "--workers", "0"][..], "--workers"),
+    ] {
+        let err = run(args);
+        assert!(err.contains(flag), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
 }
 
 #[test]

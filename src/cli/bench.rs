@@ -10,7 +10,7 @@ use gca_hng::backbones::{BackboneKind, BatchNormMode, Pooling};
 use gca_hng::bench::data::{DataBench, bench_data};
 use gca_hng::bench::train::{TrainBench, bench_train};
 use gca_hng::bench::{StepBench, bench_backbone, bench_step, median};
-use gca_hng::config::{ConfigBase, ExperimentConfig, RunSettings};
+use gca_hng::config::{ConfigBase, ExperimentConfig, RunSettings, limits};
 use gca_hng::data::DatasetKind;
 use gca_hng::data::loader::LoaderConfig;
 use gca_hng::device::DeviceSpec;
@@ -132,6 +132,34 @@ pub enum BenchCommand {
     },
 }
 
+/// A benchmark's sizes go through the limits of a config's (`config::limits`), so that a typo
+/// is refused rather than ending in an allocation failure.
+fn at_most(flag: &str, value: usize, min: usize, max: usize) -> Result<()> {
+    anyhow::ensure!(
+        (min..=max).contains(&value),
+        "{flag} must be between {min} and {max} (it is {value})"
+    );
+    Ok(())
+}
+
+/// `images` x `per_image` images of `size` pixels, as one training batch (`data.*` limits).
+fn batch_within_limits(images: usize, per_image: usize, size: Option<usize>) -> Result<()> {
+    let total = images.saturating_mul(per_image);
+    anyhow::ensure!(
+        total <= limits::BATCH_IMAGES,
+        "a batch of {total} images is more than {} (lower the batch size)",
+        limits::BATCH_IMAGES
+    );
+    if let Some(size) = size {
+        at_most("--size", size, 16, limits::IMAGE_SIZE)?;
+        anyhow::ensure!(
+            total as u64 * (size as u64).pow(2) * 3 * 4 <= limits::BATCH_BYTES,
+            "a batch of {total} images of {size} px is larger than 16 GiB (lower --size or the batch size)"
+        );
+    }
+    Ok(())
+}
+
 /// Prints the median of benchmark times, or `{"median_s": ...}` with `json`.
 fn report_times(what: &str, device: &DeviceSpec, times: &[f64], json: bool) {
     let m = median(times);
@@ -193,6 +221,12 @@ fn bench_index(a: IndexBenchArgs) -> Result<Outcome> {
         a.queries >= 1 && !a.ef.is_empty(),
         "--queries and --ef must not be empty"
     );
+    // The file is deleted afterwards, so it must not be someone's.
+    anyhow::ensure!(
+        !a.out.exists(),
+        "{} exists; bench index writes its index there and deletes it afterwards: choose another --out",
+        a.out.display()
+    );
     let (gallery, queries, dim) = match (&a.gallery, a.synthetic) {
         (Some(prefix), _) => {
             let files = crate::shared::read_gallery(prefix)?;
@@ -203,6 +237,19 @@ fn bench_index(a: IndexBenchArgs) -> Result<Outcome> {
             anyhow::ensure!(
                 rows >= 1 && a.dim >= 1,
                 "--synthetic and --dim must be at least 1"
+            );
+            at_most("--dim", a.dim, 1, limits::EMBEDDING_DIM)?;
+            anyhow::ensure!(
+                (rows as u64 + a.queries as u64) * a.dim as u64 * 4 <= limits::BATCH_BYTES,
+                "--synthetic {rows} rows (and {} queries) of {} values are more than 16 GiB",
+                a.queries,
+                a.dim
+            );
+            anyhow::ensure!(
+                a.clusters >= 1 && a.clusters as u64 * a.dim as u64 * 4 <= limits::BATCH_BYTES,
+                "--clusters must be at least 1, and its centres ({} x {}) at most 16 GiB",
+                a.clusters,
+                a.dim
             );
             eprintln!("generating {rows} x {} clustered embeddings", a.dim);
             let g = synthetic_clustered(rows, a.dim, a.clusters, a.spread, a.seed, a.seed);
@@ -251,6 +298,16 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                 classes >= 2 && per_class >= 2,
                 "--classes and --per-class must be at least 2"
             );
+            batch_within_limits(classes, per_class, None)?;
+            at_most("--dim", dim, 1, limits::EMBEDDING_DIM)?;
+            at_most("--layers", layers, 1, limits::GNN_LAYERS)?;
+            at_most("--feature-width", feature_width, 1, limits::EMBEDDING_DIM)?;
+            anyhow::ensure!(
+                num_classes >= 2
+                    && num_classes as u64 * dim.max(feature_width) as u64 * 4
+                        <= limits::BATCH_BYTES,
+                "--num-classes must be at least 2, and its classifier ({num_classes} x {dim}) at most 16 GiB"
+            );
             anyhow::ensure!(
                 heads > 0 && dim % heads == 0,
                 "--heads ({heads}) must divide --dim ({dim})"
@@ -290,6 +347,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                 iters > 0 && batch > 0,
                 "--iters and --batch must be at least 1"
             );
+            batch_within_limits(batch, 1, Some(size))?;
             let cfg = arch.config(BatchNormMode::Train, Pooling::AvgPlusMax);
             let times = bench_backbone(&cfg, batch, size, warmup, iters, precision, &device);
             report_times(
@@ -380,6 +438,10 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
             skip_bad_images,
             json,
         } => {
+            batch_within_limits(classes, per_class, Some(size as usize))?;
+            if let Some(t) = threads {
+                at_most("--threads", t, 1, limits::WORKERS)?;
+            }
             let dataset = open_dataset(kind, root)?;
             let mut loader = LoaderConfig {
                 seed,

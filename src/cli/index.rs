@@ -8,7 +8,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use gca_hng::index::{BuildOptions, Gallery, IndexFile, Metric, Quantisation, build};
 
+use gca_hng::io::embedding_files::EmbeddingFiles;
+
 use crate::shared::{Outcome, read_gallery};
+
+/// Whether two paths name one existing file (through links and relative paths alike).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
 
 #[derive(clap::Subcommand)]
 pub enum IndexCommand {
@@ -48,17 +59,6 @@ pub fn run(what: IndexCommand) -> Result<Outcome> {
 }
 
 fn build_index(args: BuildArgs) -> Result<Outcome> {
-    anyhow::ensure!(args.connectivity >= 2, "--connectivity must be at least 2");
-    anyhow::ensure!(
-        args.expansion_add >= 1 && args.expansion_search >= 1,
-        "--expansion-add and --expansion-search must be at least 1"
-    );
-    let crate::shared::GalleryFiles {
-        values,
-        dim,
-        sources,
-        labels,
-    } = read_gallery(&args.gallery)?;
     let options = BuildOptions {
         metric: args.metric,
         quantisation: args.quantisation,
@@ -66,6 +66,23 @@ fn build_index(args: BuildArgs) -> Result<Outcome> {
         expansion_add: args.expansion_add,
         expansion_search: args.expansion_search,
     };
+    options.check()?;
+    // The index replaces --out when it is written: never one of the files it is built from.
+    let inputs = EmbeddingFiles::new(&args.gallery);
+    for input in [inputs.embeddings(), inputs.paths(), inputs.labels()] {
+        anyhow::ensure!(
+            !same_file(&input, &args.out),
+            "--out {} is the gallery's own {}; choose another file for the index",
+            args.out.display(),
+            input.display()
+        );
+    }
+    let crate::shared::GalleryFiles {
+        values,
+        dim,
+        sources,
+        labels,
+    } = read_gallery(&args.gallery)?;
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let bar = ProgressBar::new(sources.len() as u64);
         bar.set_style(

@@ -24,43 +24,41 @@ pub struct ServeArgs {
     /// only behind a proxy that authenticates, as the service has no authentication.
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
-    /// Embedding worker threads (default: one per core).
-    #[arg(long)]
+    /// Embedding worker threads (default: one per core; at most 1024).
+    #[arg(long, value_parser = count(1024))]
     workers: Option<usize>,
-    /// Images that may wait for a worker; further requests get 503.
-    #[arg(long, default_value_t = ServeConfig::default().queue)]
+    /// Images that may wait for a worker; further requests get 503 (at most 1,000,000).
+    #[arg(long, default_value_t = ServeConfig::default().queue, value_parser = count(1_000_000))]
     queue: usize,
-    /// Most queued images a worker embeds in one forward pass.
-    #[arg(long, default_value_t = ServeConfig::default().batch)]
+    /// Most queued images a worker embeds in one forward pass (at most 4096).
+    #[arg(long, default_value_t = ServeConfig::default().batch, value_parser = count(4096))]
     batch: usize,
-    /// Largest request body, in MiB.
-    #[arg(long, default_value_t = ServeConfig::default().max_body_bytes >> 20)]
+    /// Largest request body, in MiB (at most 4096).
+    #[arg(long, default_value_t = ServeConfig::default().max_body_bytes >> 20, value_parser = count(4096))]
     max_body_mib: usize,
-    /// Deadline of a request, in seconds.
-    #[arg(long, default_value_t = ServeConfig::default().request_timeout.as_secs())]
+    /// Deadline of a request, in seconds (at most a day).
+    #[arg(long, default_value_t = ServeConfig::default().request_timeout.as_secs(), value_parser = seconds())]
     timeout_s: u64,
-    /// Time a client has to send a request's headers, in seconds.
-    #[arg(long, default_value_t = ServeConfig::default().header_timeout.as_secs())]
+    /// Time a client has to send a request's headers, in seconds (at most a day).
+    #[arg(long, default_value_t = ServeConfig::default().header_timeout.as_secs(), value_parser = seconds())]
     header_timeout_s: u64,
-    /// Open connections at once.
-    #[arg(long, default_value_t = ServeConfig::default().max_connections)]
+    /// Open connections at once (at most 1,000,000).
+    #[arg(long, default_value_t = ServeConfig::default().max_connections, value_parser = count(1_000_000))]
     max_connections: usize,
 }
 
+/// A count from 1 to `max`. Upper bounds keep a typo from asking for unbounded threads or
+/// memory, or from overflowing a deadline (an `Instant` plus a duration near `u64::MAX`
+/// seconds panics inside hyper).
+fn count(max: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=max)
+}
+
+fn seconds() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::builder::RangedU64ValueParser::<u64>::new().range(1..=86_400)
+}
+
 pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
-    anyhow::ensure!(
-        args.queue >= 1 && args.batch >= 1,
-        "--queue and --batch must be at least 1"
-    );
-    anyhow::ensure!(args.max_body_mib >= 1, "--max-body-mib must be at least 1");
-    anyhow::ensure!(
-        args.timeout_s >= 1 && args.header_timeout_s >= 1,
-        "--timeout-s and --header-timeout-s must be at least 1"
-    );
-    anyhow::ensure!(
-        args.max_connections >= 1,
-        "--max-connections must be at least 1"
-    );
     let (spec, device) = open_device(device)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
@@ -69,8 +67,7 @@ pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let store = train::image_store_for(&config, (0..gallery.rows()).map(|i| gallery.source(i)))?;
     let workers = args
         .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let first = ModelEmbedder::new(
         &model.embedder,
         train::embed_settings(&config, false),

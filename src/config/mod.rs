@@ -275,9 +275,11 @@ impl ExperimentConfig {
             "must be [low, high] with 0 < low <= high <= 1",
         )?;
         check(
-            0.0 < d.crop_ratio[0] && d.crop_ratio[0] <= d.crop_ratio[1],
+            0.0 < d.crop_ratio[0]
+                && d.crop_ratio[0] <= d.crop_ratio[1]
+                && d.crop_ratio[1].is_finite(),
             "data.crop_ratio",
-            "must be [low, high] with 0 < low <= high",
+            "must be [low, high] with 0 < low <= high, both finite",
         )?;
         check(
             (0.0..0.9).contains(&d.validation_fraction),
@@ -329,15 +331,44 @@ impl ExperimentConfig {
             check(v > 0.0 && v.is_finite(), key, "must be positive")?;
         }
         check(
-            o.weight_decay >= 0.0,
-            "optim.weight_decay",
-            "must not be negative",
+            o.metric_gamma > 0.0 && o.metric_gamma.is_finite(),
+            "optim.metric_gamma",
+            "must be positive",
+        )?;
+        let l = &self.loss;
+        check(
+            l.proxy_scale > 0.0 && l.proxy_scale.is_finite(),
+            "loss.proxy_scale",
+            "must be positive",
         )?;
         check(
-            o.grad_clip >= 0.0,
-            "optim.grad_clip",
-            "must not be negative",
+            l.proxy_lr_ratio > 0.0 && l.proxy_lr_ratio.is_finite(),
+            "loss.proxy_lr_ratio",
+            "must be positive",
         )?;
+        // Cosine similarities lie in [-1, 1], so a margin outside [0, 2] leaves nothing to
+        // separate.
+        check(
+            (0.0..=2.0).contains(&l.proxy_margin),
+            "loss.proxy_margin",
+            "must be in [0, 2]",
+        )?;
+        for (key, v) in [
+            ("optim.weight_decay", o.weight_decay),
+            ("optim.classifier_weight_decay", o.classifier_weight_decay),
+            ("optim.grad_clip", o.grad_clip),
+            ("loss.hardness_alpha", l.hardness_alpha),
+            ("loss.synthetic_beta", l.synthetic_beta),
+            ("loss.classification_weight", l.classification_weight),
+            ("loss.diversity_weight", l.diversity_weight),
+            ("loss.hardness_weight", l.hardness_weight),
+        ] {
+            check(
+                v >= 0.0 && v.is_finite(),
+                key,
+                "must be a finite number, not negative",
+            )?;
+        }
         check(
             o.metric_decay_steps >= 1,
             "optim.metric_decay_steps",
@@ -363,6 +394,11 @@ impl ExperimentConfig {
             self.train.eval_every >= 1,
             "train.eval_every",
             "must be at least 1",
+        )?;
+        check(
+            !self.train.out.trim().is_empty(),
+            "train.out",
+            "must name a folder",
         )?;
         crate::device::configured(&self.train.device)?;
         Ok(())

@@ -67,6 +67,39 @@ pub struct BuildOptions {
     pub expansion_search: usize,
 }
 
+impl BuildOptions {
+    /// Largest graph degree (M) accepted: HNSW gains nothing past a few dozen, and memory grows
+    /// with it per row.
+    pub const MAX_CONNECTIVITY: usize = 256;
+    /// Largest candidate list (efConstruction, ef) accepted.
+    pub const MAX_EXPANSION: usize = 65_536;
+
+    /// Refuses settings out of range before anything is allocated from them.
+    pub fn check(&self) -> Result<(), IndexError> {
+        let bad = |setting: &'static str, value: usize, min: usize, max: usize| {
+            (!(min..=max).contains(&value)).then_some(IndexError::Setting {
+                setting,
+                value,
+                min,
+                max,
+            })
+        };
+        match bad("connectivity", self.connectivity, 2, Self::MAX_CONNECTIVITY)
+            .or_else(|| bad("expansion_add", self.expansion_add, 1, Self::MAX_EXPANSION))
+            .or_else(|| {
+                bad(
+                    "expansion_search",
+                    self.expansion_search,
+                    1,
+                    Self::MAX_EXPANSION,
+                )
+            }) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Default for BuildOptions {
     fn default() -> Self {
         Self {
@@ -114,6 +147,13 @@ pub enum IndexError {
     QueryDim { given: usize, dim: usize },
     #[error("the gallery has no row {row} (it has {rows})")]
     NoRow { row: usize, rows: usize },
+    #[error("the index's {setting} must be between {min} and {max} (it is {value})")]
+    Setting {
+        setting: &'static str,
+        value: usize,
+        min: usize,
+        max: usize,
+    },
 }
 
 fn library<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> IndexError {
@@ -330,6 +370,7 @@ pub fn build(
     path: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(), IndexError> {
+    options.check()?;
     let rows = sources.len();
     check_rows(values, dim, rows, labels)?;
     if options.quantisation == Quantisation::I8 && options.metric != Metric::Cosine {

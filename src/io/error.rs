@@ -33,6 +33,14 @@ pub enum WeightsError {
     /// The disk is full: said once, naming the folder that needs room.
     #[error("no space left on the device of {}: {} was not written", path.parent().unwrap_or(path).display(), path.file_name().unwrap_or_default().to_string_lossy())]
     NoSpace { path: PathBuf },
+    /// A finite value the output type cannot hold (it would become infinite).
+    #[error("tensor `{tensor}` holds {value}, beyond the range of {dtype}; {} was not written", path.display())]
+    OutOfRange {
+        path: PathBuf,
+        tensor: String,
+        value: f64,
+        dtype: &'static str,
+    },
     #[error("{} is neither a PyTorch checkpoint (zip or legacy pickle) nor a safetensors file", path.display())]
     UnknownFormat { path: PathBuf },
     #[error("{} is not a valid safetensors file", path.display())]
@@ -218,7 +226,7 @@ pub enum IoError {
         size: u64,
     },
     /// `row` and `col` are 0-based, as NumPy indexes.
-    #[error("{}: value [{row}, {col}] is not finite (NaN or infinite)", path.display())]
+    #[error("{}: value [{row}, {col}] is not finite as float32 (NaN, infinite, or beyond float32's range)", path.display())]
     NpyNotFinite {
         path: PathBuf,
         row: usize,

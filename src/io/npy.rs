@@ -50,12 +50,13 @@ fn open(path: &Path) -> Result<npyz::NpyFile<BufReader<File>>, IoError> {
     }
 }
 
-fn data(path: &Path) -> impl Fn(std::io::Error) -> IoError + '_ {
+/// The error of reading the values of the `shape` array its header declares.
+fn data<'a>(path: &'a Path, shape: &'a [u64]) -> impl Fn(std::io::Error) -> IoError + 'a {
     move |source| {
         if source.kind() == std::io::ErrorKind::UnexpectedEof {
             return IoError::NpyTruncated {
                 path: path.to_path_buf(),
-                shape: Vec::new(),
+                shape: shape.to_vec(),
                 size: std::fs::metadata(path).map_or(0, |m| m.len()),
             };
         }
@@ -90,16 +91,16 @@ pub fn read_matrix(path: &Path) -> Result<Matrix, IoError> {
     let fortran = npy.order() == npyz::Order::Fortran;
     let kind = type_str(&npy);
     let values: Vec<f32> = match kind.as_str() {
-        "<f4" => npy.into_vec::<f32>().map_err(data(path))?,
+        "<f4" => npy.into_vec::<f32>().map_err(data(path, &shape))?,
         "<f8" => npy
             .into_vec::<f64>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .map(|v| v as f32)
             .collect(),
         "<f2" => npy
             .into_vec::<half::f16>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .map(f32::from)
             .collect(),
@@ -146,28 +147,28 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>, IoError> {
     }
     let kind = type_str(&npy);
     let labels: Vec<i64> = match kind.as_str() {
-        "<i8" => npy.into_vec::<i64>().map_err(data(path))?,
+        "<i8" => npy.into_vec::<i64>().map_err(data(path, &shape))?,
         "<i4" => npy
             .into_vec::<i32>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .map(i64::from)
             .collect(),
         "<i2" => npy
             .into_vec::<i16>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .map(i64::from)
             .collect(),
         "|i1" => npy
             .into_vec::<i8>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .map(i64::from)
             .collect(),
         "<u8" => npy
             .into_vec::<u64>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .enumerate()
             .map(|(index, v)| {
@@ -180,19 +181,19 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>, IoError> {
             .collect::<Result<_, _>>()?,
         "<u4" => npy
             .into_vec::<u32>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .map(i64::from)
             .collect(),
         "<u2" => npy
             .into_vec::<u16>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .map(i64::from)
             .collect(),
         "|u1" => npy
             .into_vec::<u8>()
-            .map_err(data(path))?
+            .map_err(data(path, &shape))?
             .into_iter()
             .map(i64::from)
             .collect(),

@@ -96,6 +96,21 @@ impl StateDict {
                 source: Cause::of(&e),
             },
         };
+        let (largest, name) = match dtype {
+            StoredDtype::F32 => (f32::MAX as f64, "float32"),
+            StoredDtype::F16 => (half::f16::MAX.to_f64(), "float16"),
+        };
+        for (k, t) in &self.tensors {
+            // Past the largest finite value a conversion silently gives infinity.
+            if let Some(&value) = t.data.iter().find(|v| v.is_finite() && v.abs() > largest) {
+                return Err(WeightsError::OutOfRange {
+                    path: path.to_path_buf(),
+                    tensor: k.clone(),
+                    value,
+                    dtype: name,
+                });
+            }
+        }
         let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()

@@ -99,6 +99,9 @@ impl Evaluator {
         let write = |e: &EmbeddingSet, split: &Split| -> Result<()> {
             match keep {
                 Some(files) => {
+                    // A diverged model's embeddings are refused before they reach the run
+                    // folder, not after.
+                    e.check_finite("the embeddings")?;
                     let sources: Vec<_> = e
                         .samples
                         .iter()

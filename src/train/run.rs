@@ -525,9 +525,15 @@ pub fn train(
                     });
                     log_step(path, epoch, step, &metrics, traffic)?;
                 }
-                if !metrics.j_metric.is_finite() {
+                // Every loss, not only the embedder's: a non-finite J_gen moves the generator to
+                // NaN on this step and everything else on the next, and its sum could not be
+                // written to a checkpoint that resumes.
+                if let Some((loss, value)) =
+                    metrics.named().into_iter().find(|(_, v)| !v.is_finite())
+                {
                     return Err(Error::Diverged {
-                        value: metrics.j_metric,
+                        loss,
+                        value,
                         epoch: epoch + 1,
                         step: step + 1,
                     });

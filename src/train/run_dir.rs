@@ -12,6 +12,9 @@ use crate::io::atomic::write_atomic;
 pub enum RunDirError {
     #[error("{} already holds a run; continue it with --resume {} or choose another --out", root.display(), root.display())]
     Occupied { root: PathBuf },
+    /// The folder holds a file of the name a run writes, but no run to resume.
+    #[error("{} exists and a run would overwrite it; choose another --out or move the file", path.display())]
+    WouldOverwrite { path: PathBuf },
     #[error("cannot create {}", path.display())]
     Create {
         path: PathBuf,
@@ -146,7 +149,9 @@ impl RunDir {
         Ok(RunLock { _file: file })
     }
 
-    /// Refuses a folder that already holds a run, so that nothing is overwritten by accident.
+    /// Refuses a folder that already holds a run, or any file of a name a run writes, so that
+    /// nothing is overwritten by accident (`train --config config.toml --out .` would replace
+    /// the user's own `config.toml`).
     pub fn check_fresh(&self) -> Result<(), RunDirError> {
         if self.last().exists()
             || super::checkpoint::previous_path(&self.last()).exists()
@@ -156,7 +161,21 @@ impl RunDir {
                 root: self.root.clone(),
             });
         }
-        Ok(())
+        let embeddings = self.test_embeddings();
+        let written = [
+            self.config(),
+            self.metrics(),
+            self.best(),
+            self.losses_plot(),
+            self.recall_plot(),
+            embeddings.embeddings(),
+            embeddings.labels(),
+            embeddings.paths(),
+        ];
+        match written.into_iter().find(|p| p.symlink_metadata().is_ok()) {
+            Some(path) => Err(RunDirError::WouldOverwrite { path }),
+            None => Ok(()),
+        }
     }
 
     /// Makes the folder.

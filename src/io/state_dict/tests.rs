@@ -194,3 +194,31 @@ fn safetensors_round_trip_in_f32_and_f16() {
     // 0.1 is not an f16 value: the file really holds half precision.
     assert_ne!(back.tensors["b"].data[0], 0.1f32 as f64);
 }
+
+#[test]
+fn a_value_beyond_the_output_type_is_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dict = StateDict::default();
+    dict.insert("fine", HostTensor::new(vec![2], vec![65504.0, -1.0]));
+    dict.insert(
+        "bn.num_batches_tracked",
+        HostTensor::new(vec![], vec![100000.0]),
+    );
+    let path = dir.path().join("h.safetensors");
+    let err = dict
+        .write_safetensors_as(&path, StoredDtype::F16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bn.num_batches_tracked") && err.contains("100000") && err.contains("float16"),
+        "{err}"
+    );
+    assert!(!path.exists());
+    // Infinities and NaN are carried as they are; only finite values that would become
+    // infinite are refused. float32 holds 100000.
+    dict.insert("inf", HostTensor::new(vec![1], vec![f64::INFINITY]));
+    dict.write_safetensors(&path).unwrap();
+    dict.insert("huge", HostTensor::new(vec![1], vec![1e300]));
+    let err = dict.write_safetensors(&path).unwrap_err().to_string();
+    assert!(err.contains("`huge`") && err.contains("float32"), "{err}");
+}
