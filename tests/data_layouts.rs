@@ -122,6 +122,22 @@ fn cub_bad_inputs_name_file_and_line() {
         "the message quotes the field: {e}"
     );
 
+    // Image paths stay inside the data set's folder.
+    for (path, why) in [
+        ("/etc/hostname", "is absolute"),
+        ("../../outside.jpg", "climbs out"),
+    ] {
+        write(
+            &images,
+            &format!("1 001.Black_footed_Albatross/a.jpg\n2 {path}\n"),
+        );
+        let e = open_err(DatasetKind::Cub, &root);
+        assert!(
+            at_line(&e, &images, 2) && e.to_string().contains(why),
+            "{e}"
+        );
+    }
+
     // An image without a class.
     write(
         &images,
@@ -475,6 +491,15 @@ fn sop_bad_lines() {
     write(&f, "1 1 1 a.JPG\n");
     let e = open_err(DatasetKind::Sop, &root);
     assert!(at_line(&e, &f, 1), "{e}");
+    write(
+        &f,
+        "image_id class_id super_class_id path\n1 1 1 a.JPG\n2 1 1 /root/b.JPG\n",
+    );
+    let e = open_err(DatasetKind::Sop, &root);
+    assert!(
+        at_line(&e, &f, 3) && e.to_string().contains("absolute"),
+        "{e}"
+    );
     write(&f, "image_id class_id super_class_id path\n");
     let e = open_err(DatasetKind::Sop, &root);
     assert!(
@@ -569,6 +594,15 @@ fn inshop_bad_inputs() {
     let root = inshop_tree(dir.path(), &rows, None);
     let e = open_err(DatasetKind::Inshop, &root);
     assert!(at_line(&e, &root.join("list_eval_partition.txt"), 6), "{e}");
+
+    let mut rows = INSHOP_ROWS.to_vec();
+    rows[1].0 = "img/../../secret.jpg";
+    let root = inshop_tree(dir.path(), &rows, None);
+    let e = open_err(DatasetKind::Inshop, &root);
+    assert!(
+        at_line(&e, &root.join("list_eval_partition.txt"), 4) && e.to_string().contains(".."),
+        "{e}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -185,6 +185,8 @@ fn sampler_errors() {
         ),
         "{e}"
     );
+    // The message names the setting to change.
+    assert!(e.to_string().contains("`data.classes_per_batch`"), "{e}");
     let e = BalancedSampler::new(&labels, cfg(2, 5, 0), |l| l.to_string()).unwrap_err();
     assert!(
         matches!(

@@ -372,6 +372,17 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
             "3 values",
         ),
         (
+            "beyond float32",
+            format!(
+                "{{\"embedding\": [1e39{}]}}",
+                ", 0".repeat(dim as usize - 1)
+            )
+            .into_bytes(),
+            "application/json",
+            400,
+            "the query's value 0 is not finite",
+        ),
+        (
             "both",
             b"{\"embedding\": [1], \"gallery_row\": 1}".to_vec(),
             "application/json",
@@ -407,6 +418,33 @@ fn serve_answers_every_endpoint_and_refuses_bad_input_with_a_reason() {
     drop(s);
     let a = request(addr, "POST", "/search?k=0", "image/png", &png);
     assert_eq!(a.status, 400, "{}", a.text());
+    // axum's own refusals come as JSON too: a malformed query string, a chunked body past the
+    // limit (no declared length to refuse it by), an unknown route, a wrong method.
+    let a = request(addr, "POST", "/search?k=abc", "image/png", &png);
+    assert_eq!(a.status, 400, "{}", a.text());
+    assert!(
+        a.json()["error"].as_str().unwrap().contains('k'),
+        "{}",
+        a.text()
+    );
+    let chunk = vec![b'x'; 1 << 20];
+    let mut chunked = b"POST /search HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: image/png\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(&chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let a = raw(addr, &chunked);
+    assert_eq!(a.status, 413, "{a:?}");
+    assert!(a.json()["error"].is_string(), "{}", a.text());
+    let a = get(addr, "/no-such-page");
+    assert_eq!(a.status, 404, "{}", a.text());
+    assert!(a.json()["error"].is_string(), "{}", a.text());
+    let a = get(addr, "/search");
+    assert_eq!(a.status, 405, "{}", a.text());
+    assert!(a.json()["error"].is_string(), "{}", a.text());
+    assert!(a.head.to_ascii_lowercase().contains("allow:"), "{}", a.head);
     // A body that never arrives in full meets the request deadline.
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(b"POST /search HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: 100000\r\n\r\n")

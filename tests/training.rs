@@ -1102,6 +1102,30 @@ fn embeddings_in_fortran_order_or_with_nan_and_flags_that_do_nothing() {
         "{err}"
     );
 
+    // Queries and gallery of different widths: the message names both files.
+    let wide = dir.path().join("wide.npy");
+    gca_hng::io::npy::write_matrix(&wide, 2, 4, &[1.0; 8]).unwrap();
+    let two = dir.path().join("two.npy");
+    gca_hng::io::npy::write_labels(&two, &[0, 1]).unwrap();
+    let out = Command::new(bin)
+        .args(["metrics", "--query-embeddings"])
+        .arg(&f)
+        .arg("--query-labels")
+        .arg(&labels)
+        .arg("--gallery-embeddings")
+        .arg(&wide)
+        .arg("--gallery-labels")
+        .arg(&two)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("f.npy have width 2")
+            && err.contains("wide.npy have width 4"),
+        "{err}"
+    );
+
     let out = Command::new(bin)
         .args(["data", "inspect", "--kind", "emoji", "--skip-bad-images"])
         .output()

@@ -72,6 +72,14 @@ fn metrics(args: &MetricsArgs, device: &burn::tensor::Device) -> Result<Retrieva
         (Some(qe), Some(ql), Some(ge), Some(gl)) => {
             let (q, q_labels) = read_set(qe, ql)?;
             let (g, g_labels) = read_set(ge, gl)?;
+            anyhow::ensure!(
+                q.cols == g.cols,
+                "the query embeddings {} have width {} but the gallery embeddings {} have width {}; both must come from one model",
+                qe.display(),
+                q.cols,
+                ge.display(),
+                g.cols
+            );
             let queries = Embeddings {
                 values: &q.values,
                 labels: &q_labels,

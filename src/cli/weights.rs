@@ -47,7 +47,7 @@ pub fn run(what: WeightsCommand) -> Result<Outcome> {
             dtype,
         } => {
             let dict = read_weights(&input)?;
-            dict.write_safetensors_as(&output, dtype)?;
+            dict.replace_safetensors_as(&output, dtype)?;
             println!(
                 "{} -> {} ({} tensors, {dtype})",
                 input.display(),

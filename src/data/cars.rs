@@ -54,7 +54,9 @@ pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
             key: class,
             original_id: class.to_string(),
             name: class_names.get(class as usize - 1).cloned().flatten(),
-            source: ImageSource::File(root.join(rel)),
+            source: ImageSource::File(
+                root.join(super::text::inside_root(rel).map_err(|m| at(&m))?),
+            ),
         };
         if class <= LAST_TRAIN_CLASS {
             train.push(entry);

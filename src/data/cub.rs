@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::read_text;
 use super::labels::{Entry, labelled_split};
-use super::text::{expect_fields, parse_id, rows};
+use super::text::{expect_fields, inside_root, parse_id, rows};
 use super::{DataError, ImageSource, Split};
 
 /// The last training class (1-based, inclusive) of the standard split.
@@ -75,7 +75,10 @@ pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
             key: class,
             original_id: class.to_string(),
             name,
-            source: ImageSource::File(root.join("images").join(f[1])),
+            source: ImageSource::File(
+                root.join("images")
+                    .join(inside_root(f[1]).map_err(|m| DataError::at(&images_txt, line, m))?),
+            ),
         };
         if class <= LAST_TRAIN_CLASS {
             train.push(entry);

@@ -121,20 +121,22 @@ pub enum DataError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BatchError {
     #[error(
-        "a batch needs at least one class and one image per class (got {classes} x {per_class})"
+        "a batch needs at least one class and one image per class (got {classes} x {per_class}: `data.classes_per_batch` x `data.per_class`)"
     )]
     Empty { classes: usize, per_class: usize },
     #[error(
-        "the split has {have} classes with images, fewer than the {need} classes a batch draws"
+        "the split has {have} classes with images, fewer than the {need} classes a batch draws (`data.classes_per_batch`)"
     )]
     TooFewClasses { have: usize, need: usize },
-    #[error("the split has {have} images, fewer than one batch of {classes} x {per_class}")]
+    #[error(
+        "the split has {have} images, fewer than one batch of {classes} x {per_class} (`data.classes_per_batch` x `data.per_class`)"
+    )]
     TooFewImages {
         have: usize,
         classes: usize,
         per_class: usize,
     },
-    #[error("class {class} has {have} images, fewer than the {need} per batch")]
+    #[error("class {class} has {have} images, fewer than the {need} per batch (`data.per_class`)")]
     ShortClass {
         class: String,
         have: usize,

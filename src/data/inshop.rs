@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::read_text;
 use super::labels::{Entry, labelled_split, labelled_splits};
-use super::text::{expect_fields, expect_header, parse_id, rows};
+use super::text::{expect_fields, expect_header, inside_root, parse_id, rows};
 use super::{DataError, ImageSource, Split};
 
 const HEADER: [&str; 3] = ["image_name", "item_id", "evaluation_status"];
@@ -50,7 +50,9 @@ pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
             key: item,
             original_id: f[1].to_string(),
             name: None,
-            source: ImageSource::File(root.join(f[0])),
+            source: ImageSource::File(
+                root.join(inside_root(f[0]).map_err(|m| DataError::at(&path, line, m))?),
+            ),
         };
         match f[2] {
             "train" => train.push(entry),

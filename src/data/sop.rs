@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::read_text;
 use super::labels::{Entry, labelled_split};
-use super::text::{expect_fields, expect_header, parse_id, rows};
+use super::text::{expect_fields, expect_header, inside_root, parse_id, rows};
 use super::{DataError, ImageSource, Split};
 
 const HEADER: [&str; 4] = ["image_id", "class_id", "super_class_id", "path"];
@@ -49,7 +49,9 @@ fn read_list(root: &Path, split: &str) -> Result<Split, DataError> {
             key: class,
             original_id: class.to_string(),
             name: None,
-            source: ImageSource::File(root.join(f[3])),
+            source: ImageSource::File(
+                root.join(inside_root(f[3]).map_err(|m| DataError::at(&path, line, m))?),
+            ),
         });
     }
     Ok(labelled_split(split, entries))

@@ -62,3 +62,41 @@ pub fn parse_id(path: &Path, line: usize, field: &str, what: &str) -> Result<u64
         DataError::at(path, line, format!("{what} `{field}` {why}"))
     })
 }
+
+/// Checks that an image path from an annotation file stays inside the data set's folder: it
+/// must be relative and must not climb out with `..`. A list edited by hand or taken from
+/// elsewhere could otherwise make `train` or `embed` read any file the user can read.
+pub fn inside_root(field: &str) -> Result<&Path, String> {
+    use std::path::Component;
+    let path = Path::new(field);
+    match path
+        .components()
+        .find(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        None if !field.is_empty() => Ok(path),
+        None => Err("the image path is empty".to_string()),
+        Some(Component::ParentDir) => Err(format!(
+            "image path `{field}` climbs out of the data set's folder with `..`"
+        )),
+        Some(_) => Err(format!(
+            "image path `{field}` is absolute; paths are read relative to the data set's folder"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inside_root;
+
+    #[test]
+    fn image_paths_must_stay_inside_the_root() {
+        assert!(inside_root("001.Albatross/a.jpg").is_ok());
+        assert!(inside_root("./img/a.jpg").is_ok());
+        assert!(inside_root("a..b/c...jpg").is_ok());
+        for bad in ["/etc/passwd", "../a.jpg", "img/../../a.jpg", ""] {
+            assert!(inside_root(bad).is_err(), "{bad}");
+        }
+        assert!(inside_root("/etc/passwd").unwrap_err().contains("absolute"));
+        assert!(inside_root("x/../../a.jpg").unwrap_err().contains(".."));
+    }
+}

@@ -137,8 +137,15 @@ pub enum IndexError {
     },
     #[error("{listed} labels for {rows} rows")]
     Labels { listed: usize, rows: usize },
-    #[error("row {row} is not finite; the model that embedded it has diverged")]
+    #[error(
+        "row {row} is not finite (NaN, infinite, or beyond float32's range); the model that embedded it may have diverged"
+    )]
     NotFinite { row: usize },
+    /// A query given as numbers, not embedded by the model: the numbers themselves are wrong.
+    #[error(
+        "the query's value {position} is not finite as float32 (NaN, infinite, or beyond float32's range of about 3.4e38)"
+    )]
+    QueryNotFinite { position: usize },
     #[error(
         "int8 storage is for the cosine metric (each row is scaled to its codes' range, which inner products would not survive); use --quantisation f16 with --metric inner-product"
     )]
@@ -249,8 +256,8 @@ fn check_query(query: &[f32], dim: usize) -> Result<(), IndexError> {
             dim,
         });
     }
-    if !query.iter().all(|v| v.is_finite()) {
-        return Err(IndexError::NotFinite { row: 0 });
+    if let Some(position) = query.iter().position(|v| !v.is_finite()) {
+        return Err(IndexError::QueryNotFinite { position });
     }
     Ok(())
 }
@@ -323,6 +330,22 @@ struct Header {
     /// One line per row, as in `PREFIX.paths.txt`.
     sources: Vec<String>,
     labels: Option<Vec<i64>>,
+    /// CRC-32 of the graph's bytes and of the image list and labels (as `lists_bytes` writes
+    /// them): a flipped bit in either would otherwise change search results without a word.
+    /// Absent in files written before they were recorded, which open unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    graph_crc32: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lists_crc32: Option<u32>,
+}
+
+impl Header {
+    /// The bytes `lists_crc32` covers: the image list and the labels, as JSON.
+    fn lists_crc32(&self) -> u32 {
+        let bytes =
+            serde_json::to_vec(&(&self.sources, &self.labels)).expect("plain data serialises");
+        crc32fast::hash(&bytes)
+    }
 }
 
 fn usearch_options(h: &Header) -> usearch::IndexOptions {
@@ -394,7 +417,10 @@ pub fn build(
         blob_len: 0,
         sources: sources.iter().map(source_line).collect(),
         labels: labels.map(<[i64]>::to_vec),
+        graph_crc32: None,
+        lists_crc32: None,
     };
+    header.lists_crc32 = Some(header.lists_crc32());
     let index = usearch::Index::new(&usearch_options(&header)).map_err(library("creating"))?;
     index
         .reserve_capacity_and_threads(rows, rayon::current_num_threads())
@@ -460,6 +486,22 @@ fn write_index_file(header: &mut Header, blob_path: &Path, tmp: &Path) -> Result
     };
     let mut blob = File::open(blob_path).map_err(io("open", blob_path))?;
     header.blob_len = blob.metadata().map_err(io("read", blob_path))?.len() as usize;
+    // A first pass for the checksum that the header carries; the file is in the page cache
+    // for the copy below.
+    let mut crc = crc32fast::Hasher::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut blob);
+    loop {
+        let buf = std::io::BufRead::fill_buf(&mut reader).map_err(io("read", blob_path))?;
+        if buf.is_empty() {
+            break;
+        }
+        crc.update(buf);
+        let n = buf.len();
+        std::io::BufRead::consume(&mut reader, n);
+    }
+    drop(reader);
+    header.graph_crc32 = Some(crc.finalize());
+    std::io::Seek::rewind(&mut blob).map_err(io("read", blob_path))?;
     // The header's length depends on the offset it records; settle it by iterating (the
     // offset's digits change at most a couple of times).
     let mut json = serde_json::to_vec(&header).expect("plain data serialises");
@@ -546,6 +588,14 @@ impl IndexFile {
         {
             return Err(not("its image list and rows disagree".into()));
         }
+        if header
+            .lists_crc32
+            .is_some_and(|c| c != header.lists_crc32())
+        {
+            return Err(not(
+                "its image list or labels do not match their checksum (the file is damaged)".into(),
+            ));
+        }
         let sources = header
             .sources
             .iter()
@@ -555,12 +605,35 @@ impl IndexFile {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let blob = &map[header.blob_offset..];
+        if header
+            .graph_crc32
+            .is_some_and(|c| c != crc32fast::hash(blob))
+        {
+            return Err(not(
+                "its graph does not match its checksum (the file is damaged)".into(),
+            ));
+        }
         let meta = usearch::Index::metadata_from_buffer(blob)
             .map_err(|e| not(format!("its graph does not read: {e}")))?;
-        if meta.dimensions as usize != header.dim || meta.count_present as usize != header.rows {
-            return Err(not("its graph and its header disagree".into()));
+        let options = usearch_options(&header);
+        if meta.dimensions as usize != header.dim
+            || meta.count_present as usize != header.rows
+            || meta.metric != options.metric
+            || meta.quantization != options.quantization
+        {
+            return Err(not(format!(
+                "its graph ({} rows of {}, {:?}, {:?}) and its header ({} rows of {}, {}, {}) disagree",
+                meta.count_present,
+                meta.dimensions,
+                meta.metric,
+                meta.quantization,
+                header.rows,
+                header.dim,
+                header.metric,
+                header.quantisation
+            )));
         }
-        let index = usearch::Index::new(&usearch_options(&header)).map_err(library("creating"))?;
+        let index = usearch::Index::new(&options).map_err(library("creating"))?;
         // SAFETY: `blob` points into `map`, which `IndexFile` owns and drops after `index`.
         unsafe { index.view_from_buffer(blob) }.map_err(library("viewing the graph"))?;
         Ok(Self {
@@ -894,6 +967,36 @@ mod tests {
                 "{what}: {err}"
             );
         }
+        // One flipped bit in the graph, in a label, or a header that names another storage
+        // type: each is refused, where each would otherwise change results silently.
+        let offset = {
+            let json_len = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
+            let header: Header = serde_json::from_slice(&bytes[16..16 + json_len]).unwrap();
+            assert!(header.graph_crc32.is_some() && header.lists_crc32.is_some());
+            header.blob_offset
+        };
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[(offset + last) / 2] ^= 1;
+        std::fs::write(&bad, &flipped).unwrap();
+        let err = IndexFile::open(&bad).err().unwrap().to_string();
+        assert!(err.contains("graph does not match its checksum"), "{err}");
+        let text = String::from_utf8_lossy(&bytes[..offset]).into_owned();
+        let relabelled = text.replacen("g/1.jpg", "g/7.jpg", 1);
+        assert_ne!(relabelled, text, "the test's image names are in the header");
+        let mut changed = relabelled.into_bytes();
+        changed.extend_from_slice(&bytes[offset..]);
+        std::fs::write(&bad, &changed).unwrap();
+        let err = IndexFile::open(&bad).err().unwrap().to_string();
+        assert!(err.contains("image list or labels do not match"), "{err}");
+        let requantised = text.replacen("\"quantisation\":\"f32\"", "\"quantisation\":\"f16\"", 1);
+        assert_ne!(requantised, text, "{text}");
+        let mut changed = requantised.into_bytes();
+        changed.extend_from_slice(&bytes[offset..]);
+        std::fs::write(&bad, &changed).unwrap();
+        let err = IndexFile::open(&bad).err().unwrap().to_string();
+        assert!(err.contains("disagree"), "{err}");
+
         let index = IndexFile::open(&path).unwrap();
         assert!(matches!(
             index.search(&[1.0; 3], 1, SearchMode::Auto),

@@ -83,6 +83,35 @@ impl StateDict {
         path: &Path,
         dtype: StoredDtype,
     ) -> Result<(), WeightsError> {
+        self.write_named(path, path, dtype)
+    }
+
+    /// As [`Self::write_safetensors_as`], through a temporary file beside `path` renamed over
+    /// it once complete and flushed: a failure (a full disk, a value out of range) leaves
+    /// `path` as it was, even when `path` is the file the weights were read from.
+    pub fn replace_safetensors_as(
+        &self,
+        path: &Path,
+        dtype: StoredDtype,
+    ) -> Result<(), WeightsError> {
+        let tmp = super::atomic::temporary_path(path);
+        if let Err(e) = self.write_named(path, &tmp, dtype) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        super::atomic::finish_atomic(&tmp, path).map_err(|e| match e {
+            super::IoError::NoSpace { .. } => WeightsError::NoSpace {
+                path: path.to_path_buf(),
+            },
+            e => WeightsError::Write {
+                path: path.to_path_buf(),
+                source: Cause(crate::error::chain(&e)),
+            },
+        })
+    }
+
+    /// Writes to `to`; errors name `path`, the file the user asked for.
+    fn write_named(&self, path: &Path, to: &Path, dtype: StoredDtype) -> Result<(), WeightsError> {
         let write = |e: safetensors::SafeTensorError| match e {
             safetensors::SafeTensorError::IoError(e)
                 if e.kind() == std::io::ErrorKind::StorageFull =>
@@ -147,7 +176,7 @@ impl StateDict {
         } else {
             Some(self.metadata.clone())
         };
-        safetensors::serialize_to_file(views, meta, path).map_err(write)?;
+        safetensors::serialize_to_file(views, meta, to).map_err(write)?;
         Ok(())
     }
 }

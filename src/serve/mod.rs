@@ -161,6 +161,7 @@ impl From<IndexError> for ApiError {
         let status = match e {
             IndexError::QueryDim { .. }
             | IndexError::NotFinite { .. }
+            | IndexError::QueryNotFinite { .. }
             | IndexError::NoRow { .. } => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -222,10 +223,44 @@ async fn track(State(s): State<Arc<Service>>, req: Request, next: Next) -> Respo
         )
         .into_response(),
     };
+    let response = as_json_error(response).await;
     s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
     s.metrics
         .request_done(&route, response.status().as_u16(), started.elapsed());
     response
+}
+
+/// axum's own refusals (a malformed query string, a chunked body past the limit, an unknown
+/// route or method) are plain text; a client of this service reads every error as
+/// `{"error": "..."}`. Their headers (`Allow` on a 405, for one) are kept.
+async fn as_json_error(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // axum's messages are a line or two; a longer body is not one of them.
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut json = ApiError::new(status, message).into_response();
+    for (name, value) in &parts.headers {
+        if !json.headers().contains_key(name) {
+            json.headers_mut().append(name, value.clone());
+        }
+    }
+    json
 }
 
 async fn page() -> Html<&'static str> {

@@ -222,3 +222,44 @@ fn a_value_beyond_the_output_type_is_refused_naming_the_tensor() {
     let err = dict.write_safetensors(&path).unwrap_err().to_string();
     assert!(err.contains("`huge`") && err.contains("float32"), "{err}");
 }
+
+#[test]
+fn replacing_a_file_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let mut dict = StateDict::default();
+    dict.insert("a", HostTensor::new(vec![2], vec![1.0, 2.0]));
+    dict.replace_safetensors_as(&path, StoredDtype::F32)
+        .unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let partial = crate::io::atomic::temporary_path(&path);
+    assert!(!partial.exists());
+
+    // Refused before writing: the old file stays, nothing is left beside it, and the error
+    // names the file asked for.
+    dict.insert("big", HostTensor::new(vec![1], vec![1e6]));
+    let err = dict
+        .replace_safetensors_as(&path, StoredDtype::F16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("w.safetensors was not written"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert!(partial.symlink_metadata().is_err());
+
+    // A full disk (writes to /dev/full fail with ENOSPC) likewise.
+    std::os::unix::fs::symlink("/dev/full", &partial).unwrap();
+    let err = dict
+        .replace_safetensors_as(&path, StoredDtype::F32)
+        .unwrap_err();
+    assert!(
+        matches!(&err, WeightsError::NoSpace { path: p } if *p == path),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert!(partial.symlink_metadata().is_err());
+
+    // And a success replaces it whole.
+    dict.replace_safetensors_as(&path, StoredDtype::F32)
+        .unwrap();
+    assert_ne!(std::fs::read(&path).unwrap(), before);
+}
