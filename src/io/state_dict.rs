@@ -130,6 +130,9 @@ impl StateDict {
             StoredDtype::F16 => (half::f16::MAX.to_f64(), "float16"),
         };
         for (k, t) in &self.tensors {
+            if is_counter(k, t) {
+                continue;
+            }
             // Past the largest finite value a conversion silently gives infinity.
             if let Some(&value) = t.data.iter().find(|v| v.is_finite() && v.abs() > largest) {
                 return Err(WeightsError::OutOfRange {
@@ -140,10 +143,23 @@ impl StateDict {
                 });
             }
         }
-        let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = self
+        let st_dtype = match dtype {
+            StoredDtype::F32 => safetensors::Dtype::F32,
+            StoredDtype::F16 => safetensors::Dtype::F16,
+        };
+        let bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()
             .map(|(k, t)| {
+                if is_counter(k, t) {
+                    let bytes = t.data.iter().flat_map(|&v| (v as i64).to_le_bytes());
+                    return (
+                        k.clone(),
+                        safetensors::Dtype::I64,
+                        t.shape.clone(),
+                        bytes.collect(),
+                    );
+                }
                 let bytes = match dtype {
                     StoredDtype::F32 => t
                         .data
@@ -156,17 +172,13 @@ impl StateDict {
                         .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
                         .collect::<Vec<u8>>(),
                 };
-                (k.clone(), t.shape.clone(), bytes)
+                (k.clone(), st_dtype, t.shape.clone(), bytes)
             })
             .collect();
-        let st_dtype = match dtype {
-            StoredDtype::F32 => safetensors::Dtype::F32,
-            StoredDtype::F16 => safetensors::Dtype::F16,
-        };
         let views = bufs
             .iter()
-            .map(|(k, shape, bytes)| {
-                safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
+            .map(|(k, st_dtype, shape, bytes)| {
+                safetensors::tensor::TensorView::new(*st_dtype, shape.clone(), bytes)
                     .map(|v| (k.clone(), v))
             })
             .collect::<Result<Vec<_>, _>>()
@@ -179,6 +191,14 @@ impl StateDict {
         safetensors::serialize_to_file(views, meta, to).map_err(write)?;
         Ok(())
     }
+}
+
+/// PyTorch's BatchNorm counter, `num_batches_tracked`, holding whole numbers: written as int64,
+/// PyTorch's own type for it, whatever the floats are written as, so that its count stays
+/// exact (f16 would overflow after 65,504 batches, f32 round after 2^24).
+fn is_counter(name: &str, t: &HostTensor) -> bool {
+    (name == "num_batches_tracked" || name.ends_with(".num_batches_tracked"))
+        && t.data.iter().all(|v| v.fract() == 0.0 && v.abs() < 9.2e18)
 }
 
 /// The element type a safetensors file is written in.

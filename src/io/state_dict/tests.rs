@@ -200,20 +200,40 @@ fn a_value_beyond_the_output_type_is_refused_naming_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let mut dict = StateDict::default();
     dict.insert("fine", HostTensor::new(vec![2], vec![65504.0, -1.0]));
+    // BatchNorm's counter is written as int64, as PyTorch keeps it: exact past f16's range.
     dict.insert(
         "bn.num_batches_tracked",
-        HostTensor::new(vec![], vec![100000.0]),
+        HostTensor::new(vec![], vec![100001.0]),
     );
     let path = dir.path().join("h.safetensors");
+    dict.write_safetensors_as(&path, StoredDtype::F16).unwrap();
+    let back = StateDict::read_safetensors(&path).unwrap();
+    assert_eq!(back.tensors["bn.num_batches_tracked"].data, [100001.0]);
+    assert_eq!(back.tensors["fine"].data, [65504.0, -1.0]);
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        file.tensor("bn.num_batches_tracked").unwrap().dtype(),
+        safetensors::Dtype::I64
+    );
+    assert_eq!(
+        file.tensor("fine").unwrap().dtype(),
+        safetensors::Dtype::F16
+    );
+    drop(file);
+    std::fs::remove_file(&path).unwrap();
+
+    dict.insert("bn.running_var", HostTensor::new(vec![1], vec![100000.0]));
     let err = dict
         .write_safetensors_as(&path, StoredDtype::F16)
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("bn.num_batches_tracked") && err.contains("100000") && err.contains("float16"),
+        err.contains("bn.running_var") && err.contains("100000") && err.contains("float16"),
         "{err}"
     );
     assert!(!path.exists());
+    dict.tensors.remove("bn.running_var");
     // Infinities and NaN are carried as they are; only finite values that would become
     // infinite are refused. float32 holds 100000.
     dict.insert("inf", HostTensor::new(vec![1], vec![f64::INFINITY]));
