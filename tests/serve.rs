@@ -128,8 +128,9 @@ impl Server {
 
     /// `serve` on the trained run with `args` (which name the gallery).
     fn start_with(args: &[&std::ffi::OsStr]) -> Server {
+        // `last`: the model that embedded the run's test embeddings.
         let mut child = Command::new(BIN)
-            .args(["serve", "--run"])
+            .args(["serve", "--which", "last", "--run"])
             .arg(trained_run())
             .args(["--addr", "127.0.0.1:0"])
             .args(args)

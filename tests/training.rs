@@ -358,7 +358,16 @@ fn proxy_anchor_with_warm_up_writes_a_complete_run_folder_and_the_commands_use_i
     let grid = dir.path().join("grid.png");
     let out = succeed(
         Command::new(bin)
-            .args(["search", "emoji:600:0", "--top", "3", "--json", "--run"])
+            .args([
+                "search",
+                "emoji:600:0",
+                "--top",
+                "3",
+                "--json",
+                "--which",
+                "last",
+            ])
+            .arg("--run")
             .arg(&run)
             .arg("--gallery")
             .arg(run.join("test-embeddings"))
@@ -373,6 +382,42 @@ fn proxy_anchor_with_warm_up_writes_a_complete_run_folder_and_the_commands_use_i
         .map(|r| r["score"].as_f64().unwrap())
         .collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+
+    // The run's own test embeddings come from `last`: with a best epoch other than the last,
+    // `--which best` against them is refused, and `--which last` is what it asks for.
+    let summary_path = run.join("summary.json");
+    let original = std::fs::read_to_string(&summary_path).unwrap();
+    let mut summary: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let epochs = summary["epochs"].as_u64().unwrap();
+    summary["best_epoch"] = (epochs + 1).into();
+    std::fs::write(&summary_path, summary.to_string()).unwrap();
+    let search = |which: &str| {
+        Command::new(bin)
+            .args([
+                "search",
+                "emoji:600:0",
+                "--top",
+                "1",
+                "--which",
+                which,
+                "--run",
+            ])
+            .arg(&run)
+            .arg("--gallery")
+            .arg(run.join("test-embeddings"))
+            .output()
+            .unwrap()
+    };
+    let refused = search("best");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && err.contains("--which last")
+            && err.contains("last.safetensors"),
+        "{err}"
+    );
+    assert!(search("last").status.success());
+    std::fs::write(&summary_path, original).unwrap();
     let img = image::open(&grid).unwrap();
     assert!(img.width() > img.height());
 }

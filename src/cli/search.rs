@@ -45,6 +45,7 @@ pub struct SearchArgs {
 pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
     anyhow::ensure!(args.top > 0, "--top must be at least 1");
+    args.model.check_gallery(&args.gallery)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
     check_run_precision(&spec, &device, &path, &config, "search")?;

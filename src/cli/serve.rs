@@ -60,6 +60,7 @@ fn seconds() -> clap::builder::RangedU64ValueParser<u64> {
 
 pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
+    args.model.check_gallery(&args.gallery)?;
     let path = args.model.path();
     let (model, config) = setup::load_checkpoint(&path, &device)?;
     check_run_precision(&spec, &device, &path, &config, "serve")?;

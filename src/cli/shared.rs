@@ -100,6 +100,45 @@ impl ModelArgs {
     }
 }
 
+impl ModelArgs {
+    /// Refuses `--run RUN --which best` (the default) against RUN's own `test-embeddings` when
+    /// the run's best epoch is not its last: those embeddings come from the final evaluation,
+    /// i.e. from `last.safetensors`, so the queries and the gallery would be embedded by two
+    /// different models and every score would be meaningless, with nothing to show it.
+    pub fn check_gallery(&self, gallery: &GalleryArgs) -> Result<()> {
+        let (Some(run), Some(prefix)) = (&self.run, &gallery.gallery) else {
+            return Ok(());
+        };
+        if self.which != "best" {
+            return Ok(());
+        }
+        let own = run.join("test-embeddings");
+        let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        let files = EmbeddingFiles::new(prefix);
+        if !same(&files.embeddings(), &EmbeddingFiles::new(&own).embeddings()) {
+            return Ok(());
+        }
+        let summary_path = run.join("summary.json");
+        let Ok(text) = std::fs::read_to_string(&summary_path) else {
+            return Ok(());
+        };
+        let summary: gca_hng::train::RunSummary = serde_json::from_str(&text)
+            .with_context(|| format!("cannot read {}", summary_path.display()))?;
+        anyhow::ensure!(
+            summary.best_epoch == summary.epochs,
+            "{} holds the run's final embeddings, made by last.safetensors (epoch {}), but --which best embeds the queries with best.safetensors (epoch {}): their scores would not compare. Add --which last, or embed a gallery with the best model (`gca-hng embed --run {}`)",
+            prefix.display(),
+            summary.epochs,
+            summary.best_epoch,
+            run.display()
+        );
+        Ok(())
+    }
+}
+
 /// The gallery a query is compared with: embeddings held in memory and scored exactly, or an
 /// index file built by `index build`.
 #[derive(clap::Args)]
