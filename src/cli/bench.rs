@@ -134,7 +134,7 @@ pub enum BenchCommand {
 
 /// A benchmark's sizes go through the limits of a config's (`config::limits`), so that a typo
 /// is refused rather than ending in an allocation failure.
-fn at_most(flag: &str, value: usize, min: usize, max: usize) -> Result<()> {
+fn within(flag: &str, value: usize, min: usize, max: usize) -> Result<()> {
     anyhow::ensure!(
         (min..=max).contains(&value),
         "{flag} must be between {min} and {max} (it is {value})"
@@ -151,7 +151,7 @@ fn batch_within_limits(images: usize, per_image: usize, size: Option<usize>) -> 
         limits::BATCH_IMAGES
     );
     if let Some(size) = size {
-        at_most("--size", size, 16, limits::IMAGE_SIZE)?;
+        within("--size", size, 16, limits::IMAGE_SIZE)?;
         anyhow::ensure!(
             total as u64 * (size as u64).pow(2) * 3 * 4 <= limits::BATCH_BYTES,
             "a batch of {total} images of {size} px is larger than 16 GiB (lower --size or the batch size)"
@@ -238,7 +238,7 @@ fn bench_index(a: IndexBenchArgs) -> Result<Outcome> {
                 rows >= 1 && a.dim >= 1,
                 "--synthetic and --dim must be at least 1"
             );
-            at_most("--dim", a.dim, 1, limits::EMBEDDING_DIM)?;
+            within("--dim", a.dim, 1, limits::EMBEDDING_DIM)?;
             anyhow::ensure!(
                 (rows as u64 + a.queries as u64) * a.dim as u64 * 4 <= limits::BATCH_BYTES,
                 "--synthetic {rows} rows (and {} queries) of {} values are more than 16 GiB",
@@ -299,9 +299,9 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
                 "--classes and --per-class must be at least 2"
             );
             batch_within_limits(classes, per_class, None)?;
-            at_most("--dim", dim, 1, limits::EMBEDDING_DIM)?;
-            at_most("--layers", layers, 1, limits::GNN_LAYERS)?;
-            at_most("--feature-width", feature_width, 1, limits::EMBEDDING_DIM)?;
+            within("--dim", dim, 1, limits::EMBEDDING_DIM)?;
+            within("--layers", layers, 1, limits::GNN_LAYERS)?;
+            within("--feature-width", feature_width, 1, limits::EMBEDDING_DIM)?;
             anyhow::ensure!(
                 num_classes >= 2
                     && num_classes as u64 * dim.max(feature_width) as u64 * 4
@@ -440,7 +440,7 @@ pub fn run(what: BenchCommand, device: Option<DeviceSpec>) -> Result<Outcome> {
         } => {
             batch_within_limits(classes, per_class, Some(size as usize))?;
             if let Some(t) = threads {
-                at_most("--threads", t, 1, limits::WORKERS)?;
+                within("--threads", t, 1, limits::WORKERS)?;
             }
             let dataset = open_dataset(kind, root)?;
             let mut loader = LoaderConfig {

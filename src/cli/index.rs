@@ -10,16 +10,7 @@ use gca_hng::index::{BuildOptions, Gallery, IndexFile, Metric, Quantisation, bui
 
 use gca_hng::io::embedding_files::EmbeddingFiles;
 
-use crate::shared::{Outcome, read_gallery};
-
-/// Whether two paths name one existing file (through links and relative paths alike).
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
+use crate::shared::{Outcome, read_gallery, same_file};
 
 #[derive(clap::Subcommand)]
 pub enum IndexCommand {

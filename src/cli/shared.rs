@@ -15,6 +15,7 @@ use gca_hng::device::DeviceSpec;
 use gca_hng::index::{ExactGallery, Gallery, IndexFile};
 use gca_hng::io::embedding_files::EmbeddingFiles;
 use gca_hng::io::npy::read_labels;
+use gca_hng::train::run_dir::RunDir;
 
 /// How a command that did not fail with an error ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,9 +99,7 @@ impl ModelArgs {
             (None, None) => unreachable!("clap requires one"),
         }
     }
-}
 
-impl ModelArgs {
     /// Refuses `--run RUN --which best` (the default) against RUN's own `test-embeddings` when
     /// the run's best epoch is not its last: those embeddings come from the final evaluation,
     /// i.e. from `last.safetensors`, so the queries and the gallery would be embedded by two
@@ -112,16 +111,14 @@ impl ModelArgs {
         if self.which != "best" {
             return Ok(());
         }
-        let own = run.join("test-embeddings");
-        let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => false,
-        };
-        let files = EmbeddingFiles::new(prefix);
-        if !same(&files.embeddings(), &EmbeddingFiles::new(&own).embeddings()) {
+        let run_dir = RunDir::new(run);
+        if !same_file(
+            &EmbeddingFiles::new(prefix).embeddings(),
+            &run_dir.test_embeddings().embeddings(),
+        ) {
             return Ok(());
         }
-        let summary_path = run.join("summary.json");
+        let summary_path = run_dir.summary();
         let Ok(text) = std::fs::read_to_string(&summary_path) else {
             return Ok(());
         };
@@ -136,6 +133,15 @@ impl ModelArgs {
             run.display()
         );
         Ok(())
+    }
+}
+
+/// Whether two paths name one existing file (through links and relative paths alike).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

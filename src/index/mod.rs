@@ -330,8 +330,9 @@ struct Header {
     /// One line per row, as in `PREFIX.paths.txt`.
     sources: Vec<String>,
     labels: Option<Vec<i64>>,
-    /// CRC-32 of the graph's bytes and of the image list and labels (as `lists_bytes` writes
-    /// them): a flipped bit in either would otherwise change search results without a word.
+    /// CRC-32 of the graph's bytes and of the image list and labels (see
+    /// [`Header::lists_crc32`]): a flipped bit in either would otherwise change search results
+    /// without a word.
     /// Absent in files written before they were recorded, which open unchecked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     graph_crc32: Option<u32>,
@@ -981,20 +982,19 @@ mod tests {
         std::fs::write(&bad, &flipped).unwrap();
         let err = IndexFile::open(&bad).err().unwrap().to_string();
         assert!(err.contains("graph does not match its checksum"), "{err}");
+        // The header with `from` replaced by `to` (same length), as `open` reports it.
         let text = String::from_utf8_lossy(&bytes[..offset]).into_owned();
-        let relabelled = text.replacen("g/1.jpg", "g/7.jpg", 1);
-        assert_ne!(relabelled, text, "the test's image names are in the header");
-        let mut changed = relabelled.into_bytes();
-        changed.extend_from_slice(&bytes[offset..]);
-        std::fs::write(&bad, &changed).unwrap();
-        let err = IndexFile::open(&bad).err().unwrap().to_string();
+        let open_edited = |from: &str, to: &str| {
+            let edited = text.replacen(from, to, 1);
+            assert_ne!(edited, text, "{from} is not in the header");
+            let mut changed = edited.into_bytes();
+            changed.extend_from_slice(&bytes[offset..]);
+            std::fs::write(&bad, &changed).unwrap();
+            IndexFile::open(&bad).err().unwrap().to_string()
+        };
+        let err = open_edited("g/1.jpg", "g/7.jpg");
         assert!(err.contains("image list or labels do not match"), "{err}");
-        let requantised = text.replacen("\"quantisation\":\"f32\"", "\"quantisation\":\"f16\"", 1);
-        assert_ne!(requantised, text, "{text}");
-        let mut changed = requantised.into_bytes();
-        changed.extend_from_slice(&bytes[offset..]);
-        std::fs::write(&bad, &changed).unwrap();
-        let err = IndexFile::open(&bad).err().unwrap().to_string();
+        let err = open_edited("\"quantisation\":\"f32\"", "\"quantisation\":\"f16\"");
         assert!(err.contains("disagree"), "{err}");
 
         let index = IndexFile::open(&path).unwrap();
