@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use gca_hng::bench::index::synthetic_clustered;
 use gca_hng::data::ImageSource;
 use gca_hng::index::{
-    BuildOptions, ExactGallery, Gallery, Hit, IndexFile, SearchMode, build, recall_at,
+    BuildOptions, ExactGallery, Gallery, Hit, IndexFile, RowRecords, SearchMode, build, recall_at,
 };
 
 fn main() {
@@ -46,8 +46,7 @@ fn main() {
     build(
         &gallery,
         dim,
-        &sources,
-        None,
+        &RowRecords::new(&sources, None),
         &BuildOptions::default(),
         &path,
         &mut |_, _| {},

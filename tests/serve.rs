@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use gca_hng::data::ImageSource;
 use gca_hng::data::loader::ImageStore;
+use gca_hng::index::{Gallery, IndexFile};
+use gca_hng::io::embedding_files::EmbeddingFiles;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gca-hng");
 
@@ -506,8 +508,9 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
         files.push(file);
     }
     let prefix = dir.path().join("gallery");
+    // `--which last`, the model the server below runs.
     let out = Command::new(BIN)
-        .args(["embed", "--run"])
+        .args(["embed", "--which", "last", "--run"])
         .arg(trained_run())
         .arg(&root)
         .arg("--out")
@@ -535,10 +538,15 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The index carries the record of the model that embedded its rows.
+    let record = EmbeddingFiles::new(&prefix).read_model().unwrap().unwrap();
+    let opened = IndexFile::open(&index).unwrap();
+    assert_eq!(opened.model(), Some(&record));
+    drop(opened);
     // `search --index`, through the graph and exact, finds the query file itself.
     for exact in [false, true] {
         let mut cmd = Command::new(BIN);
-        cmd.args(["search", "--run"])
+        cmd.args(["search", "--which", "last", "--run"])
             .arg(trained_run())
             .arg("--index")
             .arg(&index)
@@ -560,6 +568,78 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
             "exact {exact}: {v}"
         );
     }
+    // An index of another model's rows is refused by `search` and `serve`, unless allowed.
+    let other = dir.path().join("other");
+    for suffix in [".npy", ".paths.txt"] {
+        std::fs::copy(
+            format!("{}{suffix}", prefix.display()),
+            format!("{}{suffix}", other.display()),
+        )
+        .unwrap();
+    }
+    let mut foreign = record.clone();
+    foreign.fingerprint = "fnv1a64:0123456789abcdef".into();
+    foreign.checkpoint = "elsewhere/model.safetensors".into();
+    std::fs::write(
+        format!("{}.model.json", other.display()),
+        serde_json::to_string(&foreign).unwrap(),
+    )
+    .unwrap();
+    let other_index = dir.path().join("other.index");
+    let out = Command::new(BIN)
+        .args(["index", "build", "--gallery"])
+        .arg(&other)
+        .arg("--out")
+        .arg(&other_index)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for command in ["search", "serve"] {
+        let mut cmd = Command::new(BIN);
+        cmd.args([command, "--which", "last", "--run"])
+            .arg(trained_run())
+            .arg("--index")
+            .arg(&other_index)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if command == "search" {
+            cmd.arg(&files[5]);
+        } else {
+            cmd.args(["--addr", "127.0.0.1:0"]);
+        }
+        // A server that wrongly accepted the index would listen forever.
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("elsewhere/model.safetensors")
+                && err.contains("--allow-other-model"),
+            "{command}: {err}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["search", "--which", "last", "--allow-other-model", "--run"])
+        .arg(trained_run())
+        .arg("--index")
+        .arg(&other_index)
+        .arg(&files[5])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut server = Server::start_with(&[
         "--index".as_ref(),
         index.as_os_str(),

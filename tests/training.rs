@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use gca_hng::config::{BaseLoss, BatchNormMode, ExperimentConfig, SelectOn};
 use gca_hng::error::Error;
 use gca_hng::io::state_dict::StateDict;
+use gca_hng::train::checkpoint::model_fingerprint;
 use gca_hng::train::run_dir::RunDirError;
 use gca_hng::train::step::StepMetrics;
 use gca_hng::train::{Observer, RunOptions, RunOutcome, train};
@@ -293,6 +294,7 @@ fn proxy_anchor_with_warm_up_writes_a_complete_run_folder_and_the_commands_use_i
         "test-embeddings.npy",
         "test-embeddings.paths.txt",
         "test-embeddings.labels.npy",
+        "test-embeddings.model.json",
     ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
@@ -383,41 +385,120 @@ fn proxy_anchor_with_warm_up_writes_a_complete_run_folder_and_the_commands_use_i
         .collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
 
-    // The run's own test embeddings come from `last`: with a best epoch other than the last,
-    // `--which best` against them is refused, and `--which last` is what it asks for.
+    // Every set of embeddings records the model that made it: the run's test embeddings
+    // `last`, `embed --run` the run's best.
+    let record = |prefix: &Path| -> serde_json::Value {
+        let path = format!("{}.model.json", prefix.display());
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let fingerprint = |file: &str| model_fingerprint(&model_tensors(&run.join(file)));
+    let (best_model, last_model) = (
+        fingerprint("best.safetensors"),
+        fingerprint("last.safetensors"),
+    );
+    let gallery = run.join("test-embeddings");
+    let kept = record(&gallery);
+    assert_eq!(kept["fingerprint"], last_model.as_str(), "{kept}");
+    assert!(
+        kept["checkpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("last.safetensors")
+    );
+    assert_eq!(kept["precision"], "f32");
+    let icons = record(&prefix);
+    assert_eq!(icons["fingerprint"], best_model.as_str(), "{icons}");
+    assert!(
+        icons["checkpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("best.safetensors")
+    );
+
+    let search = |which: &str, extra: &[&str]| {
+        Command::new(bin)
+            .args(["search", "emoji:600:0", "--top", "1", "--which", which])
+            .args(extra)
+            .arg("--run")
+            .arg(&run)
+            .arg("--gallery")
+            .arg(&gallery)
+            .output()
+            .unwrap()
+    };
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // `--which best` searches the run's test embeddings exactly when best is the last model.
+    let best = search("best", &[]);
+    if best_model == last_model {
+        assert!(best.status.success(), "{}", stderr(&best));
+    } else {
+        let err = stderr(&best);
+        assert!(
+            !best.status.success() && err.contains("--which last"),
+            "{err}"
+        );
+    }
+    // A gallery another model made is refused, naming both and the way out; with
+    // --allow-other-model it is searched, with a note.
+    let record_path = run.join("test-embeddings.model.json");
+    let original_record = std::fs::read_to_string(&record_path).unwrap();
+    let mut other = kept.clone();
+    other["fingerprint"] = "fnv1a64:0123456789abcdef".into();
+    other["checkpoint"] = "elsewhere/model.safetensors".into();
+    std::fs::write(&record_path, other.to_string()).unwrap();
+    let refused = search("last", &[]);
+    let err = stderr(&refused);
+    assert!(
+        !refused.status.success()
+            && err.contains("elsewhere/model.safetensors")
+            && err.contains("--allow-other-model")
+            && err.contains("test-embeddings"),
+        "{err}"
+    );
+    let allowed = search("last", &["--allow-other-model"]);
+    assert!(
+        allowed.status.success() && stderr(&allowed).contains("another model"),
+        "{}",
+        stderr(&allowed)
+    );
+    // Another precision only differs by rounding: searched, with a note.
+    let mut rounded = kept.clone();
+    rounded["precision"] = "f16".into();
+    std::fs::write(&record_path, rounded.to_string()).unwrap();
+    let noted = search("last", &[]);
+    assert!(
+        noted.status.success() && stderr(&noted).contains("f16"),
+        "{}",
+        stderr(&noted)
+    );
+    // A record that does not parse is an error naming its file, not a silent pass.
+    std::fs::write(&record_path, "{\"fingerprint\": 3}").unwrap();
+    let damaged = search("last", &[]);
+    assert!(
+        !damaged.status.success() && stderr(&damaged).contains("test-embeddings.model.json"),
+        "{}",
+        stderr(&damaged)
+    );
+    // Without a record (a gallery from an older build), the run's summary decides: with a best
+    // epoch other than the last, `--which best` against its test embeddings is refused.
+    std::fs::remove_file(&record_path).unwrap();
     let summary_path = run.join("summary.json");
     let original = std::fs::read_to_string(&summary_path).unwrap();
     let mut summary: serde_json::Value = serde_json::from_str(&original).unwrap();
     let epochs = summary["epochs"].as_u64().unwrap();
     summary["best_epoch"] = (epochs + 1).into();
     std::fs::write(&summary_path, summary.to_string()).unwrap();
-    let search = |which: &str| {
-        Command::new(bin)
-            .args([
-                "search",
-                "emoji:600:0",
-                "--top",
-                "1",
-                "--which",
-                which,
-                "--run",
-            ])
-            .arg(&run)
-            .arg("--gallery")
-            .arg(run.join("test-embeddings"))
-            .output()
-            .unwrap()
-    };
-    let refused = search("best");
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let refused = search("best", &[]);
+    let err = stderr(&refused);
     assert!(
         !refused.status.success()
             && err.contains("--which last")
             && err.contains("last.safetensors"),
         "{err}"
     );
-    assert!(search("last").status.success());
+    assert!(search("last", &[]).status.success());
     std::fs::write(&summary_path, original).unwrap();
+    std::fs::write(&record_path, original_record).unwrap();
     let img = image::open(&grid).unwrap();
     assert!(img.width() > img.height());
 }

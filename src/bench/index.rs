@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::data::ImageSource;
 use crate::index::{
-    BuildOptions, ExactGallery, Gallery, Hit, IndexError, IndexFile, SearchMode, build, recall_at,
+    BuildOptions, ExactGallery, Gallery, Hit, IndexError, IndexFile, RowRecords, SearchMode, build,
+    recall_at,
 };
 
 /// `rows` points around `clusters` centres in `dim` dimensions: centres uniform on the unit
@@ -117,7 +118,14 @@ pub fn bench_index(
         .collect();
     progress("building");
     let started = Instant::now();
-    build(gallery, dim, &sources, None, options, path, &mut |_, _| {})?;
+    build(
+        gallery,
+        dim,
+        &RowRecords::new(&sources, None),
+        options,
+        path,
+        &mut |_, _| {},
+    )?;
     let build_s = started.elapsed().as_secs_f64();
     let index = IndexFile::open(path)?;
     let (rss_after_open_mib, _) = memory_mib();

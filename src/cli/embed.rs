@@ -8,7 +8,7 @@ use anyhow::Result;
 use gca_hng::data::sources::{collect_images, collect_images_following, unlabelled_samples};
 use gca_hng::device::DeviceSpec;
 use gca_hng::eval::embed::{EmbedOutput, embed_samples};
-use gca_hng::io::embedding_files::EmbeddingFiles;
+use gca_hng::io::embedding_files::{EmbeddingFiles, ModelRecord};
 use gca_hng::nn::precision::Precision;
 use gca_hng::train::{self, Observer, setup};
 
@@ -49,7 +49,11 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         spec.check_precision(&device, precision)?;
     }
     let path = args.model.path();
-    let (model, config) = setup::load_checkpoint(&path, &device)?;
+    let setup::LoadedCheckpoint {
+        model,
+        config,
+        fingerprint,
+    } = setup::load_checkpoint(&path, &device)?;
     let precision = match args.precision {
         Some(precision) => precision,
         None => {
@@ -98,6 +102,11 @@ pub fn run(args: EmbedArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
         e.dim,
         &sources,
         labelled.then_some(labels.as_slice()),
+        &ModelRecord {
+            fingerprint,
+            checkpoint: path.display().to_string(),
+            precision,
+        },
     )?;
     println!(
         "embedded {} images (d = {}) -> {}, {}{}",

@@ -37,7 +37,7 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
     let path = args.model.path();
-    let (model, config) = setup::load_checkpoint(&path, &device)?;
+    let setup::LoadedCheckpoint { model, config, .. } = setup::load_checkpoint(&path, &device)?;
     check_run_precision(&spec, &device, &path, &config, "eval")?;
     let data = setup::run_data(&config, args.data_root.as_deref())?;
     let set = match args.split.as_str() {

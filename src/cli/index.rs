@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use gca_hng::index::{BuildOptions, Gallery, IndexFile, Metric, Quantisation, build};
+use gca_hng::index::{BuildOptions, Gallery, IndexFile, Metric, Quantisation, RowRecords, build};
 
 use gca_hng::io::embedding_files::EmbeddingFiles;
 
@@ -60,7 +60,7 @@ fn build_index(args: BuildArgs) -> Result<Outcome> {
     options.check()?;
     // The index replaces --out when it is written: never one of the files it is built from.
     let inputs = EmbeddingFiles::new(&args.gallery);
-    for input in [inputs.embeddings(), inputs.paths(), inputs.labels()] {
+    for input in inputs.all() {
         anyhow::ensure!(
             !same_file(&input, &args.out),
             "--out {} is the gallery's own {}; choose another file for the index",
@@ -73,6 +73,7 @@ fn build_index(args: BuildArgs) -> Result<Outcome> {
         dim,
         sources,
         labels,
+        model,
     } = read_gallery(&args.gallery)?;
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let bar = ProgressBar::new(sources.len() as u64);
@@ -88,8 +89,11 @@ fn build_index(args: BuildArgs) -> Result<Outcome> {
     build(
         &values,
         dim,
-        &sources,
-        labels.as_deref(),
+        &RowRecords {
+            sources: &sources,
+            labels: labels.as_deref(),
+            model: model.as_ref(),
+        },
         &options,
         &args.out,
         &mut |done, _| {

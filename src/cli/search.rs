@@ -21,6 +21,10 @@ pub struct SearchArgs {
     model: ModelArgs,
     #[command(flatten)]
     gallery: GalleryArgs,
+    /// Use a gallery whose record names another model than the queries' (for two models
+    /// trained to share one embedding space); otherwise such a gallery is refused.
+    #[arg(long)]
+    allow_other_model: bool,
     /// With --index: score every row instead of walking the graph (the default for
     /// galleries too small to gain from the graph).
     #[arg(long)]
@@ -45,11 +49,21 @@ pub struct SearchArgs {
 pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
     anyhow::ensure!(args.top > 0, "--top must be at least 1");
-    args.model.check_gallery(&args.gallery)?;
     let path = args.model.path();
-    let (model, config) = setup::load_checkpoint(&path, &device)?;
+    let setup::LoadedCheckpoint {
+        model,
+        config,
+        fingerprint,
+    } = setup::load_checkpoint(&path, &device)?;
     check_run_precision(&spec, &device, &path, &config, "search")?;
     let gallery = args.gallery.open()?;
+    args.model.check_gallery(
+        &args.gallery,
+        gallery.as_ref(),
+        &fingerprint,
+        config.train.precision,
+        args.allow_other_model,
+    )?;
     let queries = if args.follow_links {
         collect_images_following(&args.queries)?
     } else {

@@ -13,8 +13,9 @@ use gca_hng::config::ExperimentConfig;
 use gca_hng::data::{Dataset, DatasetKind, ImageSource};
 use gca_hng::device::DeviceSpec;
 use gca_hng::index::{ExactGallery, Gallery, IndexFile};
-use gca_hng::io::embedding_files::EmbeddingFiles;
+use gca_hng::io::embedding_files::{EmbeddingFiles, ModelRecord};
 use gca_hng::io::npy::read_labels;
+use gca_hng::nn::precision::Precision;
 use gca_hng::train::run_dir::RunDir;
 
 /// How a command that did not fail with an error ended.
@@ -100,11 +101,56 @@ impl ModelArgs {
         }
     }
 
-    /// Refuses `--run RUN --which best` (the default) against RUN's own `test-embeddings` when
-    /// the run's best epoch is not its last: those embeddings come from the final evaluation,
-    /// i.e. from `last.safetensors`, so the queries and the gallery would be embedded by two
-    /// different models and every score would be meaningless, with nothing to show it.
-    pub fn check_gallery(&self, gallery: &GalleryArgs) -> Result<()> {
+    /// Refuses a gallery that another model embedded than the one the queries are embedded
+    /// with (`fingerprint`, read from [`path`](Self::path)): their scores would not compare,
+    /// and nothing in the results would show it. `allow_other` lets a user pair two models
+    /// trained to share one embedding space. A gallery embedded in another precision than
+    /// `precision` (the queries') passes with a note on stderr: its scores differ only by
+    /// rounding.
+    pub fn check_gallery(
+        &self,
+        gallery_args: &GalleryArgs,
+        gallery: &dyn Gallery,
+        fingerprint: &str,
+        precision: Precision,
+        allow_other: bool,
+    ) -> Result<()> {
+        let Some(record) = gallery.model() else {
+            return self.check_run_gallery(gallery_args);
+        };
+        let gallery_name = gallery_args.name();
+        if record.fingerprint != fingerprint {
+            let which = if self.run.is_some() && self.which == "best" {
+                " (with --run, --which last takes the run's final model)"
+            } else {
+                ""
+            };
+            if !allow_other {
+                anyhow::bail!(
+                    "{gallery_name} was embedded by another model ({}, {}) than {} ({fingerprint}): their scores would not compare. Search it with that model{which}, embed a gallery with this one (`gca-hng embed`), or add --allow-other-model if the two were trained to share one embedding space",
+                    record.checkpoint,
+                    record.fingerprint,
+                    self.path().display()
+                );
+            }
+            eprintln!(
+                "note: {gallery_name} was embedded by another model ({}); searching it anyway (--allow-other-model)",
+                record.checkpoint
+            );
+        } else if record.precision != precision {
+            eprintln!(
+                "note: {gallery_name} was embedded in {}, the queries are embedded in {precision}: scores differ from a same-precision search by rounding",
+                record.precision
+            );
+        }
+        Ok(())
+    }
+
+    /// For galleries without a model record (written by builds before records were kept):
+    /// refuses `--run RUN --which best` (the default) against RUN's own `test-embeddings` when
+    /// the run's best epoch is not its last, as those embeddings come from the final
+    /// evaluation, i.e. from `last.safetensors`.
+    fn check_run_gallery(&self, gallery: &GalleryArgs) -> Result<()> {
         let (Some(run), Some(prefix)) = (&self.run, &gallery.gallery) else {
             return Ok(());
         };
@@ -165,10 +211,19 @@ impl GalleryArgs {
             (_, Some(index)) => Ok(Box::new(IndexFile::open(index)?)),
             (Some(prefix), None) => {
                 let g = read_gallery(prefix)?;
-                Ok(Box::new(ExactGallery::new(
-                    &g.values, g.dim, g.sources, g.labels,
-                )?))
+                Ok(Box::new(
+                    ExactGallery::new(&g.values, g.dim, g.sources, g.labels)?.with_model(g.model),
+                ))
             }
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
+
+    /// The gallery as the user named it, for messages.
+    fn name(&self) -> String {
+        match (&self.gallery, &self.index) {
+            (_, Some(index)) => format!("the index {}", index.display()),
+            (Some(prefix), None) => format!("the gallery {}", prefix.display()),
             (None, None) => unreachable!("clap requires one"),
         }
     }
@@ -182,6 +237,8 @@ pub struct GalleryFiles {
     pub sources: Vec<ImageSource>,
     /// From `PREFIX.labels.npy`, when it exists.
     pub labels: Option<Vec<i64>>,
+    /// From `PREFIX.model.json`, when it exists.
+    pub model: Option<ModelRecord>,
 }
 
 /// Embeddings, image lines and (when the file exists) labels of an embedding prefix.
@@ -207,6 +264,7 @@ pub fn read_gallery(prefix: &Path) -> Result<GalleryFiles> {
         dim: matrix.cols,
         sources,
         labels,
+        model: files.read_model()?,
     })
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::ImageSource;
 use crate::eval::topk::{normalise_rows, top_k};
-use crate::io::embedding_files::{parse_source_line, source_line};
+use crate::io::embedding_files::{ModelRecord, parse_source_line, source_line};
 
 /// How two embeddings are compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -191,6 +191,8 @@ pub trait Gallery: Send + Sync {
     fn search(&self, query: &[f32], k: usize, mode: SearchMode) -> Result<Vec<Hit>, IndexError>;
     /// Words for logs: "exact, 1200 rows" or "hnsw f16 cosine, 1000000 rows".
     fn describe(&self) -> String;
+    /// The model that embedded the rows, when recorded.
+    fn model(&self) -> Option<&ModelRecord>;
 }
 
 /// Scores every row: the embeddings held in memory, unit length.
@@ -199,6 +201,7 @@ pub struct ExactGallery {
     dim: usize,
     sources: Vec<ImageSource>,
     labels: Option<Vec<i64>>,
+    model: Option<ModelRecord>,
 }
 
 impl ExactGallery {
@@ -215,7 +218,13 @@ impl ExactGallery {
             dim,
             sources,
             labels,
+            model: None,
         })
+    }
+
+    /// Records the model that embedded the rows.
+    pub fn with_model(self, model: Option<ModelRecord>) -> Self {
+        Self { model, ..self }
     }
 }
 
@@ -306,6 +315,9 @@ impl Gallery for ExactGallery {
     fn describe(&self) -> String {
         format!("exact cosine, {} rows of {}", self.rows(), self.dim)
     }
+    fn model(&self) -> Option<&ModelRecord> {
+        self.model.as_ref()
+    }
 }
 
 const MAGIC: &[u8; 8] = b"GCAHNGIX";
@@ -338,6 +350,10 @@ struct Header {
     graph_crc32: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lists_crc32: Option<u32>,
+    /// The model that embedded the rows: absent when unknown, and in files written before it
+    /// was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    model: Option<ModelRecord>,
 }
 
 impl Header {
@@ -383,17 +399,42 @@ fn int8_codes(row: &[f32]) -> Vec<i8> {
 /// Rows added between two progress calls.
 const PROGRESS_CHUNK: usize = 4096;
 
+/// What an index file records of its rows besides their vectors.
+#[derive(Clone, Copy, Debug)]
+pub struct RowRecords<'a> {
+    /// One image per row.
+    pub sources: &'a [ImageSource],
+    pub labels: Option<&'a [i64]>,
+    /// The model that embedded the rows, when known.
+    pub model: Option<&'a ModelRecord>,
+}
+
+impl<'a> RowRecords<'a> {
+    /// Rows of an unknown model.
+    pub fn new(sources: &'a [ImageSource], labels: Option<&'a [i64]>) -> Self {
+        Self {
+            sources,
+            labels,
+            model: None,
+        }
+    }
+}
+
 /// Builds an index of `values` (`[rows, dim]`) and writes it to `path` (atomically: a
 /// temporary file renamed into place). `progress(done, total)` follows the insertion.
 pub fn build(
     values: &[f32],
     dim: usize,
-    sources: &[ImageSource],
-    labels: Option<&[i64]>,
+    records: &RowRecords,
     options: &BuildOptions,
     path: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(), IndexError> {
+    let RowRecords {
+        sources,
+        labels,
+        model,
+    } = *records;
     options.check()?;
     let rows = sources.len();
     check_rows(values, dim, rows, labels)?;
@@ -420,6 +461,7 @@ pub fn build(
         labels: labels.map(<[i64]>::to_vec),
         graph_crc32: None,
         lists_crc32: None,
+        model: model.cloned(),
     };
     header.lists_crc32 = Some(header.lists_crc32());
     let index = usearch::Index::new(&usearch_options(&header)).map_err(library("creating"))?;
@@ -735,6 +777,9 @@ impl Gallery for IndexFile {
             self.path.display()
         )
     }
+    fn model(&self) -> Option<&ModelRecord> {
+        self.header.model.as_ref()
+    }
 }
 
 /// Recall of `found` against `truth` at `k`: the share of the true `k` nearest rows that
@@ -791,8 +836,7 @@ mod tests {
         build(
             &values,
             dim,
-            &sources(rows),
-            Some(&labels),
+            &RowRecords::new(&sources(rows), Some(&labels)),
             &BuildOptions::default(),
             &path,
             &mut |d, t| calls.push((d, t)),
@@ -850,8 +894,7 @@ mod tests {
             build(
                 &values,
                 dim,
-                &sources(rows),
-                None,
+                &RowRecords::new(&sources(rows), None),
                 &options,
                 &path,
                 &mut |_, _| {},
@@ -893,8 +936,7 @@ mod tests {
         build(
             &values,
             dim,
-            &sources(rows),
-            None,
+            &RowRecords::new(&sources(rows), None),
             &options,
             &path,
             &mut |_, _| {},
@@ -926,8 +968,7 @@ mod tests {
         let err = build(
             &[0.5, 0.2, 3.0, 0.1],
             2,
-            &sources(2),
-            None,
+            &RowRecords::new(&sources(2), None),
             &options,
             &dir.path().join("x"),
             &mut |_, _| {},
@@ -946,8 +987,7 @@ mod tests {
         build(
             &values,
             dim,
-            &sources(rows),
-            None,
+            &RowRecords::new(&sources(rows), None),
             &BuildOptions::default(),
             &path,
             &mut |_, _| {},

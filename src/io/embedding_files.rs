@@ -2,11 +2,30 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use crate::data::ImageSource;
 use crate::io::{IoError, npy};
+use crate::nn::precision::Precision;
+
+/// Which model made a set of embeddings. Scores between embeddings of two different models
+/// mean nothing and look like any others, so the record travels with the embeddings
+/// (`PREFIX.model.json`) and into index files built from them, and `search` and `serve`
+/// compare it with the model they embed queries with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// The model's tensors' fingerprint (`checkpoint::model_fingerprint`): equal for every
+    /// checkpoint holding the same model, whatever its file name.
+    pub fingerprint: String,
+    /// The checkpoint it was read from or is saved as, as given: for messages only.
+    pub checkpoint: String,
+    /// The arithmetic the images were embedded in.
+    pub precision: Precision,
+}
 
 /// The files of one embedded set: `PREFIX.npy` (`[n, d]` float32), `PREFIX.paths.txt` (one
-/// image per line) and, for a labelled split, `PREFIX.labels.npy`.
+/// image per line), `PREFIX.model.json` (the [`ModelRecord`]) and, for a labelled split,
+/// `PREFIX.labels.npy`.
 pub struct EmbeddingFiles {
     pub prefix: PathBuf,
 }
@@ -36,13 +55,25 @@ impl EmbeddingFiles {
         self.with_suffix(".paths.txt")
     }
 
-    /// Writes a set; `labels` only for a labelled split.
+    pub fn model(&self) -> PathBuf {
+        self.with_suffix(".model.json")
+    }
+
+    /// Every file a set may have, for checks that nothing is overwritten.
+    pub fn all(&self) -> [PathBuf; 4] {
+        [self.embeddings(), self.paths(), self.labels(), self.model()]
+    }
+
+    /// Writes a set; `labels` only for a labelled split. A labels file left by an earlier set
+    /// under this prefix is removed when `labels` is `None`: read with the new rows it would
+    /// label them wrongly (or be refused for its length), with nothing to tell.
     pub fn write(
         &self,
         values: &[f32],
         dim: usize,
         sources: &[ImageSource],
         labels: Option<&[i64]>,
+        model: &ModelRecord,
     ) -> Result<(), IoError> {
         if let Some(dir) = self.prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| IoError::Create {
@@ -50,6 +81,9 @@ impl EmbeddingFiles {
                 source,
             })?;
         }
+        // The record goes first and comes back last, so that a write cut short never leaves
+        // an older model's record beside new rows.
+        remove_if_present(&self.model())?;
         npy::write_matrix(&self.embeddings(), sources.len(), dim, values)?;
         let text: String = sources
             .iter()
@@ -59,10 +93,29 @@ impl EmbeddingFiles {
             path: self.paths(),
             source,
         })?;
-        if let Some(labels) = labels {
-            npy::write_labels(&self.labels(), labels)?;
+        match labels {
+            Some(labels) => npy::write_labels(&self.labels(), labels)?,
+            None => remove_if_present(&self.labels())?,
         }
-        Ok(())
+        let json = serde_json::to_string_pretty(model).expect("plain data serialises");
+        std::fs::write(self.model(), json + "\n").map_err(|source| IoError::Write {
+            path: self.model(),
+            source,
+        })
+    }
+
+    /// The record of the model that made the set; `None` for sets written before records were
+    /// kept, or by other tools.
+    pub fn read_model(&self) -> Result<Option<ModelRecord>, IoError> {
+        let path = self.model();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(IoError::Read { path, source }),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| IoError::ModelRecord { path, source })
     }
 
     /// Reads a set written by [`write`](Self::write).
@@ -93,6 +146,16 @@ impl EmbeddingFiles {
             });
         }
         Ok((matrix, sources))
+    }
+}
+
+fn remove_if_present(path: &std::path::Path) -> Result<(), IoError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(IoError::Write {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -128,13 +191,34 @@ mod tests {
             ImageSource::File("/x/a b.jpg".into()),
             ImageSource::Emoji { class: 3, icon: 1 },
         ];
+        let model = ModelRecord {
+            fingerprint: "fnv1a64:0123456789abcdef".into(),
+            checkpoint: "runs/x/last.safetensors".into(),
+            precision: Precision::F16,
+        };
+        assert_eq!(files.read_model().unwrap(), None);
         files
-            .write(&[1.0, 2.0, 3.0, 4.0], 2, &sources, Some(&[7, 8]))
+            .write(&[1.0, 2.0, 3.0, 4.0], 2, &sources, Some(&[7, 8]), &model)
             .unwrap();
         let (m, back) = files.read().unwrap();
         assert_eq!((m.rows, m.cols), (2, 2));
         assert_eq!(back, sources);
         assert_eq!(npy::read_labels(&files.labels()).unwrap(), vec![7, 8]);
+        assert_eq!(files.read_model().unwrap(), Some(model.clone()));
+        // An unlabelled set written over a labelled one takes its labels away with it.
+        files
+            .write(&[1.0, 2.0], 2, &sources[..1], None, &model)
+            .unwrap();
+        assert!(!files.labels().exists());
+        std::fs::write(files.model(), "{\"fingerprint\": 3}").unwrap();
+        let err = files.read_model().unwrap_err();
+        assert!(
+            matches!(&err, IoError::ModelRecord { path, .. } if *path == files.model()),
+            "{err}"
+        );
+        files
+            .write(&[1.0, 2.0, 3.0, 4.0], 2, &sources, Some(&[7, 8]), &model)
+            .unwrap();
         std::fs::write(files.paths(), "/x/a.jpg\nemoji:1\n").unwrap();
         let err = files.read().err().unwrap();
         assert!(

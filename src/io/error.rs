@@ -244,6 +244,12 @@ pub enum IoError {
         line: usize,
         text: String,
     },
+    #[error("{}: not a model record (delete it if these embeddings' model is unknown)", path.display())]
+    ModelRecord {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("{} lists {listed} images but {} has {rows} rows", paths.display(), embeddings.display())]
     RowMismatch {
         paths: PathBuf,

@@ -14,7 +14,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::io::state_dict::{StateDict, TorchNamed, export_torch, load_torch};
+use crate::io::state_dict::{HostTensor, StateDict, TorchNamed, export_torch, load_torch};
 use crate::io::{IoError, WeightsError};
 use crate::method::model::GcaHng;
 use crate::nn::adamw::OptimStateError;
@@ -302,12 +302,38 @@ fn verify(path: &Path, written: &StateDict) -> Result<(), CheckpointError> {
 /// damaged after it was written (the container itself has no checksum) is told apart from a
 /// good one.
 fn checksum(dict: &StateDict) -> u64 {
+    fnv1a(dict.tensors.iter())
+}
+
+/// Which model a checkpoint holds: FNV-1a over its model tensors alone (names, shapes, f32
+/// values), so that `best` and `last` of one epoch, whose optimiser state and metadata differ,
+/// name the same model. Embeddings record it (`ModelRecord`) so that `search` and `serve` can
+/// tell a gallery another model embedded.
+pub fn model_fingerprint(dict: &StateDict) -> String {
+    format!(
+        "fnv1a64:{:016x}",
+        fnv1a(
+            dict.tensors
+                .iter()
+                .filter(|(k, _)| k.starts_with(MODEL_PREFIX))
+        )
+    )
+}
+
+/// [`model_fingerprint`] of a model in memory: the one its checkpoint will carry.
+pub fn fingerprint_of(model: &GcaHng) -> String {
+    model_fingerprint(&export_torch(model, "model"))
+}
+
+// A hand-written FNV-1a rather than a hashing crate: it is a dozen lines, and the checkpoint
+// checksums already written with it must keep their values.
+fn fnv1a<'a>(tensors: impl Iterator<Item = (&'a String, &'a HostTensor)>) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     let mut eat = |word: u64| {
         h ^= word;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     };
-    for (name, t) in &dict.tensors {
+    for (name, t) in tensors {
         name.bytes().for_each(|b| eat(b.into()));
         t.shape.iter().for_each(|&d| eat(d as u64));
         t.data

@@ -12,7 +12,7 @@ use crate::data::loader::ImageStore;
 use crate::error::Result;
 use crate::eval::embed::{EmbedOutput, EmbedSettings, EmbeddingSet, embed_samples};
 use crate::eval::metrics::{RetrievalMetrics, evaluate, evaluate_query_gallery};
-use crate::io::embedding_files::EmbeddingFiles;
+use crate::io::embedding_files::{EmbeddingFiles, ModelRecord};
 use crate::method::embedder::Embedder;
 
 use super::Observer;
@@ -51,13 +51,14 @@ impl Evaluator {
     }
 
     /// Metrics of `set` under `embedder`; with `keep`, the embeddings (In-Shop: the gallery's)
-    /// are also written there. Images left out as unreadable are told to `observer`.
+    /// are also written there, recording the model as given. Images left out as unreadable are
+    /// told to `observer`.
     pub fn metrics(
         &self,
         embedder: &Embedder,
         set: &EvalSet,
         name: &str,
-        keep: Option<&EmbeddingFiles>,
+        keep: Option<(&EmbeddingFiles, &ModelRecord)>,
         observer: &mut dyn Observer,
     ) -> Result<RetrievalMetrics> {
         let (metrics, skipped) = self.metrics_and_skipped(embedder, set, name, keep, observer)?;
@@ -74,7 +75,7 @@ impl Evaluator {
         embedder: &Embedder,
         set: &EvalSet,
         name: &str,
-        keep: Option<&EmbeddingFiles>,
+        keep: Option<(&EmbeddingFiles, &ModelRecord)>,
         observer: &mut dyn Observer,
     ) -> Result<(RetrievalMetrics, Vec<String>)> {
         let device = self.device.clone().inner();
@@ -98,7 +99,7 @@ impl Evaluator {
         };
         let write = |e: &EmbeddingSet, split: &Split| -> Result<()> {
             match keep {
-                Some(files) => {
+                Some((files, model)) => {
                     // A diverged model's embeddings are refused before they reach the run
                     // folder, not after.
                     e.check_finite("the embeddings")?;
@@ -107,7 +108,7 @@ impl Evaluator {
                         .iter()
                         .map(|&i| split.samples[i].source.clone())
                         .collect();
-                    Ok(files.write(&e.values, e.dim, &sources, Some(&e.labels_i64()))?)
+                    Ok(files.write(&e.values, e.dim, &sources, Some(&e.labels_i64()), model)?)
                 }
                 None => Ok(()),
             }

@@ -25,7 +25,7 @@ use crate::device::{DeviceSpec, configured};
 use crate::distributed::{DistributedError, Exchange, Shard, check_identical};
 use crate::eval::embed::EmbedSettings;
 use crate::eval::metrics::RetrievalMetrics;
-use crate::io::embedding_files::EmbeddingFiles;
+use crate::io::embedding_files::{EmbeddingFiles, ModelRecord};
 use crate::method::model::GcaHng;
 use crate::method::synthesis::SeededMix;
 use crate::nn::batch_norm::RunningStatistics;
@@ -48,7 +48,7 @@ fn evaluate_run(
     evaluator: &Evaluator,
     data: &RunData,
     model: &GcaHng,
-    keep_test: Option<&EmbeddingFiles>,
+    keep_test: Option<(&EmbeddingFiles, &ModelRecord)>,
     observer: &mut dyn Observer,
     skipped: &mut Vec<String>,
 ) -> Result<(Option<RetrievalMetrics>, RetrievalMetrics)> {
@@ -594,12 +594,20 @@ pub fn train(
         let due = (epoch + 1) % config.train.eval_every == 0 || epoch + 1 == epochs;
         if due && root {
             let t = Instant::now();
-            let keep = (epoch + 1 == epochs).then(|| run.test_embeddings());
+            // The final test embeddings are kept as a gallery for the model `last` will hold.
+            let keep = (epoch + 1 == epochs).then(|| {
+                let model = ModelRecord {
+                    fingerprint: checkpoint::fingerprint_of(&model),
+                    checkpoint: run.last().display().to_string(),
+                    precision: config.train.precision,
+                };
+                (run.test_embeddings(), model)
+            });
             let (validation, test) = evaluate_run(
                 &evaluator,
                 &data,
                 &model,
-                keep.as_ref(),
+                keep.as_ref().map(|(files, model)| (files, model)),
                 observer,
                 &mut record.skipped_images,
             )?;

@@ -168,11 +168,12 @@ impl RunDir {
             self.best(),
             self.losses_plot(),
             self.recall_plot(),
-            embeddings.embeddings(),
-            embeddings.labels(),
-            embeddings.paths(),
         ];
-        match written.into_iter().find(|p| p.symlink_metadata().is_ok()) {
+        match written
+            .into_iter()
+            .chain(embeddings.all())
+            .find(|p| p.symlink_metadata().is_ok())
+        {
             Some(path) => Err(RunDirError::WouldOverwrite { path }),
             None => Ok(()),
         }

@@ -332,8 +332,16 @@ pub fn build_model(
     Ok(model)
 }
 
+/// A trained model read from a checkpoint file.
+pub struct LoadedCheckpoint {
+    pub model: GcaHng,
+    pub config: ExperimentConfig,
+    /// [`checkpoint::model_fingerprint`](super::checkpoint::model_fingerprint) of its tensors.
+    pub fingerprint: String,
+}
+
 /// A trained model and its configuration from a checkpoint file (`best` or `last`).
-pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(GcaHng, ExperimentConfig)> {
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
     let (dict, meta) = super::checkpoint::read(path)?;
     let config: ExperimentConfig =
         toml::from_str(&meta.config_toml).map_err(|e| CheckpointError::BadConfig {
@@ -342,7 +350,11 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(GcaHng, Experime
         })?;
     let model = init_model(&config, meta.num_classes, device)?;
     let model = super::checkpoint::load_model(model, &dict, device).map_err(|e| e.in_file(path))?;
-    Ok((model, config))
+    Ok(LoadedCheckpoint {
+        model,
+        config,
+        fingerprint: super::checkpoint::model_fingerprint(&dict),
+    })
 }
 
 /// The step's loss settings.
