@@ -69,6 +69,18 @@ fn trained_run() -> &'static Path {
     })
 }
 
+/// Runs a command and returns its standard output; the test fails with its standard error.
+fn succeed(command: &mut Command) -> Vec<u8> {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        command.get_program().to_string_lossy(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 fn gallery_prefix() -> PathBuf {
     trained_run().join("test-embeddings")
 }
@@ -509,33 +521,23 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
     }
     let prefix = dir.path().join("gallery");
     // `--which last`, the model the server below runs.
-    let out = Command::new(BIN)
-        .args(["embed", "--which", "last", "--run"])
-        .arg(trained_run())
-        .arg(&root)
-        .arg("--out")
-        .arg(&prefix)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args(["embed", "--which", "last", "--run"])
+            .arg(trained_run())
+            .arg(&root)
+            .arg("--out")
+            .arg(&prefix),
     );
     let index = dir.path().join("gallery.index");
     for q in ["f32", "i8"] {
-        let out = Command::new(BIN)
-            .args(["index", "build", "--gallery"])
-            .arg(&prefix)
-            .arg("--out")
-            .arg(&index)
-            .args(["--quantisation", q])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            Command::new(BIN)
+                .args(["index", "build", "--gallery"])
+                .arg(&prefix)
+                .arg("--out")
+                .arg(&index)
+                .args(["--quantisation", q]),
         );
     }
     // The index carries the record of the model that embedded its rows.
@@ -555,13 +557,7 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
         if exact {
             cmd.arg("--exact");
         }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&succeed(&mut cmd)).unwrap();
         assert_eq!(
             v[0]["results"][0]["path"],
             files[5].display().to_string(),
@@ -586,17 +582,12 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
     )
     .unwrap();
     let other_index = dir.path().join("other.index");
-    let out = Command::new(BIN)
-        .args(["index", "build", "--gallery"])
-        .arg(&other)
-        .arg("--out")
-        .arg(&other_index)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args(["index", "build", "--gallery"])
+            .arg(&other)
+            .arg("--out")
+            .arg(&other_index),
     );
     for command in ["search", "serve"] {
         let mut cmd = Command::new(BIN);
@@ -627,18 +618,13 @@ fn an_index_of_an_inshop_style_folder_serves_searches_and_thumbnails() {
             "{command}: {err}"
         );
     }
-    let out = Command::new(BIN)
-        .args(["search", "--which", "last", "--allow-other-model", "--run"])
-        .arg(trained_run())
-        .arg("--index")
-        .arg(&other_index)
-        .arg(&files[5])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args(["search", "--which", "last", "--allow-other-model", "--run"])
+            .arg(trained_run())
+            .arg("--index")
+            .arg(&other_index)
+            .arg(&files[5]),
     );
     let mut server = Server::start_with(&[
         "--index".as_ref(),

@@ -13,18 +13,12 @@ use gca_hng::index::SearchMode;
 use gca_hng::io::embedding_files::source_line;
 use gca_hng::train::{self, setup};
 
-use crate::shared::{GalleryArgs, ModelArgs, Outcome, check_run_precision, open_device};
+use crate::shared::{Outcome, RetrievalArgs, open_device};
 
 #[derive(clap::Args)]
 pub struct SearchArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    gallery: GalleryArgs,
-    /// Use a gallery whose record names another model than the queries' (for two models
-    /// trained to share one embedding space); otherwise such a gallery is refused.
-    #[arg(long)]
-    allow_other_model: bool,
+    retrieval: RetrievalArgs,
     /// With --index: score every row instead of walking the graph (the default for
     /// galleries too small to gain from the graph).
     #[arg(long)]
@@ -49,21 +43,8 @@ pub struct SearchArgs {
 pub fn run(args: SearchArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
     anyhow::ensure!(args.top > 0, "--top must be at least 1");
-    let path = args.model.path();
-    let setup::LoadedCheckpoint {
-        model,
-        config,
-        fingerprint,
-    } = setup::load_checkpoint(&path, &device)?;
-    check_run_precision(&spec, &device, &path, &config, "search")?;
-    let gallery = args.gallery.open()?;
-    args.model.check_gallery(
-        &args.gallery,
-        gallery.as_ref(),
-        &fingerprint,
-        config.train.precision,
-        args.allow_other_model,
-    )?;
+    let (setup::LoadedCheckpoint { model, config, .. }, gallery) =
+        args.retrieval.open(&spec, &device, "search")?;
     let queries = if args.follow_links {
         collect_images_following(&args.queries)?
     } else {

@@ -12,18 +12,12 @@ use gca_hng::serve::pool::WorkerPool;
 use gca_hng::serve::{ServeConfig, Service, serve};
 use gca_hng::train::{self, setup};
 
-use crate::shared::{GalleryArgs, ModelArgs, Outcome, check_run_precision, open_device};
+use crate::shared::{Outcome, RetrievalArgs, open_device};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    gallery: GalleryArgs,
-    /// Use a gallery whose record names another model than the queries' (for two models
-    /// trained to share one embedding space); otherwise such a gallery is refused.
-    #[arg(long)]
-    allow_other_model: bool,
+    retrieval: RetrievalArgs,
     /// Address to listen on. The default answers this machine only; bind another address
     /// only behind a proxy that authenticates, as the service has no authentication.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -64,21 +58,8 @@ fn seconds() -> clap::builder::RangedU64ValueParser<u64> {
 
 pub fn run(args: ServeArgs, device: Option<DeviceSpec>) -> Result<Outcome> {
     let (spec, device) = open_device(device)?;
-    let path = args.model.path();
-    let setup::LoadedCheckpoint {
-        model,
-        config,
-        fingerprint,
-    } = setup::load_checkpoint(&path, &device)?;
-    check_run_precision(&spec, &device, &path, &config, "serve")?;
-    let gallery = args.gallery.open()?;
-    args.model.check_gallery(
-        &args.gallery,
-        gallery.as_ref(),
-        &fingerprint,
-        config.train.precision,
-        args.allow_other_model,
-    )?;
+    let (setup::LoadedCheckpoint { model, config, .. }, gallery) =
+        args.retrieval.open(&spec, &device, "serve")?;
     let store = train::image_store_for(&config, (0..gallery.rows()).map(|i| gallery.source(i)))?;
     let workers = args
         .workers

@@ -17,6 +17,7 @@ use gca_hng::io::embedding_files::{EmbeddingFiles, ModelRecord};
 use gca_hng::io::npy::read_labels;
 use gca_hng::nn::precision::Precision;
 use gca_hng::train::run_dir::RunDir;
+use gca_hng::train::setup;
 
 /// How a command that did not fail with an error ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,7 +108,7 @@ impl ModelArgs {
     /// trained to share one embedding space. A gallery embedded in another precision than
     /// `precision` (the queries') passes with a note on stderr: its scores differ only by
     /// rounding.
-    pub fn check_gallery(
+    fn check_gallery(
         &self,
         gallery_args: &GalleryArgs,
         gallery: &dyn Gallery,
@@ -179,6 +180,44 @@ impl ModelArgs {
             run.display()
         );
         Ok(())
+    }
+}
+
+/// The model that embeds queries and the gallery they are compared with, as `search` and
+/// `serve` take them.
+#[derive(clap::Args)]
+pub struct RetrievalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub gallery: GalleryArgs,
+    /// Use a gallery whose record names another model than the queries' (for two models
+    /// trained to share one embedding space); otherwise such a gallery is refused.
+    #[arg(long)]
+    allow_other_model: bool,
+}
+
+impl RetrievalArgs {
+    /// Loads the model on `device`, opens the gallery and checks that the two belong together
+    /// ([`ModelArgs::check_gallery`]); `command` names the caller in the precision error.
+    pub fn open(
+        &self,
+        spec: &DeviceSpec,
+        device: &Device,
+        command: &str,
+    ) -> Result<(setup::LoadedCheckpoint, Box<dyn Gallery>)> {
+        let path = self.model.path();
+        let loaded = setup::load_checkpoint(&path, device)?;
+        check_run_precision(spec, device, &path, &loaded.config, command)?;
+        let gallery = self.gallery.open()?;
+        self.model.check_gallery(
+            &self.gallery,
+            gallery.as_ref(),
+            &loaded.fingerprint,
+            loaded.config.train.precision,
+            self.allow_other_model,
+        )?;
+        Ok((loaded, gallery))
     }
 }
 
