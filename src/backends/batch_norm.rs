@@ -20,6 +20,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::autodiff::backward;
 use super::{
     CHUNK, contiguous, from_vec, from_vec_shaped, is_flex, rows_per_task, sum_f64, sum_pairs_f64,
     sum_sq_dev_f64,
@@ -784,20 +785,12 @@ impl<B: BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for Autodiff<B
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_x, node_w, node_b] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let ([x, w, mean, var, y], eps, act, train) = ops.state;
-                let (dx, dw, db) =
-                    B::fused_batch_norm_backward(x, w, mean, var, y, grad, eps, act, train);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_w {
-                    grads.register::<B>(node.id, dw);
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, db);
-                }
+                backward::<B, _, 3>(ops, grads, |state, grad, _| {
+                    let ([x, w, mean, var, y], eps, act, train) = state;
+                    let (dx, dw, db) =
+                        B::fused_batch_norm_backward(x, w, mean, var, y, grad, eps, act, train);
+                    [Some(dx), Some(dw), Some(db)]
+                });
             }
         }
 

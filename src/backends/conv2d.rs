@@ -27,7 +27,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
@@ -35,6 +35,7 @@ use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 pub use super::Geometry;
+use super::autodiff::{backward, record};
 use super::gemm::{Mat, matmul};
 use super::{contiguous, from_vec_shaped, valid};
 
@@ -452,33 +453,19 @@ impl<B: Conv2dBackend, C: CheckpointStrategy> Conv2dBackend for Autodiff<B, C> {
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_x, node_w] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, weight, geometry) = ops.state;
-                let needs = [node_x.is_some(), node_w.is_some()];
-                let (dx, dw) = B::dense_conv2d_backward(x, weight, grad, geometry, needs);
-                if let (Some(node), Some(dx)) = (node_x, dx) {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let (Some(node), Some(dw)) = (node_w, dw) {
-                    grads.register::<B>(node.id, dw);
-                }
+                backward::<B, _, 2>(ops, grads, |(x, weight, geometry), grad, needs| {
+                    let (dx, dw) = B::dense_conv2d_backward(x, weight, grad, geometry, needs);
+                    [dx, dw]
+                });
             }
         }
 
-        let (x, x_node) = x.into_parts();
-        let (weight, w_node) = weight.into_parts();
-        match Conv2dGrad
-            .prepare::<C>([x_node, w_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::dense_conv2d(x.clone(), weight.clone(), geometry);
-                prep.finish((x, weight, geometry), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::dense_conv2d(x, weight, geometry)),
-        }
+        record::<C, _, _, _>(
+            Conv2dGrad,
+            [x, weight],
+            |[x, weight]| B::dense_conv2d(x, weight, geometry),
+            |[x, weight], _| (x, weight, geometry),
+        )
     }
 
     fn dense_conv2d_backward(

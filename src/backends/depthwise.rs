@@ -15,7 +15,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
@@ -23,6 +23,7 @@ use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
 pub use super::Geometry;
+use super::autodiff::{backward, record};
 use super::{contiguous, from_vec_shaped, valid};
 
 /// `y[b, c] = sum_{i, j} w[c, i, j] * x[b, c, oy * sh + i - top, ox * sw + j - left]`, input
@@ -325,32 +326,19 @@ impl<B: DepthwiseBackend, C: CheckpointStrategy> DepthwiseBackend for Autodiff<B
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_x, node_w] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, weight, geometry) = ops.state;
-                let (dx, dw) = B::depthwise_conv2d_backward(x, weight, grad, geometry);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_w {
-                    grads.register::<B>(node.id, dw);
-                }
+                backward::<B, _, 2>(ops, grads, |(x, weight, geometry), grad, _| {
+                    let (dx, dw) = B::depthwise_conv2d_backward(x, weight, grad, geometry);
+                    [Some(dx), Some(dw)]
+                });
             }
         }
 
-        let (x, x_node) = x.into_parts();
-        let (weight, w_node) = weight.into_parts();
-        match DepthwiseGrad
-            .prepare::<C>([x_node, w_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::depthwise_conv2d(x.clone(), weight.clone(), geometry);
-                prep.finish((x, weight, geometry), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::depthwise_conv2d(x, weight, geometry)),
-        }
+        record::<C, _, _, _>(
+            DepthwiseGrad,
+            [x, weight],
+            |[x, weight]| B::depthwise_conv2d(x, weight, geometry),
+            |[x, weight], _| (x, weight, geometry),
+        )
     }
 
     fn depthwise_conv2d_backward(

@@ -10,7 +10,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::Flex;
 use burn::backend::ops::ActivationOps;
 use burn::backend::tensor::FloatTensor;
@@ -18,6 +18,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extensi
 use burn::tensor::{DType, Tensor};
 use std::mem::MaybeUninit;
 
+use super::autodiff::{backward, record};
 use super::{contiguous, from_vec, is_flex, par_map};
 
 /// GELU with the exact (erf) formulation, as PyTorch's `nn.GELU()`: our multi-threaded kernel
@@ -79,18 +80,13 @@ impl<B: GeluBackend, C: CheckpointStrategy> GeluBackend for Autodiff<B, C> {
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let input = ops.state;
-                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                    B::exact_gelu_backward(input, grad)
+                backward::<B, _, 1>(ops, grads, |input, grad, _| {
+                    [Some(B::exact_gelu_backward(input, grad))]
                 });
             }
         }
 
-        let (primitive, node) = x.into_parts();
-        match GeluGrad.prepare::<C>([node]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(primitive.clone(), B::exact_gelu(primitive)),
-            OpsKind::UnTracked(prep) => prep.finish(B::exact_gelu(primitive)),
-        }
+        record::<C, _, _, _>(GeluGrad, [x], |[x]| B::exact_gelu(x), |[x], _| x)
     }
 
     fn exact_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -11,7 +11,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
@@ -20,6 +20,7 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+use super::autodiff::{backward, record};
 use super::{
     contiguous, from_vec, is_flex, par_blocks, rows_per_task, sum_f64, sum_in_order, sum_pairs_f64,
     sum_sq_dev_f64,
@@ -135,36 +136,19 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_x, node_gamma, node_beta] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, gamma, eps) = ops.state;
-                let (dx, dgamma, dbeta) = B::fused_layer_norm_backward(x, gamma, grad, eps);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_gamma {
-                    grads.register::<B>(node.id, dgamma);
-                }
-                if let Some(node) = node_beta {
-                    grads.register::<B>(node.id, dbeta);
-                }
+                backward::<B, _, 3>(ops, grads, |(x, gamma, eps), grad, _| {
+                    let (dx, dgamma, dbeta) = B::fused_layer_norm_backward(x, gamma, grad, eps);
+                    [Some(dx), Some(dgamma), Some(dbeta)]
+                });
             }
         }
 
-        let (x, x_node) = x.into_parts();
-        let (gamma, gamma_node) = gamma.into_parts();
-        let (beta, beta_node) = beta.into_parts();
-        match LayerNormGrad
-            .prepare::<C>([x_node, gamma_node, beta_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::fused_layer_norm(x.clone(), gamma.clone(), beta, eps);
-                prep.finish((x, gamma, eps), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(x, gamma, beta, eps)),
-        }
+        record::<C, _, _, _>(
+            LayerNormGrad,
+            [x, gamma, beta],
+            |[x, gamma, beta]| B::fused_layer_norm(x, gamma, beta, eps),
+            |[x, gamma, _], _| (x, gamma, eps),
+        )
     }
 
     fn fused_layer_norm_backward(

@@ -16,7 +16,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
@@ -24,6 +24,7 @@ use burn::nn::Linear;
 use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::autodiff::{backward, record};
 use super::gemm::{Mat, product};
 use super::{contiguous, from_vec_shaped, is_flex, rows_per_task, sum_in_order};
 
@@ -215,33 +216,19 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_x, node_w] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, weight) = ops.state;
-                let needs = [node_x.is_some(), node_w.is_some(), false];
-                let (dx, dw, _) = B::dense_linear_backward(x, weight, grad, needs);
-                if let (Some(node), Some(dx)) = (node_x, dx) {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let (Some(node), Some(dw)) = (node_w, dw) {
-                    grads.register::<B>(node.id, dw);
-                }
+                backward::<B, _, 2>(ops, grads, |(x, weight), grad, [nx, nw]| {
+                    let (dx, dw, _) = B::dense_linear_backward(x, weight, grad, [nx, nw, false]);
+                    [dx, dw]
+                });
             }
         }
 
-        let (x, x_node) = x.into_parts();
-        let (weight, w_node) = weight.into_parts();
-        match MatmulGrad
-            .prepare::<C>([x_node, w_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::dense_matmul(x.clone(), weight.clone());
-                prep.finish((x, weight), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::dense_matmul(x, weight)),
-        }
+        record::<C, _, _, _>(
+            MatmulGrad,
+            [x, weight],
+            |[x, weight]| B::dense_matmul(x, weight),
+            |[x, weight], _| (x, weight),
+        )
     }
 
     fn dense_linear(
@@ -261,37 +248,19 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_x, node_w, node_b] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, weight) = ops.state;
-                let needs = [node_x.is_some(), node_w.is_some(), node_b.is_some()];
-                let (dx, dw, db) = B::dense_linear_backward(x, weight, grad, needs);
-                if let (Some(node), Some(dx)) = (node_x, dx) {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let (Some(node), Some(dw)) = (node_w, dw) {
-                    grads.register::<B>(node.id, dw);
-                }
-                if let (Some(node), Some(db)) = (node_b, db) {
-                    grads.register::<B>(node.id, db);
-                }
+                backward::<B, _, 3>(ops, grads, |(x, weight), grad, needs| {
+                    let (dx, dw, db) = B::dense_linear_backward(x, weight, grad, needs);
+                    [dx, dw, db]
+                });
             }
         }
 
-        let (x, x_node) = x.into_parts();
-        let (weight, w_node) = weight.into_parts();
-        let (bias, b_node) = bias.into_parts();
-        match LinearGrad
-            .prepare::<C>([x_node, w_node, b_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::dense_linear(x.clone(), weight.clone(), bias);
-                prep.finish((x, weight), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::dense_linear(x, weight, bias)),
-        }
+        record::<C, _, _, _>(
+            LinearGrad,
+            [x, weight, bias],
+            |[x, weight, bias]| B::dense_linear(x, weight, bias),
+            |[x, weight, _], _| (x, weight),
+        )
     }
 
     #[allow(clippy::type_complexity)]

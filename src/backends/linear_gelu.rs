@@ -12,7 +12,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
@@ -21,6 +21,7 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+use super::autodiff::{backward, record};
 use super::gelu::{gelu, gelu_derivative_f32, gelu_f32};
 use super::{contiguous, from_vec, is_flex, rows_per_task, sum_in_order};
 
@@ -116,32 +117,19 @@ impl<B: BiasGeluBackend, C: CheckpointStrategy> BiasGeluBackend for Autodiff<B, 
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_x, node_bias] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, bias) = ops.state;
-                let (dx, dbias) = B::bias_gelu_backward(x, bias, grad);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_bias {
-                    grads.register::<B>(node.id, dbias);
-                }
+                backward::<B, _, 2>(ops, grads, |(x, bias), grad, _| {
+                    let (dx, dbias) = B::bias_gelu_backward(x, bias, grad);
+                    [Some(dx), Some(dbias)]
+                });
             }
         }
 
-        let (x, x_node) = x.into_parts();
-        let (bias, bias_node) = bias.into_parts();
-        match BiasGeluGrad
-            .prepare::<C>([x_node, bias_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::bias_gelu(x.clone(), bias.clone());
-                prep.finish((x, bias), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::bias_gelu(x, bias)),
-        }
+        record::<C, _, _, _>(
+            BiasGeluGrad,
+            [x, bias],
+            |[x, bias]| B::bias_gelu(x, bias),
+            |[x, bias], _| (x, bias),
+        )
     }
 
     fn bias_gelu_backward(

@@ -43,6 +43,7 @@ macro_rules! simd_dispatch {
 }
 
 pub mod adamw;
+mod autodiff;
 pub mod batch_norm;
 pub mod conv2d;
 pub mod depthwise;

@@ -19,7 +19,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
@@ -27,6 +27,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+use super::autodiff::{backward, record};
 use super::{contiguous, from_vec_shaped, is_flex, par_blocks};
 
 /// Per edge `(r, c)`, its features' dot products with the per-node vectors of its source and
@@ -209,31 +210,21 @@ impl<B: PairBackend, C: CheckpointStrategy> PairBackend for Autodiff<B, C> {
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_x, node_f] = ops.parents;
-                let g = grads.consume::<B>(&ops.node);
-                let (x, f) = ops.state;
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, B::pair_mix(g.clone(), f));
-                }
-                if let Some(node) = node_f {
-                    grads.register::<B>(node.id, B::pair_sums(g, x));
-                }
+                backward::<B, _, 2>(ops, grads, |(x, f), g, [nx, nf]| {
+                    [
+                        nx.then(|| B::pair_mix(g.clone(), f)),
+                        nf.then(|| B::pair_sums(g, x)),
+                    ]
+                });
             }
         }
 
-        let (x, x_node) = x.into_parts();
-        let (f, f_node) = f.into_parts();
-        match DotsGrad
-            .prepare::<C>([x_node, f_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::pair_dots(x.clone(), f.clone());
-                prep.finish((x, f), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::pair_dots(x, f)),
-        }
+        record::<C, _, _, _>(
+            DotsGrad,
+            [x, f],
+            |[x, f]| B::pair_dots(x, f),
+            |[x, f], _| (x, f),
+        )
     }
 
     fn pair_mix(w: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -249,31 +240,21 @@ impl<B: PairBackend, C: CheckpointStrategy> PairBackend for Autodiff<B, C> {
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let [node_w, node_v] = ops.parents;
-                let du = grads.consume::<B>(&ops.node);
-                let (w, v) = ops.state;
-                if let Some(node) = node_w {
-                    grads.register::<B>(node.id, B::pair_dots(du.clone(), v));
-                }
-                if let Some(node) = node_v {
-                    grads.register::<B>(node.id, B::pair_sums(w, du));
-                }
+                backward::<B, _, 2>(ops, grads, |(w, v), du, [nw, nv]| {
+                    [
+                        nw.then(|| B::pair_dots(du.clone(), v)),
+                        nv.then(|| B::pair_sums(w, du)),
+                    ]
+                });
             }
         }
 
-        let (w, w_node) = w.into_parts();
-        let (v, v_node) = v.into_parts();
-        match MixGrad
-            .prepare::<C>([w_node, v_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::pair_mix(w.clone(), v.clone());
-                prep.finish((w, v), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::pair_mix(w, v)),
-        }
+        record::<C, _, _, _>(
+            MixGrad,
+            [w, v],
+            |[w, v]| B::pair_mix(w, v),
+            |[w, v], _| (w, v),
+        )
     }
 
     fn pair_sums(g: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {

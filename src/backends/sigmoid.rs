@@ -8,13 +8,14 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::Flex;
 use burn::backend::ops::ActivationOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{DType, Tensor};
 
+use super::autodiff::{backward, record};
 use super::{contiguous, from_vec, is_flex, par_map};
 
 /// `1 / (1 + exp(-x))`: our multi-threaded kernel on the CPU in f32, burn's elsewhere.
@@ -106,21 +107,18 @@ impl<B: SigmoidBackend, C: CheckpointStrategy> SigmoidBackend for Autodiff<B, C>
                 grads: &mut Gradients,
                 _: &mut Checkpointer,
             ) {
-                let output = ops.state;
-                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                    B::sigmoid_all_cores_backward(output, grad)
+                backward::<B, _, 1>(ops, grads, |output, grad, _| {
+                    [Some(B::sigmoid_all_cores_backward(output, grad))]
                 });
             }
         }
 
-        let (primitive, node) = x.into_parts();
-        match SigmoidGrad.prepare::<C>([node]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let output = B::sigmoid_all_cores(primitive);
-                prep.finish(output.clone(), output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::sigmoid_all_cores(primitive)),
-        }
+        record::<C, _, _, _>(
+            SigmoidGrad,
+            [x],
+            |[x]| B::sigmoid_all_cores(x),
+            |_, output| output.clone(),
+        )
     }
 
     fn sigmoid_all_cores_backward(
