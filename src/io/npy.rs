@@ -74,6 +74,22 @@ fn type_str(npy: &npyz::NpyFile<BufReader<File>>) -> String {
     }
 }
 
+/// Every value of `npy`, stored as `T`, converted by `convert`; a short file is an error that
+/// names `path` and the declared shape.
+fn values_as<T: npyz::Deserialize, U>(
+    npy: npyz::NpyFile<BufReader<File>>,
+    path: &Path,
+    shape: &[u64],
+    convert: impl Fn(T) -> U,
+) -> Result<Vec<U>, IoError> {
+    Ok(npy
+        .into_vec::<T>()
+        .map_err(data(path, shape))?
+        .into_iter()
+        .map(convert)
+        .collect())
+}
+
 /// Reads `[n, d]` float16, float32 or float64 embeddings, in C or Fortran order (transposed
 /// on read into rows). A value that is not finite (or not as f32) is refused: it would rank
 /// first or last in every search without saying so.
@@ -92,18 +108,8 @@ pub fn read_matrix(path: &Path) -> Result<Matrix, IoError> {
     let kind = type_str(&npy);
     let values: Vec<f32> = match kind.as_str() {
         "<f4" => npy.into_vec::<f32>().map_err(data(path, &shape))?,
-        "<f8" => npy
-            .into_vec::<f64>()
-            .map_err(data(path, &shape))?
-            .into_iter()
-            .map(|v| v as f32)
-            .collect(),
-        "<f2" => npy
-            .into_vec::<half::f16>()
-            .map_err(data(path, &shape))?
-            .into_iter()
-            .map(f32::from)
-            .collect(),
+        "<f8" => values_as::<f64, _>(npy, path, &shape, |v| v as f32)?,
+        "<f2" => values_as::<half::f16, _>(npy, path, &shape, f32::from)?,
         other => {
             return Err(IoError::NpyDtype {
                 path: path.to_path_buf(),
@@ -148,24 +154,9 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>, IoError> {
     let kind = type_str(&npy);
     let labels: Vec<i64> = match kind.as_str() {
         "<i8" => npy.into_vec::<i64>().map_err(data(path, &shape))?,
-        "<i4" => npy
-            .into_vec::<i32>()
-            .map_err(data(path, &shape))?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "<i2" => npy
-            .into_vec::<i16>()
-            .map_err(data(path, &shape))?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "|i1" => npy
-            .into_vec::<i8>()
-            .map_err(data(path, &shape))?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
+        "<i4" => values_as::<i32, _>(npy, path, &shape, i64::from)?,
+        "<i2" => values_as::<i16, _>(npy, path, &shape, i64::from)?,
+        "|i1" => values_as::<i8, _>(npy, path, &shape, i64::from)?,
         "<u8" => npy
             .into_vec::<u64>()
             .map_err(data(path, &shape))?
@@ -179,24 +170,9 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>, IoError> {
                 })
             })
             .collect::<Result<_, _>>()?,
-        "<u4" => npy
-            .into_vec::<u32>()
-            .map_err(data(path, &shape))?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "<u2" => npy
-            .into_vec::<u16>()
-            .map_err(data(path, &shape))?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "|u1" => npy
-            .into_vec::<u8>()
-            .map_err(data(path, &shape))?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
+        "<u4" => values_as::<u32, _>(npy, path, &shape, i64::from)?,
+        "<u2" => values_as::<u16, _>(npy, path, &shape, i64::from)?,
+        "|u1" => values_as::<u8, _>(npy, path, &shape, i64::from)?,
         other => {
             return Err(IoError::NpyDtype {
                 path: path.to_path_buf(),
