@@ -1,7 +1,7 @@
 //! Training runs end to end on the embedded emoji set at smoke size: the run folder, resume
 //! after an interruption, Proxy-Anchor, the baseline, and the commands that use a trained model.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -774,6 +774,33 @@ fn line_channel(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc:
     rx
 }
 
+/// Starts `train` on the tiny setting in `dir/run`: `epochs` epochs of `steps` steps,
+/// evaluated at the end only, standard output piped, standard error as `stderr` says.
+fn spawn_tiny_run(
+    dir: &Path,
+    epochs: usize,
+    steps: usize,
+    stderr: std::process::Stdio,
+) -> (PathBuf, std::process::Child) {
+    let run = dir.join("run");
+    let mut config = tiny_config();
+    config.train.epochs = epochs;
+    config.train.eval_every = 100;
+    config.train.out = run.display().to_string();
+    let file = dir.join("tiny.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_gca-hng"))
+        .arg("train")
+        .args(["--max-steps-per-epoch", &steps.to_string()])
+        .args(["--eval-class-limit", "4", "--config"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    (run, child)
+}
+
 #[test]
 fn sigterm_stops_with_a_checkpoint_that_resumes() {
     use std::sync::mpsc::RecvTimeoutError;
@@ -781,30 +808,9 @@ fn sigterm_stops_with_a_checkpoint_that_resumes() {
     // Generous: the whole test takes seconds; this only keeps a hung child from hanging CI.
     const PATIENCE: Duration = Duration::from_secs(600);
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let mut config = tiny_config();
     // Many short epochs, evaluated only at the end: after the first epoch's line the run has
     // far more left to do than a signal takes to arrive.
-    config.train.epochs = 12;
-    config.train.eval_every = 100;
-    config.train.out = run.display().to_string();
-    let file = dir.path().join("tiny.toml");
-    std::fs::write(&file, config.to_toml()).unwrap();
-    let bin = env!("CARGO_BIN_EXE_gca-hng");
-    let mut child = Command::new(bin)
-        .args([
-            "train",
-            "--max-steps-per-epoch",
-            "3",
-            "--eval-class-limit",
-            "4",
-            "--config",
-        ])
-        .arg(&file)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (run, mut child) = spawn_tiny_run(dir.path(), 12, 3, std::process::Stdio::piped());
     let stdout = line_channel(child.stdout.take().unwrap());
     let stderr = line_channel(child.stderr.take().unwrap());
     let deadline = Instant::now() + PATIENCE;
@@ -871,7 +877,11 @@ fn sigterm_stops_with_a_checkpoint_that_resumes() {
     // The smoke settings were saved with the run: the resume repeats none of them.
     let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(saved.contains("max_steps_per_epoch = 3"), "{saved}");
-    succeed(Command::new(bin).args(["train", "--resume"]).arg(&run));
+    succeed(
+        Command::new(env!("CARGO_BIN_EXE_gca-hng"))
+            .args(["train", "--resume"])
+            .arg(&run),
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["epochs"], 12);
@@ -1080,28 +1090,7 @@ fn images_left_out_are_reported_in_every_phase_and_the_summary() {
 fn a_killed_run_resumes_from_its_last_checkpoint() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let mut config = tiny_config();
-    config.train.epochs = 6;
-    config.train.eval_every = 100;
-    config.train.out = run.display().to_string();
-    let file = dir.path().join("tiny.toml");
-    std::fs::write(&file, config.to_toml()).unwrap();
-    let bin = env!("CARGO_BIN_EXE_gca-hng");
-    let mut child = Command::new(bin)
-        .args([
-            "train",
-            "--max-steps-per-epoch",
-            "2",
-            "--eval-class-limit",
-            "4",
-            "--config",
-        ])
-        .arg(&file)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (run, mut child) = spawn_tiny_run(dir.path(), 6, 2, std::process::Stdio::null());
     let stdout = line_channel(child.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(600);
     // The second epoch's line comes after the first epoch's checkpoint.
@@ -1118,7 +1107,11 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(run.join("last.safetensors").exists());
-    succeed(Command::new(bin).args(["train", "--resume"]).arg(&run));
+    succeed(
+        Command::new(env!("CARGO_BIN_EXE_gca-hng"))
+            .args(["train", "--resume"])
+            .arg(&run),
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["epochs"], 6);
