@@ -8,6 +8,9 @@ use crate::data::ImageSource;
 use crate::io::{IoError, npy};
 use crate::nn::precision::Precision;
 
+/// The largest `PREFIX.model.json` read: far above any record's size.
+const MODEL_RECORD_MAX_BYTES: u64 = 64 * 1024;
+
 /// Which model made a set of embeddings. Scores between embeddings of two different models
 /// mean nothing and look like any others, so the record travels with the embeddings
 /// (`PREFIX.model.json`) and into index files built from them, and `search` and `serve`
@@ -107,12 +110,28 @@ impl EmbeddingFiles {
     /// The record of the model that made the set; `None` for sets written before records were
     /// kept, or by other tools.
     pub fn read_model(&self) -> Result<Option<ModelRecord>, IoError> {
+        use std::io::Read;
         let path = self.model();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(IoError::Read { path, source }),
         };
+        // Read at most a bound's worth: a record is a few hundred bytes, and a name that leads
+        // to something endless (a link to a device, a pipe) must not hang the command.
+        let mut text = String::new();
+        file.take(MODEL_RECORD_MAX_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|source| IoError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        if text.len() as u64 > MODEL_RECORD_MAX_BYTES {
+            return Err(IoError::ModelRecordSize {
+                path,
+                limit: MODEL_RECORD_MAX_BYTES,
+            });
+        }
         serde_json::from_str(&text)
             .map(Some)
             .map_err(|source| IoError::ModelRecord { path, source })
@@ -216,6 +235,19 @@ mod tests {
             matches!(&err, IoError::ModelRecord { path, .. } if *path == files.model()),
             "{err}"
         );
+        // Something endless under the record's name is refused after a bounded read.
+        std::fs::write(files.model(), " ".repeat(100_000)).unwrap();
+        let err = files.read_model().unwrap_err();
+        assert!(
+            matches!(&err, IoError::ModelRecordSize { path, .. } if *path == files.model()),
+            "{err}"
+        );
+        std::fs::remove_file(files.model()).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", files.model()).unwrap();
+        assert!(matches!(
+            files.read_model().unwrap_err(),
+            IoError::ModelRecordSize { .. }
+        ));
         files
             .write(&[1.0, 2.0, 3.0, 4.0], 2, &sources, Some(&[7, 8]), &model)
             .unwrap();

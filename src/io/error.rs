@@ -250,6 +250,8 @@ pub enum IoError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{}: not a model record, which is a few hundred bytes: this file holds more than {limit} bytes (delete it if these embeddings' model is unknown)", path.display())]
+    ModelRecordSize { path: PathBuf, limit: u64 },
     #[error("{} lists {listed} images but {} has {rows} rows", paths.display(), embeddings.display())]
     RowMismatch {
         paths: PathBuf,
