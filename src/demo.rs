@@ -222,8 +222,8 @@ fn run_one(
     let run = RunDir::new(dir);
     if run.summary().exists() {
         let path = run.summary();
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| Error::io("read", path.clone(), e))?;
+        let text = crate::io::regular::read_to_string(&path)
+            .map_err(|e| Error::io("read", path.clone(), e))?;
         observer.note(&format!("{} is finished; using its results", dir.display()));
         return Ok(Some(serde_json::from_str(&text).map_err(|source| {
             Error::NotJson {

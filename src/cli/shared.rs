@@ -166,7 +166,7 @@ impl ModelArgs {
             return Ok(());
         }
         let summary_path = run_dir.summary();
-        let Ok(text) = std::fs::read_to_string(&summary_path) else {
+        let Ok(text) = gca_hng::io::regular::read_to_string(&summary_path) else {
             return Ok(());
         };
         let summary: gca_hng::train::RunSummary = serde_json::from_str(&text)

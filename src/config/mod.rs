@@ -164,10 +164,11 @@ pub struct ExperimentConfig {
 impl ExperimentConfig {
     /// Reads a TOML file; errors name the file, and the key or line at fault.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::io::regular::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             line: e.span().map(|s| error::line_of(&text, s.start)),

@@ -13,7 +13,7 @@ pub const LAST_TRAIN_CLASS: u64 = 98;
 
 pub fn read(root: &Path) -> Result<Vec<Split>, DataError> {
     let mat_path = root.join("cars_annos.mat");
-    let bytes = std::fs::read(&mat_path).map_err(|e| DataError::read(&mat_path, e))?;
+    let bytes = crate::io::regular::read(&mat_path).map_err(|e| DataError::read(&mat_path, e))?;
     let vars = mat5::parse(&bytes).map_err(|e| DataError::Mat {
         path: mat_path.clone(),
         source: e,

@@ -224,7 +224,7 @@ pub fn not_a_file(path: &Path) -> &'static str {
 /// Reads a whole text file, naming it when it is missing or not UTF-8. A UTF-8 byte-order
 /// mark (what Windows editors put first) is dropped, so that it does not spoil a header.
 pub fn read_text(path: &Path) -> Result<String, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::read(path, e))?;
+    let bytes = crate::io::regular::read(path).map_err(|e| DataError::read(path, e))?;
     let mut text = String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
         path: path.to_path_buf(),
         at: e.utf8_error().valid_up_to(),

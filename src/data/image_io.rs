@@ -10,6 +10,7 @@ use image::{ImageReader, RgbImage};
 use super::DataError;
 
 pub fn load_rgb(path: &Path) -> Result<RgbImage, DataError> {
+    crate::io::regular::check(path).map_err(|e| DataError::read(path, e))?;
     let reader = ImageReader::open(path)
         .map_err(|e| DataError::read(path, e))?
         // The extension can lie (a PNG named .jpg is common in scraped data); trust the bytes.

@@ -430,6 +430,8 @@ pub fn build(
     path: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(), IndexError> {
+    // Before the work, not only at the final rename.
+    crate::io::atomic::check_replaceable(path)?;
     let RowRecords {
         sources,
         labels,
@@ -588,7 +590,7 @@ impl IndexFile {
             path: path.to_path_buf(),
             why,
         };
-        let file = File::open(path).map_err(|source| IndexError::Io {
+        let file = crate::io::regular::open(path).map_err(|source| IndexError::Io {
             action: "open",
             path: path.to_path_buf(),
             source,

@@ -9,6 +9,7 @@ use super::IoError;
 /// one: a temporary file in the same folder, flushed to disk, then renamed over `path`.
 /// On failure the temporary file is removed and `path` is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
+    check_replaceable(path)?;
     let tmp = temporary_path(path);
     let written = std::fs::File::create(&tmp)
         .map_err(|source| IoError::Create {
@@ -24,6 +25,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
         return Err(e);
     }
     finish_atomic(&tmp, path)
+}
+
+/// Refuses to replace `path` unless it is missing, a regular file or a link (the link itself
+/// is replaced, not what it names). A rename over a device node replaces the node: run as
+/// root, `--out /dev/zero` would have turned the system's `/dev/zero` into a regular file.
+pub fn check_replaceable(path: &Path) -> Result<(), IoError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.file_type().is_symlink() => {
+            Err(IoError::NotReplaceable {
+                path: path.to_path_buf(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A failed write; a full disk is said once, naming the folder.
@@ -43,12 +58,14 @@ fn write_error(path: &Path, source: std::io::Error) -> IoError {
 /// Flushes a finished temporary file to disk and renames it over `path`; on failure the
 /// temporary file is removed.
 pub fn finish_atomic(tmp: &Path, path: &Path) -> Result<(), IoError> {
-    let done = std::fs::File::open(tmp)
+    let flushed = std::fs::File::open(tmp)
         .and_then(|f| f.sync_all())
         .map_err(|source| match write_error(tmp, source) {
             IoError::Write { path, source } => IoError::Flush { path, source },
             e => e,
-        })
+        });
+    let done = flushed
+        .and_then(|()| check_replaceable(path))
         .and_then(|()| {
             std::fs::rename(tmp, path).map_err(|source| IoError::Rename {
                 from: tmp.to_path_buf(),
@@ -71,6 +88,44 @@ pub fn temporary_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rename over a device node or a pipe would replace the node itself (found by running
+    /// `index build --out /dev/zero` as root); folders, pipes and device nodes are refused
+    /// and left alone, links are replaced as links.
+    #[test]
+    fn only_files_and_links_are_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        for target in [fifo.as_path(), dir.path()] {
+            let err = write_atomic(target, b"new").unwrap_err();
+            assert!(
+                matches!(&err, IoError::NotReplaceable { path } if path == target),
+                "{err}"
+            );
+        }
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert!(!temporary_path(&fifo).exists());
+        let err = check_replaceable(Path::new("/dev/null")).unwrap_err();
+        assert!(err.to_string().contains("not replaced"), "{err}");
+        // A link to a file is replaced by the new file; what it named is untouched.
+        let named = dir.path().join("named");
+        std::fs::write(&named, b"kept").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&named, &link).unwrap();
+        write_atomic(&link, b"new").unwrap();
+        assert_eq!(std::fs::read(&link).unwrap(), b"new");
+        assert_eq!(std::fs::read(&named).unwrap(), b"kept");
+        // A missing file is simply written.
+        write_atomic(&dir.path().join("fresh"), b"new").unwrap();
+    }
 
     /// Issue 11: a full disk left the `.partial` file behind.
     #[test]

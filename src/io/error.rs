@@ -188,6 +188,8 @@ pub enum IoError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{} is not a regular file but a folder, a device, a pipe or a socket: it is not replaced; name a file", path.display())]
+    NotReplaceable { path: PathBuf },
     #[error("cannot move {} to {}", from.display(), to.display())]
     Rename {
         from: PathBuf,

@@ -6,6 +6,7 @@ pub mod embedding_files;
 pub mod error;
 pub mod host;
 pub mod npy;
+pub mod regular;
 pub mod state_dict;
 pub mod weights;
 

@@ -19,7 +19,7 @@ pub struct Matrix {
 /// Opens `path` and checks that it holds the bytes its header declares, before anything is
 /// allocated from the declared shape.
 fn open(path: &Path) -> Result<npyz::NpyFile<BufReader<File>>, IoError> {
-    let file = File::open(path).map_err(|source| IoError::Read {
+    let file = super::regular::open(path).map_err(|source| IoError::Read {
         path: path.to_path_buf(),
         source,
     })?;

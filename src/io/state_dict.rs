@@ -39,7 +39,7 @@ impl StateDict {
 
     /// Reads a safetensors file; every float and integer dtype is widened to f64.
     pub fn read_safetensors(path: &Path) -> Result<Self, WeightsError> {
-        let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+        let bytes = super::regular::read(path).map_err(|source| WeightsError::Read {
             path: path.to_path_buf(),
             source,
         })?;

@@ -31,7 +31,7 @@ pub fn sniff_format(path: &Path) -> Result<WeightFormat, WeightsError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = std::fs::File::open(path).map_err(read)?;
+    let mut file = super::regular::open(path).map_err(read)?;
     let n = file.read(&mut head).map_err(read)?;
     let head = &head[..n];
     // safetensors: an 8-byte little-endian header length, then a JSON object. Checked first:
@@ -79,7 +79,7 @@ pub fn inspect_weights(path: &Path) -> Result<Vec<TensorInfo>, WeightsError> {
             })
             .collect::<Vec<_>>(),
         WeightFormat::Safetensors => {
-            let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+            let bytes = super::regular::read(path).map_err(|source| WeightsError::Read {
                 path: path.to_path_buf(),
                 source,
             })?;

@@ -232,6 +232,7 @@ pub fn save(
     }
     // A resumable checkpoint keeps its predecessor until the new one is in place, so that a
     // damaged `last` still leaves one to resume from.
+    crate::io::atomic::check_replaceable(path)?;
     if meta.progress.is_some() && path.exists() {
         let previous = previous_path(path);
         std::fs::rename(path, &previous).map_err(|source| IoError::Rename {

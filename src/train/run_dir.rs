@@ -194,9 +194,11 @@ impl RunDir {
                 root: self.root.clone(),
             });
         }
-        let saved = std::fs::read_to_string(self.config()).map_err(|source| RunDirError::Read {
-            path: self.config(),
-            source,
+        let saved = crate::io::regular::read_to_string(&self.config()).map_err(|source| {
+            RunDirError::Read {
+                path: self.config(),
+                source,
+            }
         })?;
         // Compared as settings rather than text, so that a folder written before a setting
         // existed (and so without its key) still resumes with that setting's default.
