@@ -84,6 +84,10 @@ impl EmbeddingFiles {
                 source,
             })?;
         }
+        // A pipe under one of the names would block the write, a device would swallow it.
+        for path in self.all() {
+            super::atomic::check_replaceable(&path)?;
+        }
         // The record goes first and comes back last, so that a write cut short never leaves
         // an older model's record beside new rows.
         remove_if_present(&self.model())?;
@@ -243,6 +247,24 @@ mod tests {
             matches!(&err, IoError::ModelRecordSize { path, .. } if *path == files.model()),
             "{err}"
         );
+        std::fs::remove_file(files.model()).unwrap();
+        // A pipe under a name the set writes is refused before anything is written.
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(files.model())
+                .status()
+                .unwrap()
+                .success()
+        );
+        let err = files
+            .write(&[1.0, 2.0, 3.0, 4.0], 2, &sources, Some(&[7, 8]), &model)
+            .unwrap_err();
+        assert!(
+            matches!(&err, IoError::NotReplaceable { path } if *path == files.model()),
+            "{err}"
+        );
+        assert_eq!(npy::read_matrix(&files.embeddings()).unwrap().rows, 1);
+        assert!(!files.labels().exists(), "nothing was written");
         std::fs::remove_file(files.model()).unwrap();
         std::os::unix::fs::symlink("/dev/zero", files.model()).unwrap();
         let err = files.read_model().unwrap_err();

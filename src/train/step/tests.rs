@@ -278,10 +278,15 @@ fn mixed_precision_steps_train_every_group_and_stay_near_f32() {
 fn the_backbone_backward_beside_the_step_gives_the_same_numbers() {
     // Split at the backbone's features, the backbone's part of the backward pass runs on
     // another worker while the rest of the step goes on; whole and in order, it runs first.
+    // Both runs load one exported start: the backend's random numbers are shared by every
+    // test running at the same time, so a second seeded initialisation could differ (it did,
+    // once), and a clone would share BatchNorm's running statistics between the runs.
+    let device = Device::flex().autodiff();
+    device.seed(7);
+    let fresh: StateDict = export_torch(&model(&device), "");
     let run = |mut exchange: SingleProcess| {
-        let device = Device::flex().autodiff();
-        device.seed(7);
-        let mut model = model(&device);
+        let mut model = crate::io::state_dict::load_torch(model(&device), &fresh, "", &device)
+            .expect("the exported start loads");
         let mut trainer = Trainer::new(
             config(true),
             WeightDecays {
@@ -310,9 +315,6 @@ fn the_backbone_backward_beside_the_step_gives_the_same_numbers() {
     let (beside, beside_losses) = run(SingleProcess::beside());
     let (in_order, in_order_losses) = run(SingleProcess::in_order());
     assert_eq!(beside_losses, in_order_losses);
-    let device = Device::flex().autodiff();
-    device.seed(7);
-    let fresh: StateDict = export_torch(&model(&device), "");
     for (name, t) in &in_order.tensors {
         assert_eq!(beside.tensors[name].data, t.data, "{name}");
         // The backbone trained (its gradients arrived on both paths).
