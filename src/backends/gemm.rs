@@ -78,7 +78,18 @@ pub(crate) fn matmul(
     assert!(dst.len() >= m * n);
     // SAFETY: `dst` holds `m * n` initialised elements (asserted just above) and is borrowed
     // mutably, so it aliases neither operand.
-    unsafe { gemm_raw(m, n, k, dst.as_mut_ptr(), a, b, accumulate, parallel) }
+    unsafe {
+        gemm_raw(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            a,
+            b,
+            accumulate,
+            Threads::of(parallel),
+        )
+    }
 }
 
 /// `dst [m, n] = a [m, k] x b [k, n]` into memory that need not be initialised: every element
@@ -94,7 +105,18 @@ pub(crate) fn matmul_into(
 ) {
     assert!(dst.len() >= m * n);
     // SAFETY: as in `matmul`; without `accumulate`, `gemm` writes `dst` and never reads it.
-    unsafe { gemm_raw(m, n, k, dst.as_mut_ptr().cast(), a, b, false, parallel) }
+    unsafe {
+        gemm_raw(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().cast(),
+            a,
+            b,
+            false,
+            Threads::of(parallel),
+        )
+    }
 }
 
 /// A `Vec` of `m * n` products `a x b`, written once, with no zero-fill first.
@@ -104,6 +126,64 @@ pub(crate) fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> 
     // SAFETY: `matmul_into` wrote all `m * n` elements.
     unsafe { out.set_len(m * n) };
     out
+}
+
+/// One product's shape and operands, for [`product_pair`].
+pub(crate) struct Product<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Mat<'a>,
+    pub b: Mat<'a>,
+}
+
+/// Two independent products at once, each split over half of the pool's threads (on the
+/// calling thread alone where that half is one). `gemm` splitting one product over two cores
+/// shares one packed right-hand side per depth block and deals jobs over both, and runs well
+/// below twice its single-thread speed; two products side by side, one a core, each run at
+/// that full speed (BENCHMARKS.md, "fourteenth round"). The bits are those of [`product`]:
+/// `gemm`'s blocking does not depend on the threads.
+pub(crate) fn product_pair(first: Product, second: Product) -> (Vec<f32>, Vec<f32>) {
+    let threads = (rayon::current_num_threads() / 2).max(1);
+    let run = |p: Product| {
+        let mut out = Vec::with_capacity(p.m * p.n);
+        let dst = &mut out.spare_capacity_mut()[..p.m * p.n];
+        // SAFETY: `dst` is `m * n` elements of a buffer of our own; without `accumulate`,
+        // `gemm` writes it and never reads it.
+        unsafe {
+            gemm_raw(
+                p.m,
+                p.n,
+                p.k,
+                dst.as_mut_ptr().cast(),
+                p.a,
+                p.b,
+                false,
+                Threads::AtMost(threads),
+            )
+        };
+        // SAFETY: `gemm_raw` wrote all `m * n` elements.
+        unsafe { out.set_len(p.m * p.n) };
+        out
+    };
+    rayon::join(|| run(first), || run(second))
+}
+
+/// How many of the pool's threads one `gemm` call may use.
+#[derive(Clone, Copy)]
+enum Threads {
+    /// The calling thread only.
+    One,
+    /// Every thread of the pool.
+    All,
+    /// Up to this many (one: the calling thread only).
+    AtMost(usize),
+}
+
+impl Threads {
+    fn of(parallel: bool) -> Self {
+        if parallel { Self::All } else { Self::One }
+    }
 }
 
 /// `a [m, k] x b [n, k]^T` of two row-major host matrices, on every core, written once: the
@@ -126,7 +206,7 @@ unsafe fn gemm_raw(
     a: Mat,
     b: Mat,
     accumulate: bool,
-    parallel: bool,
+    threads: Threads,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -141,10 +221,11 @@ unsafe fn gemm_raw(
     // Every index the GEMM reads lies inside the operands' slices.
     assert!(a.data.len() > (m - 1) * a.row_stride + (k - 1) * a.col_stride);
     assert!(b.data.len() > (k - 1) * b.row_stride + (n - 1) * b.col_stride);
-    let parallelism = if parallel && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_FLOPS {
-        ::gemm::Parallelism::Rayon(0)
-    } else {
-        ::gemm::Parallelism::None
+    let large = m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_FLOPS;
+    let parallelism = match threads {
+        Threads::All if large => ::gemm::Parallelism::Rayon(0),
+        Threads::AtMost(t) if large && t > 1 => ::gemm::Parallelism::Rayon(t),
+        _ => ::gemm::Parallelism::None,
     };
     // SAFETY: the asserts above keep every read of the operands inside their slices; the
     // caller vouches for `dst`.

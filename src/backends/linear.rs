@@ -25,7 +25,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::autodiff::{backward, record};
-use super::gemm::{Mat, product};
+use super::gemm::{Mat, Product, product, product_pair};
 use super::{contiguous, from_vec_shaped, is_flex, rows_per_task, sum_in_order};
 
 /// `linear.forward(x)`: our kernel on the CPU in f32, burn's Linear elsewhere.
@@ -192,11 +192,34 @@ impl LinearBackend for Flex {
         let gs = grad.as_slice::<f32>().expect("contiguous f32");
         let g = Mat::rows(gs, n);
         // dx = g W^T: [M, N] x [N, K].
-        let dx = need_x
-            .then(|| from_vec_shaped(product(m, k, n, g, mat(&weight).t()), Shape::new([m, k])));
+        let dx_product = || Product {
+            m,
+            n: k,
+            k: n,
+            a: g,
+            b: mat(&weight).t(),
+        };
         // dW = x^T g: [K, M] x [M, N].
-        let dw =
-            need_w.then(|| from_vec_shaped(product(k, n, m, mat(&x).t(), g), Shape::new([k, n])));
+        let dw_product = || Product {
+            m: k,
+            n,
+            k: m,
+            a: mat(&x).t(),
+            b: g,
+        };
+        let whole = |p: Product| product(p.m, p.n, p.k, p.a, p.b);
+        let (dx, dw) = match (need_x, need_w) {
+            (true, true) => {
+                let (dx, dw) = product_pair(dx_product(), dw_product());
+                (Some(dx), Some(dw))
+            }
+            _ => (
+                need_x.then(|| whole(dx_product())),
+                need_w.then(|| whole(dw_product())),
+            ),
+        };
+        let dx = dx.map(|dx| from_vec_shaped(dx, Shape::new([m, k])));
+        let dw = dw.map(|dw| from_vec_shaped(dw, Shape::new([k, n])));
         let db = need_b.then(|| from_vec_shaped(column_sums(gs, n), Shape::new([n])));
         (dx, dw, db)
     }
