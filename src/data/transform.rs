@@ -180,14 +180,18 @@ impl Transform {
             }
             Transform::Eval { resize, crop } => {
                 let (rw, rh) = shorter_side_size(w, h, resize);
-                let full = CropBox {
-                    left: 0,
-                    top: 0,
-                    width: w,
-                    height: h,
-                };
-                let resized = crop_and_resize(img, full, rw, rh)?;
-                center_crop(&resized, crop)
+                if u64::from(rw) * u64::from(rh) <= WHOLE_RESIZE_MAX_PIXELS {
+                    let full = CropBox {
+                        left: 0,
+                        top: 0,
+                        width: w,
+                        height: h,
+                    };
+                    let resized = crop_and_resize(img, full, rw, rh)?;
+                    center_crop(&resized, crop)
+                } else {
+                    resize_centre_window(img, (rw, rh), crop)?
+                }
             }
         };
         write_chw(&pixels, norm, out);
@@ -204,6 +208,55 @@ pub fn shorter_side_size(w: u32, h: u32, size: u32) -> (u32, u32) {
     } else {
         (long_of(h, w).max(1), size)
     }
+}
+
+/// Above this many pixels, the test transform resizes only the centre window it keeps. A
+/// 1 x 10,000,000 image (a few kilobytes as a PNG) resized whole to a shorter side of 64
+/// would need 120 GB; below this bound (an aspect ratio up to 4096:1 at 64 px, 256:1 at 256
+/// px) the whole resize runs as torchvision's does.
+const WHOLE_RESIZE_MAX_PIXELS: u64 = 1 << 24;
+
+/// The centre `crop` x `crop` window of `img` resized to `rw` x `rh`, computed without the
+/// rest of the resized image: the window's box in source coordinates is resized, and the
+/// filter still reads the source pixels around the box, so each value is the whole resize's
+/// up to the rounding of the filter's weights. Where the window leaves the resized image
+/// (a shorter side below `crop`), the rest is black, as [`center_crop`] pads.
+fn resize_centre_window(
+    img: &RgbImage,
+    (rw, rh): (u32, u32),
+    crop: u32,
+) -> Result<RgbImage, TransformError> {
+    let (w, h) = img.dimensions();
+    let offset = |side: u32| ((side as f64 - crop as f64) / 2.0).round_ties_even() as i64;
+    let (left, top) = (offset(rw), offset(rh));
+    // The window's part inside the resized image, in resized pixels.
+    let span = |start: i64, side: u32| {
+        let a = start.max(0) as u32;
+        let b = (start + i64::from(crop)).min(i64::from(side)) as u32;
+        (a, b)
+    };
+    let ((x0, x1), (y0, y1)) = (span(left, rw), span(top, rh));
+    let (sx, sy) = (w as f64 / rw as f64, h as f64 / rh as f64);
+    let bx = x0 as f64 * sx;
+    let by = y0 as f64 * sy;
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+        .crop(
+            bx,
+            by,
+            ((x1 - x0) as f64 * sx).min(w as f64 - bx),
+            ((y1 - y0) as f64 * sy).min(h as f64 - by),
+        );
+    let mut part = RgbImage::new(x1 - x0, y1 - y0);
+    RESIZER
+        .with(|r| r.borrow_mut().resize(img, &mut part, &options))
+        .map_err(TransformError::Resize)?;
+    if part.dimensions() == (crop, crop) {
+        return Ok(part);
+    }
+    let mut out = RgbImage::new(crop, crop);
+    image::imageops::replace(&mut out, &part, x0 as i64 - left, y0 as i64 - top);
+    Ok(out)
 }
 
 /// torchvision's CenterCrop: offsets `round((side - crop) / 2)` (Python rounding); an image
@@ -277,5 +330,78 @@ fn write_chw(img: &RgbImage, norm: Normalisation, out: &mut [f32]) {
         r[i] = p[0] as f32 * affine[0].0 + affine[0].1;
         g[i] = p[1] as f32 * affine[1].0 + affine[1].1;
         b[i] = p[2] as f32 * affine[2].0 + affine[2].1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noisy(w: u32, h: u32) -> RgbImage {
+        let mut state = 12345u32;
+        RgbImage::from_fn(w, h, |x, y| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let n = (state >> 24) as u8 / 4;
+            image::Rgb([(x * 7 % 200) as u8 + n, (y * 11 % 200) as u8 + n, n])
+        })
+    }
+
+    fn whole_then_centre(img: &RgbImage, resize: u32, crop: u32) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let (rw, rh) = shorter_side_size(w, h, resize);
+        let full = CropBox {
+            left: 0,
+            top: 0,
+            width: w,
+            height: h,
+        };
+        center_crop(&crop_and_resize(img, full, rw, rh).unwrap(), crop)
+    }
+
+    /// The window alone against the whole resize then the centre crop, for long images both
+    /// ways, down- and up-scaled, and a shorter side below the crop (black padding): equal
+    /// up to the rounding of the filter weights.
+    #[test]
+    fn the_centre_window_alone_is_the_whole_resize_cropped() {
+        for (w, h, resize, crop) in [
+            (900, 20, 16, 14),
+            (23, 700, 18, 16),
+            (3, 500, 40, 32),
+            (300, 5, 12, 16),
+        ] {
+            let img = noisy(w, h);
+            let expected = whole_then_centre(&img, resize, crop);
+            let (rw, rh) = shorter_side_size(w, h, resize);
+            let window = resize_centre_window(&img, (rw, rh), crop).unwrap();
+            assert_eq!(window.dimensions(), (crop, crop));
+            let worst = expected
+                .as_raw()
+                .iter()
+                .zip(window.as_raw())
+                .map(|(&a, &b)| a.abs_diff(b))
+                .max()
+                .unwrap();
+            assert!(worst <= 1, "{w}x{h}: off by {worst}");
+        }
+    }
+
+    /// A 1 x 10,000,000 image resized whole to a shorter side of 64 would take 120 GB.
+    #[test]
+    fn an_extremely_long_image_takes_only_its_window() {
+        let img = RgbImage::from_pixel(1, 10_000_000, image::Rgb([30, 60, 90]));
+        let t = Transform::Eval {
+            resize: 64,
+            crop: 56,
+        };
+        let mut out = vec![0.0; 3 * 56 * 56];
+        t.apply(
+            &img,
+            &mut rand::rng(),
+            Normalisation::EfficientNet,
+            &mut out,
+        )
+        .unwrap();
+        // A constant image stays constant.
+        assert!(out[..56 * 56].iter().all(|&v| v == (30.0 - 127.0) / 128.0));
     }
 }

@@ -74,6 +74,15 @@ fn type_str(npy: &npyz::NpyFile<BufReader<File>>) -> String {
     }
 }
 
+/// The dtype with a big-endian `>` read as little-endian `<`: `npyz` swaps the bytes of
+/// either order as it reads, so one match covers files written on any machine.
+fn any_order(kind: &str) -> String {
+    match kind.strip_prefix('>') {
+        Some(rest) => format!("<{rest}"),
+        None => kind.to_string(),
+    }
+}
+
 /// Every value of `npy`, stored as `T`, converted by `convert`; a short file is an error that
 /// names `path` and the declared shape.
 fn values_as<T: npyz::Deserialize, U>(
@@ -106,15 +115,15 @@ pub fn read_matrix(path: &Path) -> Result<Matrix, IoError> {
     let (rows, cols) = (shape[0] as usize, shape[1] as usize);
     let fortran = npy.order() == npyz::Order::Fortran;
     let kind = type_str(&npy);
-    let values: Vec<f32> = match kind.as_str() {
+    let values: Vec<f32> = match any_order(&kind).as_str() {
         "<f4" => npy.into_vec::<f32>().map_err(data(path, &shape))?,
         "<f8" => values_as::<f64, _>(npy, path, &shape, |v| v as f32)?,
         "<f2" => values_as::<half::f16, _>(npy, path, &shape, f32::from)?,
-        other => {
+        _ => {
             return Err(IoError::NpyDtype {
                 path: path.to_path_buf(),
-                expected: "float32 or float64 values",
-                found: other.to_string(),
+                expected: "float16, float32 or float64 values",
+                found: kind,
             });
         }
     };
@@ -152,7 +161,7 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>, IoError> {
         });
     }
     let kind = type_str(&npy);
-    let labels: Vec<i64> = match kind.as_str() {
+    let labels: Vec<i64> = match any_order(&kind).as_str() {
         "<i8" => npy.into_vec::<i64>().map_err(data(path, &shape))?,
         "<i4" => values_as::<i32, _>(npy, path, &shape, i64::from)?,
         "<i2" => values_as::<i16, _>(npy, path, &shape, i64::from)?,
@@ -173,11 +182,11 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>, IoError> {
         "<u4" => values_as::<u32, _>(npy, path, &shape, i64::from)?,
         "<u2" => values_as::<u16, _>(npy, path, &shape, i64::from)?,
         "|u1" => values_as::<u8, _>(npy, path, &shape, i64::from)?,
-        other => {
+        _ => {
             return Err(IoError::NpyDtype {
                 path: path.to_path_buf(),
                 expected: "integer labels",
-                found: other.to_string(),
+                found: kind,
             });
         }
     };
@@ -278,6 +287,31 @@ mod tests {
         std::fs::write(&path, npy_bytes(header, &data)).unwrap();
         let m = read_matrix(&path).unwrap();
         assert_eq!(m.values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+
+    /// Big-endian files (NumPy's `>f4`, `>i4`, written on such machines or by `astype('>f4')`)
+    /// were refused as "expected float32"; their values are the same numbers.
+    #[test]
+    fn big_endian_values_and_labels_read_as_their_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = dir.path().join("e.npy");
+        let data: Vec<u8> = [1.5f32, -2.0, 3.25, 4.0]
+            .iter()
+            .flat_map(|x| x.to_be_bytes())
+            .collect();
+        let header = "{'descr': '>f4', 'fortran_order': False, 'shape': (2, 2), }";
+        std::fs::write(&e, npy_bytes(header, &data)).unwrap();
+        assert_eq!(read_matrix(&e).unwrap().values, vec![1.5, -2.0, 3.25, 4.0]);
+        let l = dir.path().join("l.npy");
+        let data: Vec<u8> = [7i32, -1].iter().flat_map(|x| x.to_be_bytes()).collect();
+        let header = "{'descr': '>i4', 'fortran_order': False, 'shape': (2,), }";
+        std::fs::write(&l, npy_bytes(header, &data)).unwrap();
+        assert_eq!(read_labels(&l).unwrap(), vec![7, -1]);
+        // Another type is still refused, by its own name.
+        let header = "{'descr': '>c8', 'fortran_order': False, 'shape': (1, 1), }";
+        std::fs::write(&e, npy_bytes(header, &[0; 8])).unwrap();
+        let err = read_matrix(&e).unwrap_err().to_string();
+        assert!(err.contains(">c8"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use image::{ImageReader, Limits, RgbImage};
 
+use crate::data::image_io::{JPEG_TRUNCATED, jpeg_reaches_its_end};
 use crate::eval::embed::EmbedSettings;
 use crate::method::embedder::Embedder;
 
@@ -37,8 +38,12 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(DecodeError::UnknownFormat);
+    match reader.format() {
+        None => return Err(DecodeError::UnknownFormat),
+        Some(image::ImageFormat::Jpeg) if !jpeg_reaches_its_end(bytes) => {
+            return Err(DecodeError::Corrupt(JPEG_TRUNCATED.to_string()));
+        }
+        Some(_) => {}
     }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -139,6 +144,16 @@ mod tests {
         assert!(matches!(
             decode_image(&png[..png.len() / 2]),
             Err(DecodeError::Corrupt(_))
+        ));
+        // A truncated JPEG, which the decoder alone would fill with grey.
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_pixel(16, 16, image::Rgb([200, 10, 10]))
+            .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        assert_eq!(decode_image(&jpeg).unwrap().dimensions(), (16, 16));
+        assert!(matches!(
+            decode_image(&jpeg[..jpeg.len() - 40]),
+            Err(DecodeError::Corrupt(m)) if m == JPEG_TRUNCATED
         ));
         // A header that claims a huge canvas is refused before any pixel is allocated.
         // (IHDR's width at bytes 16..20, its CRC over type and data at 29..33.)
