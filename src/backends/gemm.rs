@@ -7,7 +7,6 @@
 //! as burn-flex's matmul of the same operands.
 
 use burn::backend::flex::FlexTensor;
-use std::mem::MaybeUninit;
 
 /// Below this many multiply-adds a GEMM runs on the calling thread: splitting it costs more
 /// than it saves.
@@ -92,40 +91,9 @@ pub(crate) fn matmul(
     }
 }
 
-/// `dst [m, n] = a [m, k] x b [k, n]` into memory that need not be initialised: every element
-/// of `dst[..m * n]` is written.
-pub(crate) fn matmul_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [MaybeUninit<f32>],
-    a: Mat,
-    b: Mat,
-    parallel: bool,
-) {
-    assert!(dst.len() >= m * n);
-    // SAFETY: as in `matmul`; without `accumulate`, `gemm` writes `dst` and never reads it.
-    unsafe {
-        gemm_raw(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().cast(),
-            a,
-            b,
-            false,
-            Threads::of(parallel),
-        )
-    }
-}
-
 /// A `Vec` of `m * n` products `a x b`, written once, with no zero-fill first.
 pub(crate) fn product(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
-    let mut out = Vec::with_capacity(m * n);
-    matmul_into(m, n, k, &mut out.spare_capacity_mut()[..m * n], a, b, true);
-    // SAFETY: `matmul_into` wrote all `m * n` elements.
-    unsafe { out.set_len(m * n) };
-    out
+    product_on(Product { m, n, k, a, b }, Threads::All)
 }
 
 /// One product's shape and operands, for [`product_pair`].
@@ -144,36 +112,35 @@ pub(crate) struct Product<'a> {
 /// that full speed (BENCHMARKS.md, "fourteenth round"). The bits are those of [`product`]:
 /// `gemm`'s blocking does not depend on the threads.
 pub(crate) fn product_pair(first: Product, second: Product) -> (Vec<f32>, Vec<f32>) {
-    let threads = (rayon::current_num_threads() / 2).max(1);
-    let run = |p: Product| {
-        let mut out = Vec::with_capacity(p.m * p.n);
-        let dst = &mut out.spare_capacity_mut()[..p.m * p.n];
-        // SAFETY: `dst` is `m * n` elements of a buffer of our own; without `accumulate`,
-        // `gemm` writes it and never reads it.
-        unsafe {
-            gemm_raw(
-                p.m,
-                p.n,
-                p.k,
-                dst.as_mut_ptr().cast(),
-                p.a,
-                p.b,
-                false,
-                Threads::AtMost(threads),
-            )
-        };
-        // SAFETY: `gemm_raw` wrote all `m * n` elements.
-        unsafe { out.set_len(p.m * p.n) };
-        out
+    let half = Threads::AtMost((rayon::current_num_threads() / 2).max(1));
+    rayon::join(|| product_on(first, half), || product_on(second, half))
+}
+
+fn product_on(p: Product, threads: Threads) -> Vec<f32> {
+    let mut out = Vec::with_capacity(p.m * p.n);
+    let dst = &mut out.spare_capacity_mut()[..p.m * p.n];
+    // SAFETY: `dst` is `m * n` elements of a buffer of our own; without `accumulate`, `gemm`
+    // writes it and never reads it.
+    unsafe {
+        gemm_raw(
+            p.m,
+            p.n,
+            p.k,
+            dst.as_mut_ptr().cast(),
+            p.a,
+            p.b,
+            false,
+            threads,
+        )
     };
-    rayon::join(|| run(first), || run(second))
+    // SAFETY: `gemm_raw` wrote all `m * n` elements.
+    unsafe { out.set_len(p.m * p.n) };
+    out
 }
 
 /// How many of the pool's threads one `gemm` call may use.
 #[derive(Clone, Copy)]
 enum Threads {
-    /// The calling thread only.
-    One,
     /// Every thread of the pool.
     All,
     /// Up to this many (one: the calling thread only).
@@ -182,7 +149,7 @@ enum Threads {
 
 impl Threads {
     fn of(parallel: bool) -> Self {
-        if parallel { Self::All } else { Self::One }
+        if parallel { Self::All } else { Self::AtMost(1) }
     }
 }
 

@@ -202,14 +202,20 @@ fn warm_up_freezes_the_backbone_only() {
     );
 }
 
+/// A model of its own with the values of `start`. A `clone()` would share BatchNorm's
+/// running statistics (burn keeps them behind an `Arc`), so one run's steps would move the
+/// other's.
+fn copy_of(start: &StateDict, device: &Device) -> GcaHng {
+    crate::io::state_dict::load_torch(model(device), start, "", device).expect("the start loads")
+}
+
 #[test]
 fn mixed_precision_steps_train_every_group_and_stay_near_f32() {
     let lr = rates(1e-2, 1e-2, 1e-2, 1e-2);
     let device = Device::flex().autodiff();
     // One initial model for every precision: tests share the device's generator, so models
     // drawn separately could differ.
-    let base = model(&device);
-    let before: StateDict = export_torch(&base, "");
+    let before: StateDict = export_torch(&model(&device), "");
     let inputs = StepInputs {
         lr,
         history: LossHistory::default(),
@@ -233,7 +239,7 @@ fn mixed_precision_steps_train_every_group_and_stay_near_f32() {
         // Under f16 a step whose scaled backbone gradient overflows leaves the backbone as it
         // was and halves the scale, as PyTorch's GradScaler does; a few steps find a scale
         // that fits. Otherwise the first step moves everything.
-        let mut model = base.clone();
+        let mut model = copy_of(&before, &device);
         let mut first = None;
         let mut moved = Vec::new();
         for _ in 0..17 {
@@ -280,13 +286,12 @@ fn the_backbone_backward_beside_the_step_gives_the_same_numbers() {
     // another worker while the rest of the step goes on; whole and in order, it runs first.
     // Both runs load one exported start: the backend's random numbers are shared by every
     // test running at the same time, so a second seeded initialisation could differ (it did,
-    // once), and a clone would share BatchNorm's running statistics between the runs.
+    // once).
     let device = Device::flex().autodiff();
     device.seed(7);
     let fresh: StateDict = export_torch(&model(&device), "");
     let run = |mut exchange: SingleProcess| {
-        let mut model = crate::io::state_dict::load_torch(model(&device), &fresh, "", &device)
-            .expect("the exported start loads");
+        let mut model = copy_of(&fresh, &device);
         let mut trainer = Trainer::new(
             config(true),
             WeightDecays {
